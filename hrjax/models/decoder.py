@@ -1,0 +1,302 @@
+"""Flax (Linen) port of the decoder-only LMs we route between.
+
+One module covers the Llama family (Llama 2/3.x, Qwen2/2.5, Mistral, SmolLM2) and Gemma 3: the
+architectures differ only in switches of `DecoderConfig` (q/k/v bias, q/k norm, sandwich norms,
+per-layer sliding windows and rope bases, embedding scale, final-logit soft cap;
+transformers' Gemma 3 ignores `attn_logit_softcapping`, and so do we). `hrjax.models.hf` builds
+the config from a Hugging Face `config.json`.
+
+Shapes: B batch, T new tokens, S cache slots, H query heads, K kv heads, D head dim, E hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hrjax.models.keymap import TRANSPOSE, Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer type. `scaling_type` in {'default', 'linear', 'llama3'}."""
+
+    theta: float = 10000.0
+    scaling_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, head_dim: int) -> jnp.ndarray:
+        """[D/2] float32 inverse frequencies, as transformers computes them."""
+        exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+        inv = 1.0 / (self.theta ** exponent)
+        if self.scaling_type == "linear":
+            return inv / self.factor
+        if self.scaling_type == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = jnp.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return jnp.where(medium, smoothed, scaled)
+        return inv
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything that shapes a decoder; frozen and hashable so it can be a jit static argument."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    local_rope: Optional[RopeConfig] = None  # rope of sliding layers when it differs (Gemma 3)
+    layer_is_sliding: tuple[bool, ...] = ()  # per layer; empty = no sliding layers
+    sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # 'silu' | 'gelu_tanh'
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma)
+    sandwich_norm: bool = False  # extra post-attention / post-MLP norms (Gemma 2/3)
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    query_scale: Optional[float] = None  # None: head_dim ** -0.5
+    final_logit_softcap: Optional[float] = None
+    dtype: str = "float32"  # parameter and activation dtype: 'float32' | 'bfloat16'
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_is_sliding) and self.layer_is_sliding[layer]
+
+
+class KVCache(NamedTuple):
+    """Per-layer key/value buffers, each [B, S, K, D]. Slot j of every row holds the same step."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: DecoderConfig, batch: int, slots: int) -> "KVCache":
+        shape = (batch, slots, config.num_kv_heads, config.head_dim)
+        zero = lambda: jnp.zeros(shape, config.jnp_dtype)  # noqa: E731
+        return cls(tuple(zero() for _ in range(config.num_layers)),
+                   tuple(zero() for _ in range(config.num_layers)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; scales by w (Llama) or 1 + w (Gemma)."""
+
+    eps: float
+    plus_one: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return weight * normed.astype(x.dtype)
+
+
+def rotary_tables(inv_freq: jax.Array, positions: jax.Array):
+    """positions [B, T] int -> (cos, sin), each [B, T, 1, D] float32 in HF's half-split layout."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, D]; rotates the two halves of D (transformers' `rotate_half` convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(kv_valid: jax.Array, query_slots: jax.Array, window: Optional[int]) -> jax.Array:
+    """[B, 1, T, S] bool: key slot s is visible to the query in slot q when valid, s <= q and,
+    for sliding layers, q - s < window (transformers' `sliding_window_overlay`)."""
+    key_slots = jnp.arange(kv_valid.shape[1])
+    visible = key_slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        visible &= query_slots[:, None] - key_slots[None, :] < window
+    return (visible[None] & kv_valid[:, None, :])[:, None]
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index):
+        cfg = self.config
+        dtype = cfg.jnp_dtype
+        dense = lambda n, bias, name: nn.Dense(  # noqa: E731
+            n, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+        b, t, _ = x.shape
+        q = dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, dtype, name="k_norm")(k)
+        sliding = cfg.is_sliding(self.layer)
+        rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
+        cos, sin = rotary_tables(rope.inv_freq(cfg.head_dim), positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache_kv is not None:
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k, (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, cache_index, 0, 0))
+        new_kv = (k, v)
+
+        groups = cfg.num_heads // cfg.num_kv_heads
+        scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(kv_valid, query_slots, cfg.sliding_window if sliding else None)
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out), new_kv
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype = cfg.jnp_dtype
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=dtype, name=name)
+        act = jax.nn.silu if cfg.hidden_act == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+        hidden = act(dense(cfg.intermediate_size, "gate_proj")(x)) * dense(cfg.intermediate_size, "up_proj")(x)
+        return dense(cfg.hidden_size, "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    config: DecoderConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.jnp_dtype, name=name)  # noqa: E731
+        h, new_kv = Attention(cfg, self.layer, name="attn")(
+            norm("input_layernorm")(x), positions, kv_valid, query_slots, cache_kv, cache_index)
+        if cfg.sandwich_norm:
+            h = norm("post_attention_layernorm")(h)
+        x = x + h
+        pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norm else "post_attention_layernorm"
+        h = MLP(cfg, name="mlp")(norm(pre_mlp)(x))
+        if cfg.sandwich_norm:
+            h = norm("post_feedforward_layernorm")(h)
+        return x + h, new_kv
+
+
+class Decoder(nn.Module):
+    """A causal LM. Call with tokens [B, T] and get logits [B, T, V] (or [B, V] with `last_only`).
+
+    Args of `__call__`:
+      tokens: [B, T] int32 token ids.
+      positions: [B, T] int32 rotary positions (count of real tokens before each one).
+      kv_valid: [B, S] bool, which key slots hold real tokens (False for left padding); S = T
+        without a cache, the cache length with one.
+      cache: a `KVCache` or None (plain forward over `tokens`).
+      cache_index: int32 scalar, the slot of `tokens[:, 0]` in the cache.
+      last_only: return only the last position's logits (prefill), never [B, T, V].
+    Returns (logits float32, new cache or None).
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, kv_valid, cache: Optional[KVCache] = None,
+                 cache_index=0, last_only: bool = False):
+        cfg = self.config
+        dtype = cfg.jnp_dtype
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                         name="embed_tokens")
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
+        query_slots = cache_index + jnp.arange(tokens.shape[1])
+        new_keys, new_values = [], []
+        for i in range(cfg.num_layers):
+            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = DecoderLayer(cfg, i, name=f"layers_{i}")(
+                x, positions, kv_valid, query_slots, layer_kv, cache_index)
+            new_keys.append(k)
+            new_values.append(v)
+        if last_only:
+            x = x[:, -1]
+        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+                              name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
+        return logits, new_cache
+
+
+def key_map(config: DecoderConfig) -> list[Rule]:
+    """HF safetensors names <-> our param paths for every decoder architecture."""
+    layer = "layers_{i}"
+    rules = [
+        Rule("model.embed_tokens.weight", "embed_tokens/embedding"),
+        Rule("model.norm.weight", "norm/weight"),
+        Rule("lm_head.weight", "lm_head/kernel", TRANSPOSE, optional=config.tie_word_embeddings),
+    ]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.weight", f"{layer}/attn/{proj}/kernel", TRANSPOSE))
+        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.bias", f"{layer}/attn/{proj}/bias"))
+    for norm in ("q_norm", "k_norm"):
+        rules.append(Rule(f"model.layers.{{i}}.self_attn.{norm}.weight", f"{layer}/attn/{norm}/weight"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.weight", f"{layer}/mlp/{proj}/kernel", TRANSPOSE))
+        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.bias", f"{layer}/mlp/{proj}/bias"))
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"):
+        rules.append(Rule(f"model.layers.{{i}}.{norm}.weight", f"{layer}/{norm}/weight"))
+    return rules
+
+
+def abstract_params(config: DecoderConfig):
+    """Our parameter tree as ShapeDtypeStructs, without allocating anything."""
+    model = Decoder(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, jnp.ones((1, 1), bool)))

@@ -1,0 +1,144 @@
+"""Declarative checkpoint key maps: one table per architecture, used for loading and exporting.
+
+A `Rule` maps one Hugging Face tensor name to one path in our parameter tree, with the
+transform that turns the checkpoint array into ours and its inverse beside it. `{i}` in both
+names stands for the layer index. The same table drives `hf_to_params` and `params_to_hf`,
+so an export is always the exact inverse of a load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from hrjax.errors import CheckpointError
+
+ArrayFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A checkpoint-to-ours array transform and its inverse."""
+
+    name: str
+    to_ours: ArrayFn
+    to_hf: ArrayFn
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda a: a)
+# torch Linear stores [out, in]; Flax Dense kernels are [in, out].
+TRANSPOSE = Transform("transpose", lambda a: a.T, lambda a: a.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`hf` name (with `{i}` for the layer) -> `ours` slash-separated param path, via `transform`."""
+
+    hf: str
+    ours: str
+    transform: Transform = IDENTITY
+    optional: bool = False  # e.g. an untied lm_head that tied checkpoints omit
+
+    def expand(self, num_layers: int) -> list[tuple[str, str]]:
+        if "{i}" not in self.hf:
+            return [(self.hf, self.ours)]
+        return [(self.hf.format(i=i), self.ours.format(i=i)) for i in range(num_layers)]
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def hf_to_params(
+    tensors: Mapping[str, np.ndarray],
+    rules: Iterable[Rule],
+    num_layers: int,
+    expected: Mapping,
+    dtype: np.dtype,
+    source: str,
+    ignore: Iterable[str] = (),
+) -> dict:
+    """Converts HF-named arrays into our parameter tree `{'params': ...}`.
+
+    Args:
+      tensors: HF name -> array (any float dtype).
+      rules: the architecture's key map.
+      num_layers: number of transformer layers (expands `{i}`).
+      expected: `{"params": tree}` with `.shape` leaves (e.g. from `jax.eval_shape`), used to
+        check every shape before any array is converted.
+      dtype: parameter dtype of the result.
+      source: the checkpoint's location, quoted in errors.
+      ignore: regexes of checkpoint names that are legitimately unused (e.g. rotary buffers).
+    """
+    expected_flat = _flatten(expected["params"])
+    out: dict[str, np.ndarray] = {}
+    missing = []
+    for rule in rules:
+        for hf_name, ours in rule.expand(num_layers):
+            if ours not in expected_flat:
+                continue  # the config turns this parameter off (e.g. no q/k/v bias)
+            if hf_name not in tensors:
+                if not rule.optional:
+                    missing.append(hf_name)
+                continue
+            array = rule.transform.to_ours(np.asarray(tensors[hf_name]))
+            want = tuple(expected_flat[ours].shape)
+            if tuple(array.shape) != want:
+                raise CheckpointError(
+                    f"{source}: tensor '{hf_name}' has shape {tuple(tensors[hf_name].shape)}, which "
+                    f"does not match the config (expected {want} after '{rule.transform.name}'). "
+                    "The checkpoint and its config.json disagree: use the config.json that was saved "
+                    "with these weights.")
+            out[ours] = array.astype(dtype)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"{source}: the checkpoint lacks {len(missing)} tensor(s) the config needs: {shown}. "
+            "The weight files are incomplete or truncated: download them again, or check that every "
+            "shard listed in model.safetensors.index.json is present.")
+    not_filled = sorted(set(expected_flat) - set(out))
+    if not_filled:
+        raise CheckpointError(
+            f"{source}: no checkpoint tensor fills parameter(s) {not_filled[:5]}; the checkpoint does "
+            "not match this architecture's config (e.g. tie_word_embeddings is wrong).")
+    used = {hf for rule in rules for hf, _ in rule.expand(num_layers)}
+    ignored = [re.compile(p) for p in ignore]
+    unused = [k for k in tensors if k not in used and not any(p.search(k) for p in ignored)]
+    if unused:
+        raise CheckpointError(
+            f"{source}: {len(unused)} checkpoint tensor(s) are not used by the config, e.g. "
+            f"{unused[:5]}. The config.json does not describe these weights (wrong num_hidden_layers "
+            "or architecture?): use the config.json saved with them.")
+    return {"params": _unflatten(out)}
+
+
+def params_to_hf(params: Mapping, rules: Iterable[Rule], num_layers: int) -> dict[str, np.ndarray]:
+    """The inverse of `hf_to_params`: our `{'params': ...}` tree -> HF-named numpy arrays."""
+    flat = _flatten(params["params"])
+    out = {}
+    for rule in rules:
+        for hf_name, ours in rule.expand(num_layers):
+            if ours in flat:
+                out[hf_name] = np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[ours])))
+    return out
