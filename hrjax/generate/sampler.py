@@ -1,0 +1,263 @@
+"""The sampler: jit-compiled prefill plus a `lax.while_loop` decode over a KV cache.
+
+Prompts are left-padded into shape buckets (batch and prompt length rounded up to powers of two,
+the generation budget likewise), so a stream of varied requests compiles a handful of programs.
+Greedy, temperature, top-k and top-p sampling; EOS ids and stop sequences end a row; every row
+reports its generated length, finish reason and the model's log-probability of each token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hrjax.errors import PromptTooLongError
+from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
+
+FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to decode. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: generation ends once one appears, text is cut before it
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One row's result. `tokens` excludes the prompt and includes a final EOS if one was made."""
+
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32, log p(token) under the model (temperature 1, no filters)
+    finish_reason: str  # 'eos' | 'stop' | 'length'
+    text: Optional[str] = None
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return 1 << max(int(n) - 1, int(minimum) - 1, 0).bit_length()
+
+
+def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
+    """logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of those tokens)."""
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        scaled = logits / temperature
+        if top_k:
+            candidates, candidate_ids = jax.lax.top_k(scaled, top_k)  # sorted descending
+        else:
+            candidate_ids = jnp.argsort(-scaled, axis=-1)
+            candidates = jnp.take_along_axis(scaled, candidate_ids, axis=-1)
+        if use_top_p:
+            probs = jax.nn.softmax(candidates, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            candidates = jnp.where(mass_before < top_p, candidates, -jnp.inf)
+        choice = jax.random.categorical(key, candidates, axis=-1)
+        tokens = jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0]
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+
+
+def _ends_with_stop(out_tokens, step, stop_seqs):
+    """out_tokens [B, N]; stop_seqs [Q, L] right-aligned, -1 padded -> [B] bool: a stop sequence
+    ends at index `step`."""
+    q, length = stop_seqs.shape
+    padded = jnp.pad(out_tokens, ((0, 0), (length, 0)), constant_values=-2)
+    window = jax.lax.dynamic_slice_in_dim(padded, step + 1, length, axis=1)  # tokens step-L+1..step
+    match = (window[:, None, :] == stop_seqs[None]) | (stop_seqs[None] < 0)
+    return jnp.any(jnp.all(match, axis=-1) & jnp.any(stop_seqs >= 0, axis=-1)[None], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "budget", "greedy", "top_k", "use_top_p"))
+def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs, max_new_tokens,
+                    key, temperature, top_p, *, config: DecoderConfig, budget: int, greedy: bool,
+                    top_k: int, use_top_p: bool):
+    """The compiled sampler over one bucket.
+
+    Args:
+      prompt: [B, P] int32 left-padded prompts; prompt_valid: [B, P] bool (False on padding).
+      row_active: [B] bool, False for rows that only fill the batch bucket.
+      eos_ids: [E] int32; stop_seqs: [Q, L] int32 token sequences, right-aligned, -1 padded.
+      max_new_tokens: int32 scalar <= budget; budget: static N, the output buffer length.
+      key: PRNG key; temperature, top_p: float32 scalars.
+    Returns (tokens [B, N] int32 (-1 past each row's end), logprobs [B, N] float32,
+      lengths [B] int32, stopped [B] bool: ended by a stop sequence rather than EOS).
+    """
+    model = Decoder(config)
+    batch, prompt_len = prompt.shape
+    slots = prompt_len + budget
+    kv_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, budget), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
+    real_lengths = prompt_valid.sum(axis=1).astype(jnp.int32)
+    cache = KVCache.zeros(config, batch, slots)
+    logits, cache = model.apply(params, prompt, positions, kv_valid, cache, 0, last_only=True)
+    select = functools.partial(_select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                               top_k=top_k, use_top_p=use_top_p)
+
+    def finish(tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step):
+        tokens = jnp.where(done, -1, tokens)
+        out_tokens = out_tokens.at[:, step].set(tokens)
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(done, 0.0, logprobs))
+        lengths = jnp.where(done, lengths, step + 1)
+        hit_stop = _ends_with_stop(out_tokens, step, stop_seqs) & ~done
+        hit_eos = jnp.any(tokens[:, None] == eos_ids[None], axis=-1) & ~done
+        return out_tokens, out_logprobs, done | hit_eos | hit_stop, stopped | hit_stop, lengths
+
+    key, first_key = jax.random.split(key)
+    first, first_lp = select(logits, first_key)
+    out = finish(first, first_lp, jnp.full((batch, budget), -1, jnp.int32), jnp.zeros((batch, budget)),
+                 ~row_active, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), 0)
+
+    def cond(state):
+        step, _, _, _, _, done, _, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last, out_tokens, out_logprobs, done, stopped, lengths, key = state
+        key, step_key = jax.random.split(key)
+        logits, cache = model.apply(params, last[:, None], (real_lengths + step - 1)[:, None], kv_valid,
+                                    cache, prompt_len + step - 1, last_only=True)
+        tokens, logprobs = select(logits, step_key)
+        out_tokens, out_logprobs, done, stopped, lengths = finish(
+            tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step)
+        return step + 1, cache, jnp.maximum(tokens, 0), out_tokens, out_logprobs, done, stopped, lengths, key
+
+    out_tokens, out_logprobs, done, stopped, lengths = out
+    state = (jnp.int32(1), cache, jnp.maximum(out_tokens[:, 0], 0), out_tokens, out_logprobs, done, stopped, lengths, key)
+    _, _, _, out_tokens, out_logprobs, _, stopped, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out_tokens, out_logprobs, lengths, stopped
+
+
+class Sampler:
+    """Generates from one decoder over bucketed, left-padded batches.
+
+    `eos_ids` default to the tokenizer's EOS (and the HF config's `eos_token_id`s).
+    """
+
+    def __init__(self, config: DecoderConfig, params, tokenizer=None, eos_ids: Optional[Sequence[int]] = None,
+                 max_batch: int = 64, min_prompt_bucket: int = 16, min_budget_bucket: int = 16):
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        if eos_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_ids = [] if eos is None else [eos]
+        if not eos_ids:
+            raise ValueError("No EOS token id: pass eos_ids=[...] or a tokenizer with an eos_token.")
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.max_batch = bucket(max_batch)
+        self.min_prompt_bucket, self.min_budget_bucket = min_prompt_bucket, min_budget_bucket
+        self.compiled_shapes: set[tuple] = set()
+
+    @classmethod
+    def from_loaded(cls, lm, **kwargs) -> "Sampler":
+        """From a `LoadedLM`; EOS ids from its HF config (int or list) and tokenizer."""
+        eos = lm.hf_config.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        tok_eos = getattr(lm.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in eos_ids:
+            eos_ids.append(tok_eos)
+        return cls(lm.config, lm.params, lm.tokenizer, eos_ids=kwargs.pop("eos_ids", eos_ids), **kwargs)
+
+    def _stop_token_seqs(self, stop: Sequence[str]) -> np.ndarray:
+        seqs = [self.tokenizer.encode(s, add_special_tokens=False) for s in stop] if stop else []
+        seqs = [s for s in seqs if s]
+        length = max((len(s) for s in seqs), default=1)
+        table = np.full((max(len(seqs), 1), length), -1, np.int32)
+        for i, s in enumerate(seqs):
+            table[i, length - len(s):] = s
+        return table
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Generation]:
+        """Token-id prompts -> one `Generation` per prompt, in order."""
+        if not prompts:
+            return []
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("Stop strings need a tokenizer: construct the Sampler with one.")
+        limit = self.config.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"Prompt {i} is empty: give at least one token (e.g. BOS).")
+            if len(p) + sampling.max_new_tokens > limit:
+                raise PromptTooLongError(
+                    f"Prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that "
+                    f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
+                    "max_new_tokens.")
+        stop_seqs = jnp.asarray(self._stop_token_seqs(sampling.stop))
+        eos_ids = jnp.asarray(self.eos_ids, jnp.int32)
+        key = jax.random.PRNGKey(sampling.seed)
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start:start + self.max_batch]
+            key, chunk_key = jax.random.split(key)
+            results.extend(self._generate_chunk(chunk, sampling, eos_ids, stop_seqs, chunk_key))
+        return results
+
+    def _generate_chunk(self, prompts, sampling, eos_ids, stop_seqs, key) -> list[Generation]:
+        batch = bucket(len(prompts))
+        prompt_len = bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        budget = bucket(sampling.max_new_tokens, self.min_budget_bucket)
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        valid = np.zeros((batch, prompt_len), bool)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            valid[i, prompt_len - len(p):] = True
+        valid[len(prompts):, -1] = True  # filler rows attend to one token so softmax stays finite
+        active = np.arange(batch) < len(prompts)
+        static = dict(config=self.config, budget=budget, greedy=sampling.greedy, top_k=sampling.top_k,
+                      use_top_p=sampling.top_p < 1.0)
+        self.compiled_shapes.add((batch, prompt_len, *static.values()))
+        out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(
+            self.params, tokens, valid, active, eos_ids, stop_seqs, jnp.int32(sampling.max_new_tokens),
+            key, jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), **static))
+        results = []
+        for i in range(len(prompts)):
+            n = int(lengths[i])
+            row = out_tokens[i, :n]
+            reason = FINISH_STOP if stopped[i] else (
+                FINISH_EOS if n and int(row[-1]) in self.eos_ids else FINISH_LENGTH)
+            results.append(Generation(row.astype(np.int32), out_logprobs[i, :n].astype(np.float32), reason))
+        return results
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams,
+                 add_special_tokens: bool = True) -> list[Generation]:
+        """Text prompts -> generations with `.text` decoded (special tokens skipped) and cut at the
+        first stop string."""
+        if self.tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer: construct the Sampler with one, or call "
+                             "generate_tokens with token ids.")
+        ids = [self.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+        out = []
+        for g in self.generate_tokens(ids, sampling):
+            text = self.tokenizer.decode(g.tokens.tolist(), skip_special_tokens=True)
+            reason = g.finish_reason
+            cuts = [text.find(s) for s in sampling.stop if s in text]
+            if cuts:
+                text, reason = text[:min(cuts)], FINISH_STOP
+            out.append(dataclasses.replace(g, text=text, finish_reason=reason))
+        return out
