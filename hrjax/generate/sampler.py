@@ -32,6 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings: generation ends once one appears, text is cut before it
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -209,7 +210,7 @@ class Sampler:
                     f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
                     "max_new_tokens.")
         stop_seqs = jnp.asarray(self._stop_token_seqs(sampling.stop))
-        eos_ids = jnp.asarray(self.eos_ids, jnp.int32)
+        eos_ids = jnp.asarray(() if sampling.ignore_eos else self.eos_ids, jnp.int32)
         key = jax.random.PRNGKey(sampling.seed)
         results: list[Generation] = []
         for start in range(0, len(prompts), self.max_batch):

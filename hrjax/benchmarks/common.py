@@ -1,0 +1,29 @@
+"""Shared measurement helpers for the benchmark scripts (each prints one JSON line)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best wall time of `fn()` over `repeats` runs (results blocked until ready)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Achieved float32 GFLOP/s of one jitted [size, size] @ [size, size] matmul: the peak we
+    measure our other figures against."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    return 2 * size ** 3 / best_seconds(lambda: matmul(a, b), repeats) / 1e9

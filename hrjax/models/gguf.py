@@ -1,0 +1,354 @@
+"""GGUF (llama.cpp) checkpoints -> our decoder, through the Hugging Face loading path.
+
+A GGUF file holds a config under llama.cpp's metadata keys, tensors under llama.cpp's names in ggml
+block formats, and the tokenizer's vocabulary. `read_gguf` turns it into what a HF directory holds:
+a `config.json` dict and HF-named float32 arrays, with every transform of llama.cpp's converter
+(`convert_hf_to_gguf.py`) undone. `load_gguf` then builds the model with `hrjax.models.hf`.
+
+Shapes: ggml lists dims fastest-first (`[in, out]` for a matmul weight); numpy arrays here are
+row-major `[out, in]`, the order torch checkpoints use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from hrjax.errors import CheckpointError, UnsupportedArchitectureError
+from hrjax.models.hf import LoadedLM, decoder_config_from_hf, params_from_hf_tensors
+
+# GGUF `general.architecture` -> (HF model_type, HF architectures entry).
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),  # also Mistral and SmolLM2: llama.cpp files them as llama
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+}
+# Token texts llama.cpp also treats as end of generation; the GGUF's eos id is often only <eos>.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3 rope scaling, stored as per-frequency divisors
+
+
+@dataclasses.dataclass(frozen=True)
+class Undo:
+    """Inverse of one change llama.cpp's converter made to a tensor: `fn` maps GGUF -> HF array."""
+
+    name: str
+    fn: Callable[[np.ndarray], np.ndarray]
+
+
+KEEP = Undo("none", lambda a: a)
+# Gemma's RMSNorm scales by (1 + w); the converter stores w + 1 so llama.cpp can scale by it.
+SUBTRACT_ONE = Undo("subtract_one", lambda a: a - np.float32(1.0))
+
+
+def unpermute_rows(heads: int) -> Undo:
+    """The converter's `permute` interleaves each head's two rotary halves (rows [H, 2, D/2] ->
+    [H, D/2, 2]) for llama.cpp's adjacent-pair rope; HF keeps the halves split. Rows of [H*D, ...]."""
+    def fn(a: np.ndarray) -> np.ndarray:
+        return a.reshape(heads, a.shape[0] // heads // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+    return Undo(f"unpermute_rows({heads} heads)", fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """llama.cpp tensor name -> HF tensor name (`{i}` = layer), with the converter's change undone."""
+
+    gguf: str
+    hf: str
+    undo: Undo = KEEP
+
+
+def tensor_rules(arch: str, hf_config: Mapping[str, Any]) -> tuple[TensorRule, ...]:
+    """The name table of one GGUF architecture (its HF config supplies the head counts)."""
+    llama, gemma = arch == "llama", arch == "gemma3"
+    q = unpermute_rows(hf_config["num_attention_heads"]) if llama else KEEP
+    k = unpermute_rows(hf_config["num_key_value_heads"]) if llama else KEEP
+    norm = SUBTRACT_ONE if gemma else KEEP
+    layer, attn, mlp = "model.layers.{i}", "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
+    return (
+        TensorRule("token_embd.weight", "model.embed_tokens.weight"),
+        TensorRule("output.weight", "lm_head.weight"),
+        TensorRule("output_norm.weight", "model.norm.weight", norm),
+        TensorRule("blk.{i}.attn_norm.weight", f"{layer}.input_layernorm.weight", norm),
+        TensorRule("blk.{i}.attn_q.weight", f"{attn}.q_proj.weight", q),
+        TensorRule("blk.{i}.attn_q.bias", f"{attn}.q_proj.bias", q),
+        TensorRule("blk.{i}.attn_k.weight", f"{attn}.k_proj.weight", k),
+        TensorRule("blk.{i}.attn_k.bias", f"{attn}.k_proj.bias", k),
+        TensorRule("blk.{i}.attn_v.weight", f"{attn}.v_proj.weight"),
+        TensorRule("blk.{i}.attn_v.bias", f"{attn}.v_proj.bias"),
+        TensorRule("blk.{i}.attn_output.weight", f"{attn}.o_proj.weight"),
+        TensorRule("blk.{i}.attn_output.bias", f"{attn}.o_proj.bias"),
+        TensorRule("blk.{i}.attn_q_norm.weight", f"{attn}.q_norm.weight", norm),
+        TensorRule("blk.{i}.attn_k_norm.weight", f"{attn}.k_norm.weight", norm),
+        # The norm before the MLP is ffn_norm in every architecture; HF names it by position.
+        TensorRule("blk.{i}.ffn_norm.weight",
+                   f"{layer}.{'pre_feedforward' if gemma else 'post_attention'}_layernorm.weight", norm),
+        TensorRule("blk.{i}.post_attention_norm.weight", f"{layer}.post_attention_layernorm.weight", norm),
+        TensorRule("blk.{i}.post_ffw_norm.weight", f"{layer}.post_feedforward_layernorm.weight", norm),
+        TensorRule("blk.{i}.ffn_gate.weight", f"{mlp}.gate_proj.weight"),
+        TensorRule("blk.{i}.ffn_up.weight", f"{mlp}.up_proj.weight"),
+        TensorRule("blk.{i}.ffn_down.weight", f"{mlp}.down_proj.weight"),
+    )
+
+
+def _open(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file. Pass the path of a .gguf file.")
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as e:
+        if "GGMLQuantizationType" in str(e):
+            raise CheckpointError(
+                f"{path}: a tensor has a ggml type id that gguf {_version('gguf')} does not know "
+                f"({e}). Upgrade it (`pip install -U gguf`) or "
+                "re-quantise the model to a common type such as Q8_0 or F16.") from e
+        raise CheckpointError(
+            f"{path}: cannot parse the file as GGUF ({e}). It is truncated, corrupt or not a GGUF: "
+            "download it again.") from e
+    except (OSError, IndexError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the file as GGUF ({type(e).__name__}: {e}). It is truncated or "
+            "corrupt: download it again.") from e
+    return reader
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """Every metadata value as a Python scalar, string or list, except the vocabulary arrays."""
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges")
+    return {key: field.contents() for key, field in reader.fields.items() if key not in skip}
+
+
+def _float32_decimal(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads back as 9.9999997e-06. Recover the shortest decimal."""
+    return float(str(np.float32(value)))
+
+
+def _dequantize(tensor, source: Path) -> np.ndarray:
+    """One tensor as float32 [out, in] (ggml's dims reversed)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+    try:
+        array = gguf.quants.dequantize(tensor.data, qtype)
+    except NotImplementedError as e:
+        raise CheckpointError(
+            f"{source}: tensor '{tensor.name}' is stored as {qtype.name}, which gguf "
+            f"{_version('gguf')} cannot dequantise. Re-quantise the model to a supported type "
+            "(e.g. Q8_0, Q4_K_M or F16) with llama.cpp's llama-quantize.") from e
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if array.shape != shape:
+        raise CheckpointError(
+            f"{source}: tensor '{tensor.name}' dequantises to {array.shape}, not its declared {shape}. "
+            "The file is corrupt: download it again.")
+    # F32 data is a view of the memory-mapped file: copy so the arrays outlive the reader.
+    return np.array(array, dtype=np.float32)
+
+
+def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, meta: Mapping, arch: str,
+                 source: Path) -> dict:
+    """Llama 3 rope parameters from the converter's `rope_freqs` divisors, checked to reproduce them.
+
+    The converter writes only the divisors; it computes them with low/high frequency factors 1 and 4
+    and an original context of 8192 (`original_max_position_embeddings` defaults), as Llama 3.x uses.
+    """
+    params = {"rope_type": "llama3", "rope_theta": theta, "factor": float(factors.max()),
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))}
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    context = params["original_max_position_embeddings"]
+    smooth = (context / wavelen - params["low_freq_factor"]) / (params["high_freq_factor"] - params["low_freq_factor"])
+    expected = np.where(wavelen < context / params["high_freq_factor"], 1.0,
+                        np.where(wavelen > context / params["low_freq_factor"], params["factor"],
+                                 1.0 / ((1 - smooth) / params["factor"] + smooth)))
+    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-4):
+        raise UnsupportedArchitectureError(
+            f"{source}: '{ROPE_FREQS}' holds rope frequency divisors that are not Llama 3 scaling "
+            f"with {params}. Only that scaling is ported; load the original HF checkpoint instead.")
+    return params
+
+
+def _hf_config(arch: str, meta: Mapping[str, Any], shapes: Mapping[str, tuple], rope_factors,
+               source: Path) -> dict:
+    """The HF `config.json` dict that llama.cpp's converter read to write this metadata."""
+    def key(name: str, default: Any = KeyError):
+        full = f"{arch}.{name}"
+        if full in meta:
+            return meta[full]
+        if default is KeyError:
+            raise CheckpointError(f"{source}: metadata key '{full}' is missing; the GGUF is incomplete or "
+                                  "was written by an incompatible converter. Convert the model again.")
+        return default
+
+    heads, hidden = key("attention.head_count"), key("embedding_length")
+    if isinstance(heads, list) or isinstance(key("attention.head_count_kv", 0), list):
+        raise UnsupportedArchitectureError(f"{source}: per-layer head counts are not ported.")
+    head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden // heads
+    num_layers = key("block_count")
+    model_type, hf_class = ARCHITECTURES[arch]
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError(f"{source}: no 'token_embd.weight' tensor; the file is incomplete: download it again.")
+    hf = {
+        "model_type": model_type,
+        "architectures": [hf_class],
+        # The embedding matrix, not the token list, fixes the logit width (vocabularies get padded).
+        "vocab_size": shapes["token_embd.weight"][0],
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "max_position_embeddings": key("context_length"),
+        "rms_norm_eps": _float32_decimal(key("attention.layer_norm_rms_epsilon")),
+        # llama.cpp writes the output projection only when it is not the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in shapes,
+    }
+    theta = _float32_decimal(key("rope.freq_base", 10000.0))
+    scaling = key("rope.scaling.type", "none")
+    if rope_factors is not None:
+        rope = _llama3_rope(rope_factors, theta, head_dim, meta, arch, source)
+    elif scaling == "linear":
+        rope = {"rope_type": "linear", "rope_theta": theta, "factor": _float32_decimal(key("rope.scaling.factor"))}
+    else:  # any other scaling (yarn, ...) goes through by name; the HF loader says it is not ported
+        rope = {"rope_type": "default" if scaling == "none" else scaling, "rope_theta": theta}
+    if arch == "gemma3":
+        hf.update(_gemma3_config(key, num_layers, head_dim, hidden, heads, rope))
+    else:
+        hf.update(hidden_act="silu", rope_parameters=rope,
+                  attention_bias=arch == "llama" and "blk.0.attn_q.bias" in shapes)
+    return hf
+
+
+def _gemma3_config(key, num_layers: int, head_dim: int, hidden: int, heads: int, rope: dict) -> dict:
+    """Gemma 3 settings llama.cpp hard-codes instead of storing (see its `llama-model.cpp`)."""
+    pattern = key("attention.sliding_window_pattern", None)  # per-layer bools (True = sliding) when present
+    sliding = list(pattern) if isinstance(pattern, list) else [(i + 1) % 6 != 0 for i in range(num_layers)]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": key("attention.sliding_window"),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_parameters": {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": _float32_decimal(key("rope.freq_base_swa", 10000.0))},
+        },
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer 27B: 1/sqrt(hidden / heads).
+        "query_pre_attn_scalar": hidden // heads if num_layers == 62 else head_dim,
+        "final_logit_softcapping": key("final_logit_softcapping", None),
+        "attn_logit_softcapping": key("attn_logit_softcapping", None),
+    }
+
+
+def _special_tokens(meta: Mapping[str, Any], end_of_turn_ids: list[int]) -> dict:
+    """bos/eos/pad ids; eos also lists the end-of-turn ids (eot/eom metadata, `END_OF_TURN_TOKENS`)
+    that end a chat reply, as HF's generation_config.json does."""
+    out = {}
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{gguf_key}" in meta:
+            out[hf_key] = meta[f"tokenizer.ggml.{gguf_key}"]
+    eos = [meta[f"tokenizer.ggml.{k}"] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+           if f"tokenizer.ggml.{k}" in meta]
+    eos = list(dict.fromkeys(eos + end_of_turn_ids))
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return out
+
+
+def _end_of_turn_ids(reader) -> list[int]:
+    """Ids of `END_OF_TURN_TOKENS` in the vocabulary."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return []
+    wanted = {t.encode() for t in END_OF_TURN_TOKENS}
+    return [i for i, part in enumerate(field.data) if bytes(field.parts[part]) in wanted]
+
+
+def _convert(reader, source: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    meta = _metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{source}: GGUF architecture '{arch}' has no Flax port. Supported: {', '.join(ARCHITECTURES)}. "
+            "Pick a GGUF of one of these families.")
+    if int(meta.get("split.count", 1)) > 1:
+        raise CheckpointError(
+            f"{source}: this is one shard of a {meta['split.count']}-part split GGUF. Merge the parts "
+            "first: `llama-gguf-split --merge first-part.gguf merged.gguf`.")
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
+    rope_factors = _dequantize(by_name[ROPE_FREQS], source) if ROPE_FREQS in by_name else None
+    hf_config = _hf_config(arch, meta, shapes, rope_factors, source)
+    hf_config.update(_special_tokens(meta, _end_of_turn_ids(reader)))
+    rules = {}
+    for rule in tensor_rules(arch, hf_config):
+        layers = range(hf_config["num_hidden_layers"]) if "{i}" in rule.gguf else [None]
+        for i in layers:
+            rules[rule.gguf.format(i=i)] = (rule.hf.format(i=i), rule.undo)
+    unknown = sorted(set(by_name) - set(rules) - {ROPE_FREQS})
+    if unknown:
+        raise UnsupportedArchitectureError(
+            f"{source}: {len(unknown)} tensor(s) have no HF counterpart in the '{arch}' table, e.g. "
+            f"{unknown[:5]}. The model uses a feature hrjax does not port (or block_count is wrong).")
+    tensors = {}
+    for name, tensor in by_name.items():
+        if name != ROPE_FREQS:
+            hf_name, undo = rules[name]
+            tensors[hf_name] = undo.fn(_dequantize(tensor, source))
+    return hf_config, tensors
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(HF config dict, HF-named float32 arrays) of a GGUF file; every ggml type gguf can dequantise."""
+    path = Path(path)
+    return _convert(_open(path), path)
+
+
+def gguf_tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike] = None):
+    """The tokenizer of a GGUF: from a HF tokenizer directory when given, else built by transformers
+    from the file's vocabulary; None when the file has no vocabulary. Keeps the GGUF's chat template."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    elif "tokenizer.ggml.tokens" not in reader.fields:
+        return None
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise CheckpointError(
+                f"{path}: transformers cannot build a tokenizer from this GGUF's vocabulary ({e}). Pass "
+                "tokenizer=<directory with the model's HF tokenizer files> to load_gguf.") from e
+    template = reader.fields.get("tokenizer.chat_template")
+    if template is not None and not getattr(tok, "chat_template", None):
+        tok.chat_template = template.contents()
+    return tok
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32",
+              tokenizer: Optional[str | os.PathLike] = None) -> LoadedLM:
+    """Loads a decoder from a GGUF file, dequantised to `dtype` ('float32' | 'bfloat16').
+
+    `tokenizer`: a HF tokenizer directory to use instead of the vocabulary stored in the GGUF.
+    """
+    path = Path(path)
+    reader = _open(path)
+    hf_config, tensors = _convert(reader, path)
+    config = decoder_config_from_hf(hf_config, dtype, str(path))
+    params = params_from_hf_tensors(config, tensors, str(path))
+    return LoadedLM(config, params, gguf_tokenizer(path, reader, tokenizer), hf_config, str(path))
