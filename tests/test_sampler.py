@@ -1,0 +1,155 @@
+"""The sampler against transformers.generate, its sampling modes, stopping and shape buckets."""
+
+import numpy as np
+import pytest
+import torch
+
+from hrjax.errors import PromptTooLongError
+from hrjax.generate.sampler import Sampler, SamplingParams, bucket, generate_arrays
+from hrjax.models.hf import load_hf
+
+EOS = 2
+
+
+def varied_prompts(seed=1, lengths=(3, 7, 12, 5)):
+    rng = np.random.RandomState(seed)
+    return [list(rng.randint(3, 256, n)) for n in lengths]
+
+
+def hf_greedy(model, prompts, new_tokens, eos_id, pad_id=0):
+    """transformers.generate on the same left-padded batch; rows cut after their first EOS."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=eos_id, pad_token_id=pad_id, output_scores=True,
+                             return_dict_in_generate=True)
+    rows = []
+    for i, row in enumerate(out.sequences[:, width:].tolist()):
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        logprobs = [torch.log_softmax(out.scores[t][i], -1)[row[t]].item() for t in range(end)]
+        rows.append((row[:end], logprobs))
+    return rows
+
+
+def test_greedy_matches_transformers_generate(tiny_decoder, decoder_arch):
+    path, reference = tiny_decoder(decoder_arch)
+    prompts = varied_prompts()
+    ours = Sampler.from_loaded(load_hf(path), eos_ids=[EOS]).generate_tokens(
+        prompts, SamplingParams(max_new_tokens=32))
+    for generation, (tokens, logprobs) in zip(ours, hf_greedy(reference, prompts, 32, EOS)):
+        assert generation.tokens.tolist() == tokens
+        np.testing.assert_allclose(generation.logprobs, logprobs, atol=1e-4)
+        assert generation.finish_reason == ("eos" if tokens[-1] == EOS else "length")
+
+
+@pytest.fixture(scope="module")
+def llama_sampler(tiny_decoder):
+    return Sampler.from_loaded(load_hf(tiny_decoder("llama")[0]), eos_ids=[EOS])
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(llama_sampler):
+    prompts = varied_prompts()
+    greedy = llama_sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=16))
+    for sampling in (SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1, seed=3),
+                     SamplingParams(max_new_tokens=16, temperature=1.5, top_p=1e-6, seed=4)):
+        sampled = llama_sampler.generate_tokens(prompts, sampling)
+        assert [g.tokens.tolist() for g in sampled] == [g.tokens.tolist() for g in greedy]
+
+
+def test_sampling_is_seeded(llama_sampler):
+    prompts = varied_prompts()
+    run = lambda seed: [g.tokens.tolist() for g in llama_sampler.generate_tokens(  # noqa: E731
+        prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed))]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_sampled_tokens_stay_inside_top_k(llama_sampler):
+    """With top_k=3, every sampled token is among the 3 most likely under the model."""
+    from hrjax.models.decoder import Decoder
+    import jax.numpy as jnp
+
+    prompt = varied_prompts(lengths=(6,))[0]
+    for seed in range(5):
+        g = llama_sampler.generate_tokens([prompt], SamplingParams(max_new_tokens=8, temperature=5.0, top_k=3,
+                                                                   seed=seed, ignore_eos=True))[0]
+        sequence = np.array([prompt + g.tokens.tolist()])
+        logits, _ = Decoder(llama_sampler.config).apply(
+            llama_sampler.params, jnp.asarray(sequence), jnp.arange(sequence.shape[1])[None],
+            jnp.ones(sequence.shape, bool))
+        top3 = np.argsort(-np.asarray(logits[0]), axis=-1)[:, :3]
+        for t, token in enumerate(g.tokens):
+            assert token in top3[len(prompt) - 1 + t]
+
+
+def test_ignore_eos_gives_exact_length_and_eos_ends_rows(llama_sampler):
+    prompts = varied_prompts()
+    exact = llama_sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert all(len(g.tokens) == 40 and g.finish_reason == "length" for g in exact)
+    # Declare the first greedy token of row 0 an EOS: that row must stop after one token.
+    first = int(exact[0].tokens[0])
+    stopped = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[first]).generate_tokens(
+        prompts[:1], SamplingParams(max_new_tokens=40))[0]
+    assert stopped.tokens.tolist() == [first] and stopped.finish_reason == "eos"
+
+
+class IdTokenizer:
+    """Maps a text of space-separated ids to those ids; enough to drive stop strings."""
+
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def test_stop_strings_end_generation_and_cut_text(llama_sampler):
+    prompt = " ".join(map(str, varied_prompts(lengths=(5,))[0]))
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, IdTokenizer())
+    full = sampler.generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True))[0]
+    stop = " ".join(map(str, full.tokens[4:6]))  # a two-token stop sequence
+    cut = sampler.generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.tokens.tolist() == full.tokens[:6].tolist()
+    assert cut.text == full.text[:full.text.index(stop)]
+
+
+def test_shape_buckets_bound_compilations(llama_sampler):
+    rng = np.random.RandomState(0)
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[EOS])
+    before = generate_arrays._cache_size()
+    for _ in range(12):
+        batch = rng.randint(1, 9)
+        prompts = [list(rng.randint(3, 256, rng.randint(1, 30))) for _ in range(batch)]
+        sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=int(rng.randint(1, 16))))
+    # batch in {1,2,4,8} x prompt bucket in {16,32}: at most 8 programs for 12 varied requests
+    assert generate_arrays._cache_size() - before <= len(sampler.compiled_shapes) <= 8
+    assert bucket(5) == 8 and bucket(5, 16) == 16 and bucket(16) == 16
+
+
+def test_batches_beyond_the_largest_bucket_are_chunked(llama_sampler):
+    prompts = varied_prompts(lengths=(4,) * 5)
+    small = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[EOS], max_batch=2)
+    together = llama_sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=8))
+    chunked = small.generate_tokens(prompts, SamplingParams(max_new_tokens=8))
+    assert [g.tokens.tolist() for g in chunked] == [g.tokens.tolist() for g in together]
+
+
+def test_prompt_longer_than_context_is_refused(llama_sampler):
+    limit = llama_sampler.config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=f"exceeds the model's context of {limit}.*Shorten the prompt"):
+        llama_sampler.generate_tokens([[5] * (limit - 3)], SamplingParams(max_new_tokens=8))
+
+
+def test_bad_sampling_parameters_are_named():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1.0)
