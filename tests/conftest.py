@@ -1,13 +1,15 @@
 """Shared fixtures: tiny random checkpoints (made once per session) and the test environment."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from hrjax.runtime import use_precise_cpu_matmuls
+
+# Parity targets are 1e-4 in float32: use sgemm-like matmul rounding (see hrjax/runtime.py).
+use_precise_cpu_matmuls()
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
 from tiny_models import DECODER_ARCHS, make_tiny_decoder  # noqa: E402
 

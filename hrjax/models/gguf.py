@@ -31,6 +31,7 @@ ARCHITECTURES = {
 # Token texts llama.cpp also treats as end of generation; the GGUF's eos id is often only <eos>.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3 rope scaling, stored as per-frequency divisors
+_REQUIRED = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,9 @@ def _open(path: Path):
     except ValueError as e:
         if "GGMLQuantizationType" in str(e):
             raise CheckpointError(
-                f"{path}: a tensor has a ggml type id that gguf {_version('gguf')} does not know "
-                f"({e}). Upgrade it (`pip install -U gguf`) or "
-                "re-quantise the model to a common type such as Q8_0 or F16.") from e
+                f"{path}: a tensor has a ggml type id that gguf {_version('gguf')} does not know ({e}). "
+                "Upgrade it (`pip install -U gguf`) or re-quantise the model to a common type such as "
+                "Q8_0 or F16.") from e
         raise CheckpointError(
             f"{path}: cannot parse the file as GGUF ({e}). It is truncated, corrupt or not a GGUF: "
             "download it again.") from e
@@ -158,23 +159,19 @@ def _dequantize(tensor, source: Path) -> np.ndarray:
     return np.array(array, dtype=np.float32)
 
 
-def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, meta: Mapping, arch: str,
-                 source: Path) -> dict:
+def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, source: Path) -> dict:
     """Llama 3 rope parameters from the converter's `rope_freqs` divisors, checked to reproduce them.
 
-    The converter writes only the divisors; it computes them with low/high frequency factors 1 and 4
-    and an original context of 8192 (`original_max_position_embeddings` defaults), as Llama 3.x uses.
+    The converter writes only the divisors, computed with low/high frequency factors 1 and 4 and an
+    original context of 8192 (its defaults, and Llama 3.x's values); `factor` is the largest divisor.
     """
     params = {"rope_type": "llama3", "rope_theta": theta, "factor": float(factors.max()),
-              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))}
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     wavelen = 2 * math.pi / inv_freq
-    context = params["original_max_position_embeddings"]
-    smooth = (context / wavelen - params["low_freq_factor"]) / (params["high_freq_factor"] - params["low_freq_factor"])
-    expected = np.where(wavelen < context / params["high_freq_factor"], 1.0,
-                        np.where(wavelen > context / params["low_freq_factor"], params["factor"],
-                                 1.0 / ((1 - smooth) / params["factor"] + smooth)))
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < 8192 / 4.0, 1.0, np.where(
+        wavelen > 8192 / 1.0, params["factor"], 1.0 / ((1 - smooth) / params["factor"] + smooth)))
     if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-4):
         raise UnsupportedArchitectureError(
             f"{source}: '{ROPE_FREQS}' holds rope frequency divisors that are not Llama 3 scaling "
@@ -185,11 +182,11 @@ def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, meta: Mapping
 def _hf_config(arch: str, meta: Mapping[str, Any], shapes: Mapping[str, tuple], rope_factors,
                source: Path) -> dict:
     """The HF `config.json` dict that llama.cpp's converter read to write this metadata."""
-    def key(name: str, default: Any = KeyError):
+    def key(name: str, default: Any = _REQUIRED):
         full = f"{arch}.{name}"
         if full in meta:
             return meta[full]
-        if default is KeyError:
+        if default is _REQUIRED:
             raise CheckpointError(f"{source}: metadata key '{full}' is missing; the GGUF is incomplete or "
                                   "was written by an incompatible converter. Convert the model again.")
         return default
@@ -221,7 +218,7 @@ def _hf_config(arch: str, meta: Mapping[str, Any], shapes: Mapping[str, tuple], 
     theta = _float32_decimal(key("rope.freq_base", 10000.0))
     scaling = key("rope.scaling.type", "none")
     if rope_factors is not None:
-        rope = _llama3_rope(rope_factors, theta, head_dim, meta, arch, source)
+        rope = _llama3_rope(rope_factors, theta, head_dim, source)
     elif scaling == "linear":
         rope = {"rope_type": "linear", "rope_theta": theta, "factor": _float32_decimal(key("rope.scaling.factor"))}
     else:  # any other scaling (yarn, ...) goes through by name; the HF loader says it is not ported
@@ -235,22 +232,16 @@ def _hf_config(arch: str, meta: Mapping[str, Any], shapes: Mapping[str, tuple], 
 
 
 def _gemma3_config(key, num_layers: int, head_dim: int, hidden: int, heads: int, rope: dict) -> dict:
-    """Gemma 3 settings llama.cpp hard-codes instead of storing (see its `llama-model.cpp`)."""
-    pattern = key("attention.sliding_window_pattern", None)  # per-layer bools (True = sliding) when present
-    sliding = list(pattern) if isinstance(pattern, list) else [(i + 1) % 6 != 0 for i in range(num_layers)]
+    """Gemma 3 settings that llama.cpp hard-codes rather than reads (`llama_load_hparams_gemma3`):
+    every 6th layer global, local rope base 10000 without scaling, the query scale, no logit soft caps."""
     return {
         "hidden_activation": "gelu_pytorch_tanh",
         "sliding_window": key("attention.sliding_window"),
-        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        "rope_parameters": {
-            "full_attention": rope,
-            "sliding_attention": {"rope_type": "default",
-                                  "rope_theta": _float32_decimal(key("rope.freq_base_swa", 10000.0))},
-        },
-        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer 27B: 1/sqrt(hidden / heads).
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)],
+        "rope_parameters": {"full_attention": rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        # queries scale by 1/sqrt(head_dim), except in the 62-layer 27B: 1/sqrt(hidden / heads)
         "query_pre_attn_scalar": hidden // heads if num_layers == 62 else head_dim,
-        "final_logit_softcapping": key("final_logit_softcapping", None),
-        "attn_logit_softcapping": key("attn_logit_softcapping", None),
     }
 
 
@@ -318,7 +309,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return _convert(_open(path), path)
 
 
-def gguf_tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike] = None):
+def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike]):
     """The tokenizer of a GGUF: from a HF tokenizer directory when given, else built by transformers
     from the file's vocabulary; None when the file has no vocabulary. Keeps the GGUF's chat template."""
     from transformers import AutoTokenizer
@@ -351,4 +342,4 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32",
     hf_config, tensors = _convert(reader, path)
     config = decoder_config_from_hf(hf_config, dtype, str(path))
     params = params_from_hf_tensors(config, tensors, str(path))
-    return LoadedLM(config, params, gguf_tokenizer(path, reader, tokenizer), hf_config, str(path))
+    return LoadedLM(config, params, _tokenizer(path, reader, tokenizer), hf_config, str(path))
