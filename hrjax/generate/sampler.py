@@ -180,7 +180,7 @@ class Sampler:
 
     def __init__(self, config: DecoderConfig, params, tokenizer=None, eos_ids: Optional[Sequence[int]] = None,
                  max_batch: int = 64, min_prompt_bucket: int = 16, min_budget_bucket: int = 16):
-        self.config, self.params = untie_lm_head(config, params)
+        self.config, self.params = untie_lm_head(config, jax.device_put(params))  # once, not per call
         self.tokenizer = tokenizer
         if eos_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)

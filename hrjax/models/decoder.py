@@ -92,17 +92,19 @@ class DecoderConfig:
 
 
 class KVCache(NamedTuple):
-    """Per-layer key/value buffers, each [B, S, K, D]. Slot j of every row holds the same step."""
+    """Per-layer buffers: keys [B, K, D, S], values [B, K, S, D]. Slot j of every row holds the
+    same step. These layouts make both attention matmuls transpose-free (XLA would otherwise copy
+    the whole cache into matmul layout at every decode step)."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, config: DecoderConfig, batch: int, slots: int) -> "KVCache":
-        shape = (batch, slots, config.num_kv_heads, config.head_dim)
-        zero = lambda: jnp.zeros(shape, config.jnp_dtype)  # noqa: E731
-        return cls(tuple(zero() for _ in range(config.num_layers)),
-                   tuple(zero() for _ in range(config.num_layers)))
+        kv, d, n = config.num_kv_heads, config.head_dim, config.num_layers
+        keys = tuple(jnp.zeros((batch, kv, d, slots), config.jnp_dtype) for _ in range(n))
+        values = tuple(jnp.zeros((batch, kv, slots, d), config.jnp_dtype) for _ in range(n))
+        return cls(keys, values)
 
 
 class RMSNorm(nn.Module):
@@ -173,19 +175,21 @@ class Attention(nn.Module):
         cos, sin = rotary_tables(rope.inv_freq(cfg.head_dim), positions)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+        k = k.transpose(0, 2, 3, 1)  # [B, K, D, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
         if cache_kv is not None:
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k, (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k, (0, 0, 0, cache_index))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v, (0, 0, cache_index, 0))
         new_kv = (k, v)
 
         groups = cfg.num_heads // cfg.num_kv_heads
         scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+        logits = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) * scale
         mask = attention_mask(kv_valid, query_slots, cfg.sliding_window if sliding else None)
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out), new_kv
 
 
