@@ -6,7 +6,7 @@ import torch
 
 from hrjax.errors import PromptTooLongError
 from hrjax.generate.sampler import Sampler, SamplingParams, generate_arrays
-from hrjax.shapes import pow2_bucket
+from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.hf import load_hf
 
 EOS = 2
@@ -126,13 +126,17 @@ def test_shape_buckets_bound_compilations(llama_sampler):
     rng = np.random.RandomState(0)
     sampler = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[EOS])
     before = generate_arrays._cache_size()
-    for _ in range(12):
-        batch = rng.randint(1, 9)
-        prompts = [list(rng.randint(3, 256, rng.randint(1, 30))) for _ in range(batch)]
-        sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=int(rng.randint(1, 16))))
-    # batch in {1,2,4,8} x prompt bucket in {16,32}: at most 8 programs for 12 varied requests
-    assert generate_arrays._cache_size() - before <= len(sampler.compiled_shapes) <= 8
+    raw_shapes = set()
+    for _ in range(40):
+        batch, longest, budget = rng.randint(1, 9), rng.randint(1, 31), rng.randint(1, 17)
+        prompts = [list(rng.randint(3, 256, rng.randint(1, longest + 1))) for _ in range(batch - 1)]
+        prompts.append(list(rng.randint(3, 256, longest)))
+        raw_shapes.add((batch, longest, budget))
+        sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=int(budget)))
+    # batch in {1, 2, 4, 8} x prompt bucket in {16, 20, 24, 28, 32} x budget bucket {16}
+    assert generate_arrays._cache_size() - before <= len(sampler.compiled_shapes) <= 20 < len(raw_shapes)
     assert pow2_bucket(5) == 8 and pow2_bucket(5, 16) == 16 and pow2_bucket(16) == 16
+    assert [fine_bucket(n, 16) for n in (3, 17, 52, 65)] == [16, 20, 56, 80]
 
 
 def test_batches_beyond_the_largest_bucket_are_chunked(llama_sampler):

@@ -1,7 +1,7 @@
 """The sampler: jit-compiled prefill plus a `lax.while_loop` decode over a KV cache.
 
-Prompts are left-padded into shape buckets (batch and prompt length rounded up to powers of two,
-the generation budget likewise), so a stream of varied requests compiles a handful of programs.
+Prompts are left-padded into shape buckets (batch and generation budget rounded up to powers of
+two, prompt length to quarter-octave steps), so a stream of varied requests compiles a handful of programs.
 Greedy, temperature, top-k and top-p sampling; EOS ids and stop sequences end a row; every row
 reports its generated length, finish reason and the model's log-probability of each token.
 """
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrjax.errors import PromptTooLongError
-from hrjax.shapes import pow2_bucket
+from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -238,7 +238,7 @@ class Sampler:
 
     def _generate_chunk(self, prompts, sampling, eos_ids, stop_seqs, key) -> list[Generation]:
         batch = pow2_bucket(len(prompts))
-        prompt_len = pow2_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        prompt_len = fine_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
         tokens = np.zeros((batch, prompt_len), np.int32)
         valid = np.zeros((batch, prompt_len), bool)
