@@ -51,3 +51,19 @@ def make_tiny_decoder(arch: str, out_dir: Path, seed: int = 0):
                 p.normal_(0.0, 0.3) if arch == "gemma3" else p.normal_(1.0, 0.3)
     model.save_pretrained(out_dir)
     return model
+
+
+def make_tiny_pool_model(out_dir: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A tiny random Llama over a real tokenizer's vocabulary, saved with that tokenizer: a pool
+    member whose answers are fast, deterministic (greedy) nonsense."""
+    import torch
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(**{**TINY_COMMON, "vocab_size": len(tokenizer), "num_hidden_layers": 2,
+                               "eos_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id,
+                               "pad_token_id": tokenizer.pad_token_id})
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

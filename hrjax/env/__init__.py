@@ -1,0 +1,1 @@
+"""The routing MDP: response cache, environment and path trees."""

@@ -1,0 +1,249 @@
+"""HierRouter's routing MDP over a batch of prompts (Python orchestration; arrays out).
+
+State s_t = (c_t, l_t, C_t): the context (question plus every earlier response), the hop index and
+the cumulative cost. An action picks a pool model (or STOP, when enabled); the chosen model answers
+c_t through the hop template, `c_{t+1} = c_t + r_t`, the step costs
+`delta_t = base_rate(m) * (tokens_in + tokens_out)`, and after L hops (or STOP) the latest response
+is scored. Costs are normalised by `max_m base_rate(m) * reference_tokens`, so one lambda means the
+same across pools. Reward: quality - lambda * cost, charged per step or at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from hrjax.env.cache import CachedResponse, ResponseCache, cache_key
+from hrjax.generate.sampler import SamplingParams
+from hrjax.pool import Pool
+
+
+@dataclasses.dataclass(frozen=True)
+class HopTemplate:
+    """How a hop's user message is written. Placeholders: {question}, {answers}; {index}, {response}."""
+
+    first: str = "{question}"
+    later: str = ("{question}\n\nEarlier answers:\n{answers}\n\n"
+                  "Check the earlier answers and give an improved final answer.")
+    answer_item: str = "Answer {index}: {response}"
+
+    def message(self, question: str, responses: Sequence[str]) -> str:
+        if not responses:
+            return self.first.format(question=question)
+        answers = "\n".join(self.answer_item.format(index=i + 1, response=r) for i, r in enumerate(responses))
+        return self.later.format(question=question, answers=answers)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    num_hops: int = 2  # L
+    cost_lambda: float = 0.0
+    cost_timing: str = "end"  # 'end': one charge with the quality; 'step': each hop pays its own cost
+    reference_tokens: int = 1000  # cost normaliser: max base rate x this many tokens costs 1.0
+    stop_action: bool = False  # our extension: action M ends the episode (not at hop 0)
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    template: HopTemplate = HopTemplate()
+
+    def __post_init__(self):
+        if self.num_hops < 1:
+            raise ValueError(f"num_hops must be >= 1, got {self.num_hops}.")
+        if self.cost_timing not in ("end", "step"):
+            raise ValueError(f"cost_timing must be 'end' or 'step', got '{self.cost_timing}'.")
+        if self.reference_tokens <= 0:
+            raise ValueError(f"reference_tokens must be > 0, got {self.reference_tokens}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """c_t of one prompt: the question and the responses so far."""
+
+    question: str
+    responses: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """What the context encoder embeds: the question followed by every response."""
+        return "\n\n".join((self.question, *self.responses))
+
+
+class Hop(NamedTuple):
+    """One model's answers to a list of contexts."""
+
+    responses: list[CachedResponse]
+    tokens_in: np.ndarray  # [n] int32
+    tokens_out: np.ndarray  # [n] int32
+    cost: np.ndarray  # [n] float32, normalised
+
+
+class Observation(NamedTuple):
+    """Arrays the policy sees. E: encoder width, A: number of actions (M, or M + 1 with STOP)."""
+
+    embedding: np.ndarray  # [B, E] float32 context embedding
+    hop: np.ndarray  # [B] int32 hop index l_t
+    cost: np.ndarray  # [B, 2] float32: cumulative normalised cost C_t, the last hop's cost
+    action_mask: np.ndarray  # [B, A] bool
+
+
+@dataclasses.dataclass
+class State:
+    examples: list
+    contexts: list[Context]
+    hop: np.ndarray  # [B] int32
+    cost: np.ndarray  # [B] float32, normalised cumulative
+    last_cost: np.ndarray  # [B] float32
+    done: np.ndarray  # [B] bool
+    quality: np.ndarray  # [B] float32, set when a row finishes
+
+
+class StepResult(NamedTuple):
+    state: State
+    observation: Observation
+    reward: np.ndarray  # [B] float32
+    done: np.ndarray  # [B] bool (after this step)
+    tokens_in: np.ndarray  # [B] int32 (0 where no model ran)
+    tokens_out: np.ndarray  # [B] int32
+
+
+class RoutingEnv:
+    """The MDP over a pool. `quality_fn(example, response_text) -> [0, 1]` scores final answers;
+    `encoder.encode(texts) -> [N, E]` embeds contexts (the paper uses a sentence-transformer)."""
+
+    def __init__(self, pool: Pool, encoder: Any, quality_fn: Callable[[Any, str], float],
+                 config: EnvConfig = EnvConfig(), cache: Optional[ResponseCache] = None):
+        self.pool, self.encoder, self.quality_fn, self.config = pool, encoder, quality_fn, config
+        self.cache = cache if cache is not None else ResponseCache()
+        self.cost_unit = max(pool.base_rates) * config.reference_tokens or 1.0
+        self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, stop=config.stop)
+        self.decoding = repr(self.sampling)
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.pool) + int(self.config.stop_action)
+
+    @property
+    def stop(self) -> Optional[int]:
+        return len(self.pool) if self.config.stop_action else None
+
+    def respond(self, model: int, contexts: Sequence[Context]) -> Hop:
+        """Pool model `model` answers each context: cached answers are reused, the rest are
+        generated in one batched call, each distinct prompt once."""
+        pool_model = self.pool.models[model]
+        prompts = [pool_model.encode_prompt(self.config.template.message(c.question, c.responses))
+                   for c in contexts]
+        keys = [cache_key(pool_model.fingerprint, self.decoding, p) for p in prompts]
+        found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, r in found.items() if r is None]
+        if missing:
+            prompt_of = dict(zip(keys, prompts))
+            tokenizer = pool_model.tokenizer
+            for key, gen in zip(missing, pool_model.sampler.generate_tokens(
+                    [prompt_of[k] for k in missing], self.sampling)):
+                text = tokenizer.decode(gen.tokens.tolist(), skip_special_tokens=True)
+                cuts = [text.find(s) for s in self.sampling.stop if s in text]
+                found[key] = CachedResponse(tuple(int(t) for t in gen.tokens),
+                                            text[:min(cuts)] if cuts else text, gen.finish_reason)
+                self.cache.put(key, found[key])
+        responses = [found[k] for k in keys]
+        tokens_in = np.array([len(p) for p in prompts], np.int32)
+        tokens_out = np.array([len(r.tokens) for r in responses], np.int32)
+        cost = (pool_model.spec.base_rate * (tokens_in + tokens_out) / self.cost_unit).astype(np.float32)
+        return Hop(responses, tokens_in, tokens_out, cost)
+
+    def observe(self, state: State) -> Observation:
+        embedding = np.asarray(self.encoder.encode([c.text() for c in state.contexts]), np.float32)
+        mask = np.ones((len(state.contexts), self.num_actions), bool)
+        if self.stop is not None:
+            mask[:, self.stop] = state.hop > 0  # STOP needs an answer to stop on
+        return Observation(embedding, state.hop.copy(), np.stack([state.cost, state.last_cost], -1), mask)
+
+    def reset(self, examples: Sequence[Any], questions: Sequence[str]) -> tuple[State, Observation]:
+        """Starts one episode per example; `questions[i]` is example i's question text."""
+        b = len(examples)
+        state = State(list(examples), [Context(q) for q in questions], np.zeros(b, np.int32),
+                      np.zeros(b, np.float32), np.zeros(b, np.float32), np.zeros(b, bool),
+                      np.zeros(b, np.float32))
+        return state, self.observe(state)
+
+    def step(self, state: State, actions: np.ndarray) -> StepResult:
+        """Applies actions [B] (ignored on rows already done); returns the next state and rewards."""
+        actions = np.asarray(actions)
+        b = len(state.contexts)
+        if actions.shape != (b,):
+            raise ValueError(f"actions must have shape ({b},), got {actions.shape}.")
+        active = ~state.done
+        mask = self.observe(state).action_mask if self.stop is not None else None
+        if np.any(active & ((actions < 0) | (actions >= self.num_actions))):
+            raise ValueError(f"actions must lie in [0, {self.num_actions}), got {actions[active]}.")
+        if mask is not None and np.any(active & ~mask[np.arange(b), np.clip(actions, 0, self.num_actions - 1)]):
+            raise ValueError("STOP is not allowed at hop 0: the episode has no answer to stop on.")
+        contexts, hop, cost = list(state.contexts), state.hop.copy(), state.cost.copy()
+        last_cost = np.zeros(b, np.float32)
+        tokens_in, tokens_out = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        done = state.done.copy()
+        for model in range(len(self.pool)):
+            rows = np.flatnonzero(active & (actions == model))
+            if rows.size == 0:
+                continue
+            result = self.respond(model, [contexts[i] for i in rows])
+            for j, i in enumerate(rows):
+                contexts[i] = Context(contexts[i].question, contexts[i].responses + (result.responses[j].text,))
+            tokens_in[rows], tokens_out[rows], last_cost[rows] = result.tokens_in, result.tokens_out, result.cost
+        moved = active & (actions < len(self.pool))
+        hop[moved] += 1
+        cost += last_cost
+        finished = active & ((hop >= self.config.num_hops) | (actions == (self.stop if self.stop is not None else -1)))
+        done |= finished
+        quality = state.quality.copy()
+        for i in np.flatnonzero(finished):
+            quality[i] = self.quality_fn(state.examples[i], contexts[i].responses[-1])
+        lam = self.config.cost_lambda
+        if self.config.cost_timing == "step":
+            reward = -lam * last_cost + np.where(finished, quality, 0.0)
+        else:
+            reward = np.where(finished, quality - lam * cost, 0.0)
+        self.cache.flush()
+        new_state = State(state.examples, contexts, hop, cost, last_cost, done, quality)
+        return StepResult(new_state, self.observe(new_state), reward.astype(np.float32), done, tokens_in, tokens_out)
+
+
+class Episode(NamedTuple):
+    """A batched rollout as fixed-shape arrays [T, B, ...], T = num_hops; `valid` masks the steps
+    taken (False after a row's episode ended)."""
+
+    embedding: np.ndarray  # [T, B, E]
+    hop: np.ndarray  # [T, B]
+    cost_features: np.ndarray  # [T, B, 2]
+    action_mask: np.ndarray  # [T, B, A]
+    action: np.ndarray  # [T, B]
+    reward: np.ndarray  # [T, B]
+    done: np.ndarray  # [T, B]
+    valid: np.ndarray  # [T, B]
+    tokens_in: np.ndarray  # [T, B]
+    tokens_out: np.ndarray  # [T, B]
+    quality: np.ndarray  # [B] final-answer quality
+    total_cost: np.ndarray  # [B] normalised
+
+
+def rollout(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
+            policy: Callable[[Observation], np.ndarray]) -> Episode:
+    """Runs one batched episode; `policy(obs) -> actions [B]`."""
+    state, obs = env.reset(examples, questions)
+    steps = []
+    for _ in range(env.config.num_hops):
+        actions = np.asarray(policy(obs), np.int32)
+        valid = ~state.done
+        result = env.step(state, actions)
+        steps.append((obs, np.where(valid, actions, 0), result.reward * valid, result.done, valid,
+                      result.tokens_in, result.tokens_out))
+        state, obs = result.state, result.observation
+    stack = lambda i: np.stack([s[i] for s in steps])  # noqa: E731
+    observations = [s[0] for s in steps]
+    return Episode(
+        embedding=np.stack([o.embedding for o in observations]),
+        hop=np.stack([o.hop for o in observations]),
+        cost_features=np.stack([o.cost for o in observations]),
+        action_mask=np.stack([o.action_mask for o in observations]),
+        action=stack(1), reward=stack(2), done=stack(3), valid=stack(4), tokens_in=stack(5),
+        tokens_out=stack(6), quality=state.quality, total_cost=state.cost)

@@ -1,0 +1,139 @@
+"""The routing MDP on a tiny random pool: costs, contexts, masks, STOP, caching and counting."""
+
+import numpy as np
+import pytest
+
+from hrjax import assets
+from hrjax.env.cache import ResponseCache
+from hrjax.env.mdp import EnvConfig, RoutingEnv, rollout
+from hrjax.models.encoder import load_encoder
+from hrjax.pool import ModelSpec, Pool
+from tiny_models import make_tiny_pool_model
+
+RATES = (1.0, 3.0, 0.5)
+QUESTIONS = ["What is two plus two?", "Name a colour.", "Spell cat backwards.", "Is water wet?", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    specs = []
+    for i, rate in enumerate(RATES):
+        path = make_tiny_pool_model(tmp_path_factory.mktemp(f"pool{i}"), assets.minilm_path(), seed=i)
+        specs.append(ModelSpec(f"m{i}", str(path), base_rate=rate))
+    return Pool.from_specs(specs)
+
+
+class GenerationCounter:
+    """Wraps each pool model's sampler to record how many prompts each one generated for."""
+
+    def __init__(self, pool, monkeypatch):
+        self.rows = [0] * len(pool)
+        for i, model in enumerate(pool.models):
+            original = model.sampler.generate_tokens
+
+            def counted(prompts, sampling, _i=i, _original=original):
+                self.rows[_i] += len(prompts)
+                return _original(prompts, sampling)
+            monkeypatch.setattr(model.sampler, "generate_tokens", counted)
+
+
+def quality_by_length(example, response):
+    return float(len(response) % 2)
+
+
+def make_env(pool, encoder, cache=None, **config):
+    return RoutingEnv(pool, encoder, quality_by_length, EnvConfig(max_new_tokens=8, **config), cache)
+
+
+def fixed_policy(actions_per_hop):
+    hop_actions = iter(actions_per_hop)
+    return lambda obs: next(hop_actions)
+
+
+def test_costs_contexts_and_shapes(pool, encoder):
+    env = make_env(pool, encoder, num_hops=2)
+    state, obs = env.reset(list(range(3)), QUESTIONS[:3])
+    assert obs.embedding.shape == (3, encoder.dim) and obs.action_mask.shape == (3, 3)
+    assert obs.hop.tolist() == [0, 0, 0] and np.all(obs.cost == 0)
+    actions = np.array([0, 1, 2])
+    result = env.step(state, actions)
+    for i, a in enumerate(actions):
+        spec = pool.models[a].spec
+        expected = spec.base_rate * (result.tokens_in[i] + result.tokens_out[i])
+        assert result.state.cost[i] * env.cost_unit == pytest.approx(expected, rel=1e-6)
+        context = result.state.contexts[i]
+        assert context.question == QUESTIONS[i] and len(context.responses) == 1
+        # the response is the chosen model's own greedy answer to the hop-0 prompt
+        prompt = pool.models[a].encode_prompt(QUESTIONS[i])
+        assert result.tokens_in[i] == len(prompt)
+        own = pool.models[a].sampler.generate_tokens([prompt], env.sampling)[0]
+        assert result.tokens_out[i] == len(own.tokens)
+    assert not result.done.any() and result.observation.hop.tolist() == [1, 1, 1]
+    assert np.all(result.reward == 0)  # cost charged at the end by default
+    final = env.step(result.state, np.array([2, 2, 0]))
+    assert final.done.all()
+    assert all(len(c.responses) == 2 for c in final.state.contexts)
+    lam = env.config.cost_lambda
+    np.testing.assert_allclose(final.reward, final.state.quality - lam * final.state.cost)
+
+
+def test_one_hop_is_one_shot_routing(pool, encoder):
+    env = make_env(pool, encoder, num_hops=1, cost_lambda=0.5)
+    episode = rollout(env, list(range(4)), QUESTIONS[:4], lambda obs: np.array([0, 1, 2, 1]))
+    assert episode.action.shape == (1, 4) and episode.done.all() and episode.valid.all()
+    expected = episode.quality - 0.5 * episode.total_cost
+    np.testing.assert_allclose(episode.reward[0], expected, rtol=1e-6)
+
+
+def test_step_cost_timing_charges_each_hop(pool, encoder):
+    env = make_env(pool, encoder, num_hops=2, cost_lambda=2.0, cost_timing="step")
+    episode = rollout(env, list(range(2)), QUESTIONS[:2], fixed_policy([np.array([1, 0]), np.array([2, 1])]))
+    step_costs = episode.cost_features[1, :, 1]  # the first hop's cost, as observed at hop 1
+    np.testing.assert_allclose(episode.reward[0], -2.0 * step_costs, rtol=1e-6)
+    np.testing.assert_allclose(episode.reward.sum(0), episode.quality - 2.0 * episode.total_cost, rtol=1e-5)
+
+
+def test_stop_ends_episode_and_is_masked_at_hop_zero(pool, encoder):
+    env = make_env(pool, encoder, num_hops=3, stop_action=True)
+    assert env.num_actions == 4
+    state, obs = env.reset([0, 1], QUESTIONS[:2])
+    assert obs.action_mask[:, 3].tolist() == [False, False]
+    with pytest.raises(ValueError, match="STOP is not allowed at hop 0"):
+        env.step(state, np.array([3, 0]))
+    episode = rollout(env, [0, 1], QUESTIONS[:2],
+                      fixed_policy([np.array([0, 1]), np.array([3, 2]), np.array([0, 3])]))
+    assert episode.valid.tolist() == [[True, True], [True, True], [False, True]]
+    assert episode.done[1].tolist() == [True, False] and episode.done[2].tolist() == [True, True]
+    assert episode.tokens_out[1, 0] == 0  # STOP generates nothing
+    np.testing.assert_allclose(episode.reward[1, 0], episode.quality[0])
+
+
+def test_each_prompt_hop_generated_once_by_its_model_and_then_cached(pool, encoder, monkeypatch, tmp_path):
+    counter = GenerationCounter(pool, monkeypatch)
+    env = make_env(pool, encoder, cache=ResponseCache(tmp_path / "cache"), num_hops=2)
+    hop_actions = [np.array([0, 1, 1, 2, 0]), np.array([2, 2, 0, 1, 1])]
+    first = rollout(env, list(range(5)), QUESTIONS, fixed_policy(hop_actions))
+    expected = np.bincount(np.concatenate(hop_actions), minlength=3).tolist()
+    assert counter.rows == expected
+    assert env.cache.stats.misses == 10 and env.cache.stats.hits == 0
+    # a second identical rollout, even from a fresh process reading the persisted cache, generates nothing
+    fresh = make_env(pool, encoder, cache=ResponseCache(tmp_path / "cache"), num_hops=2)
+    second = rollout(fresh, list(range(5)), QUESTIONS, fixed_policy(hop_actions))
+    assert counter.rows == expected
+    assert fresh.cache.stats.hits == 10 and fresh.cache.stats.misses == 0
+    np.testing.assert_array_equal(first.quality, second.quality)
+    np.testing.assert_array_equal(first.tokens_out, second.tokens_out)
+
+
+def test_bad_actions_are_named(pool, encoder):
+    env = make_env(pool, encoder)
+    state, _ = env.reset([0, 1], QUESTIONS[:2])
+    with pytest.raises(ValueError, match=r"actions must lie in \[0, 3\)"):
+        env.step(state, np.array([0, 7]))
+    with pytest.raises(ValueError, match=r"actions must have shape \(2,\)"):
+        env.step(state, np.array([0]))
