@@ -6,6 +6,7 @@ import pytest
 from hrjax import assets
 from hrjax.env.cache import ResponseCache
 from hrjax.env.mdp import EnvConfig, RoutingEnv, rollout
+from hrjax.env.tree import build_tree, load_tree, save_tree, tree_structure
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import ModelSpec, Pool
 from tiny_models import make_tiny_pool_model
@@ -137,3 +138,51 @@ def test_bad_actions_are_named(pool, encoder):
         env.step(state, np.array([0, 7]))
     with pytest.raises(ValueError, match=r"actions must have shape \(2,\)"):
         env.step(state, np.array([0]))
+
+
+def test_tree_structure_by_hand():
+    model, parent, depth = tree_structure(2, 2)
+    assert model.tolist() == [0, 1, 0, 1, 0, 1]
+    assert parent.tolist() == [-1, -1, 0, 0, 1, 1]
+    assert depth.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_tree_generates_every_path_once_and_matches_rollouts(pool, encoder, monkeypatch, tmp_path):
+    counter = GenerationCounter(pool, monkeypatch)
+    n, m = 4, len(pool)
+    env = make_env(pool, encoder, cache=ResponseCache(tmp_path / "cache"), num_hops=2, cost_lambda=0.3)
+    hop_actions = [np.array([0, 1, 2, 2]), np.array([1, 1, 0, 2])]
+    episode = rollout(env, list(range(n)), QUESTIONS[:n], fixed_policy(hop_actions))
+    rollout_generations = sum(counter.rows)
+    assert rollout_generations == 2 * n
+
+    tree = build_tree(env, list(range(n)), QUESTIONS[:n], progress=False)
+    k = m + m * m
+    assert tree.quality.shape == (n, k) and tree.embedding.shape == (n, k, encoder.dim)
+    # every (prompt, node) answered exactly once overall: the rollout's answers came from the cache
+    assert sum(counter.rows) == n * k
+    assert env.cache.stats.hits == rollout_generations  # the rollout's nodes were not generated again
+
+    for i in range(n):
+        path = [int(hop_actions[0][i]), int(hop_actions[1][i])]
+        node = tree.node_of_path(path)
+        assert tree.model[node] == path[1] and tree.model[tree.parent[node]] == path[0]
+        assert tree.quality[i, node] == episode.quality[i]
+        assert tree.path_cost()[i, node] == pytest.approx(episode.total_cost[i], rel=1e-6)
+        assert tree.tokens_out[i, node] == episode.tokens_out[1, i]
+    np.testing.assert_allclose(tree.root_embedding, episode.embedding[0], atol=1e-6)
+
+    value, best = tree.oracle(cost_lambda=0.3)
+    fixed = episode.quality - 0.3 * episode.total_cost
+    assert np.all(value >= fixed - 1e-6) and np.all(tree.depth[best] == 1)
+
+    # a second build over a warm cache generates nothing; the saved tree round-trips
+    again = build_tree(env, list(range(n)), QUESTIONS[:n], progress=False)
+    assert sum(counter.rows) == n * k
+    meta = {"pool": [s.spec.name for s in pool.models], "hops": 2}
+    save_tree(again, tmp_path / "tree.npz", meta)
+    loaded = load_tree(tmp_path / "tree.npz", meta)
+    for name in tree._fields:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(tree, name))
+    with pytest.raises(ValueError, match="build a new tree"):
+        load_tree(tmp_path / "tree.npz", {**meta, "hops": 3})

@@ -1,0 +1,134 @@
+"""Path trees: every routing path of every prompt, generated once and stored as arrays.
+
+A prompt's tree holds K = M + M^2 + ... + M^L nodes in breadth-first order; node k at depth d is
+"the context after d + 1 hops along one path", so the structure (`model`, `parent`, `depth`) is the
+same for every prompt and `child(k, m)` is arithmetic. With the tree, the environment becomes array
+look-ups (exact oracle, jit-speed training). STOP needs no nodes of its own: stopping at node k
+scores k's response, which `quality[:, k]` already holds. Generation goes through the env's
+response cache, so an interrupted build resumes where it stopped and paths that rollouts already
+took are not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from hrjax.env.mdp import Context, RoutingEnv
+from hrjax.fsutil import atomic_file
+
+
+class PathTree(NamedTuple):
+    """N prompts, K nodes each, E embedding width, M models."""
+
+    root_embedding: np.ndarray  # [N, E] embedding of each question (s_0)
+    embedding: np.ndarray  # [N, K, E] embedding of the context after the node's response
+    tokens_in: np.ndarray  # [N, K] int32
+    tokens_out: np.ndarray  # [N, K] int32
+    cost: np.ndarray  # [N, K] float32, this hop's normalised cost
+    quality: np.ndarray  # [N, K] float32, the node's response scored as the final answer
+    model: np.ndarray  # [K] int32, the action that led to the node
+    parent: np.ndarray  # [K] int32, -1 at depth 0
+    depth: np.ndarray  # [K] int32
+
+    @property
+    def num_models(self) -> int:
+        return int(self.model[self.depth == 0].size)
+
+    def node_of_path(self, actions: Sequence[int]) -> int:
+        """Index of the node reached by following `actions` from the root."""
+        m, node = self.num_models, -1
+        for depth, action in enumerate(actions):
+            first = level_offset(m, depth)
+            node = first + (0 if node < 0 else (node - level_offset(m, depth - 1)) * m) + int(action)
+        return node
+
+    def path_cost(self) -> np.ndarray:
+        """[N, K] cumulative normalised cost from the root to each node."""
+        total = self.cost.copy()
+        for k in np.flatnonzero(self.parent >= 0):  # parents precede children (BFS order)
+            total[:, k] += total[:, self.parent[k]]
+        return total
+
+    def oracle(self, cost_lambda: float = 0.0, leaves_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Per prompt, the best value quality - lambda * cost over full-length paths (or over every
+        node, i.e. with STOP) -> (value [N], node [N])."""
+        value = self.quality - cost_lambda * self.path_cost()
+        if leaves_only:
+            value = np.where(self.depth == self.depth.max(), value, -np.inf)
+        best = np.argmax(value, axis=1)
+        return value[np.arange(len(best)), best], best
+
+
+def level_offset(num_models: int, depth: int) -> int:
+    """Index of the first node of `depth` (M + M^2 + ... + M^depth nodes come before it)."""
+    return sum(num_models ** (d + 1) for d in range(depth))
+
+
+def tree_structure(num_models: int, num_hops: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(model [K], parent [K], depth [K]) of the breadth-first node order."""
+    model, parent, depth = [], [], []
+    for d in range(num_hops):
+        for j in range(num_models ** (d + 1)):
+            model.append(j % num_models)
+            parent.append(-1 if d == 0 else level_offset(num_models, d - 1) + j // num_models)
+            depth.append(d)
+    return np.array(model, np.int32), np.array(parent, np.int32), np.array(depth, np.int32)
+
+
+def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
+               progress: bool = True) -> PathTree:
+    """Enumerates every path of every prompt, depth by depth, each model answering all of its
+    nodes in one batched (cached) call."""
+    from tqdm.auto import tqdm
+
+    m, hops, n = len(env.pool), env.config.num_hops, len(examples)
+    model, parent, depth = tree_structure(m, hops)
+    k = len(model)
+    contexts: list[list[Context]] = [[None] * k for _ in range(n)]
+    tokens_in, tokens_out = np.zeros((n, k), np.int32), np.zeros((n, k), np.int32)
+    cost, quality = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
+    embedding = None
+    root_embedding = np.asarray(env.encoder.encode(list(questions)), np.float32)
+    bar = tqdm(total=n * k, desc="path tree", unit="answer", disable=not progress)
+    for d in range(hops):
+        level = np.flatnonzero(depth == d)
+        for action in range(m):
+            nodes = level[model[level] == action]
+            pairs = [(i, node) for i in range(n) for node in nodes]
+            before = [Context(questions[i]) if parent[node] < 0 else contexts[i][parent[node]] for i, node in pairs]
+            hop = env.respond(action, before)
+            texts = [r.text for r in hop.responses]
+            new_embeddings = np.asarray(env.encoder.encode(
+                [Context(c.question, c.responses + (t,)).text() for c, t in zip(before, texts)]), np.float32)
+            if embedding is None:
+                embedding = np.zeros((n, k, new_embeddings.shape[-1]), np.float32)
+            for j, ((i, node), text) in enumerate(zip(pairs, texts)):
+                contexts[i][node] = Context(before[j].question, before[j].responses + (text,))
+                tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
+                cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
+                quality[i, node] = env.quality_fn(examples[i], text)
+            env.cache.flush()
+            bar.update(len(pairs))
+    bar.close()
+    return PathTree(root_embedding, embedding, tokens_in, tokens_out, cost, quality, model, parent, depth)
+
+
+def save_tree(tree: PathTree, path: str | os.PathLike, meta: dict) -> None:
+    """Writes the tree and a JSON `meta` (pool, env config, dataset) to one .npz, atomically."""
+    with atomic_file(Path(path)) as f:
+        np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **tree._asdict())
+
+
+def load_tree(path: str | os.PathLike, expected_meta: dict) -> PathTree:
+    """Reads a tree saved by `save_tree`; refuses one built for another pool/config/dataset."""
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        if meta != json.loads(json.dumps(expected_meta, sort_keys=True)):
+            raise ValueError(f"{path} was built for {meta}, not {expected_meta}: build a new tree "
+                             "(or point to the matching file).")
+        return PathTree(**{name: data[name] for name in PathTree._fields})
