@@ -1,4 +1,4 @@
-"""The `hrjax` console script: `hrjax bench sampler` (more subcommands arrive with later issues)."""
+"""The `hrjax` console script: `hrjax bench sampler|rollout` (more subcommands arrive with later issues)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hrjax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line")
-    bench.add_argument("name", choices=["sampler"], help="which benchmark")
+    bench.add_argument("name", choices=["sampler", "rollout"], help="which benchmark")
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.name == "sampler":
-        from hrjax.benchmarks import sampler
-        sampler.main()
+    if args.command == "bench":
+        import importlib
+        import json
+
+        print(json.dumps(importlib.import_module(f"hrjax.benchmarks.{args.name}").run()))
     return 0
 
 

@@ -6,7 +6,6 @@ shape is warmed up once first). FLOPs are counted analytically over real (unpadd
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Sequence
@@ -79,7 +78,3 @@ def run(batch_sizes: Sequence[int] = (1, 16, 64), new_tokens: int = 64, repeats:
         result[f"gflops_b{batch}"] = round(flops / ours / 1e9, 1)
         result[f"peak_fraction_b{batch}"] = round(flops / ours / 1e9 / peak, 3)
     return result
-
-
-def main() -> None:
-    print(json.dumps(run()))
