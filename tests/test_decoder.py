@@ -77,16 +77,16 @@ def test_sharded_checkpoint_loads(tiny_decoder, tmp_path):
     assert np.abs(flax_logits(load_hf(tmp_path), tokens, mask) - torch_logits(reference, tokens, mask))[valid].max() <= 1e-4
 
 
-def copy_checkpoint(src, dst):
+def copy_checkpoint(src, dst, **config_changes):
+    """A copy of checkpoint `src` at `dst`, its config.json updated with `config_changes`."""
     shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **config_changes}))
     return dst
 
 
 def test_unknown_architecture_is_named(tiny_decoder, tmp_path):
-    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["model_type"] = "falcon"
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt", model_type="falcon")
     with pytest.raises(UnsupportedArchitectureError, match="'falcon' has no Flax port.*Supported: llama"):
         load_hf(ckpt)
 
@@ -115,19 +115,13 @@ def test_missing_shard(tiny_decoder, tmp_path):
 
 
 def test_shapes_disagreeing_with_config(tiny_decoder, tmp_path):
-    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["intermediate_size"] = 128
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt", intermediate_size=128)
     with pytest.raises(CheckpointError, match="does not match the config.*use the config.json"):
         load_hf(ckpt)
 
 
 def test_fewer_layers_in_config_than_checkpoint(tiny_decoder, tmp_path):
-    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = copy_checkpoint(tiny_decoder("llama")[0], tmp_path / "ckpt", num_hidden_layers=2)
     with pytest.raises(CheckpointError, match="not used by the config"):
         load_hf(ckpt)
 

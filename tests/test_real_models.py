@@ -8,6 +8,7 @@ import torch
 from hrjax import assets
 from hrjax.generate.sampler import Sampler, SamplingParams
 from hrjax.models.gguf import load_gguf
+from references import hf_greedy
 
 QUESTIONS = (
     "What is 17 + 25?",
@@ -40,19 +41,10 @@ def test_smollm2_greedy_matches_transformers_generate(smollm2):
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
     ours = sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=32))
 
-    width = max(map(len, prompts))
-    pad = sampler.eos_ids[0]
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                                    eos_token_id=list(sampler.eos_ids), pad_token_id=pad)[:, width:]
-    for generation, row in zip(ours, theirs.tolist()):
-        n = len(generation.tokens)
-        assert generation.tokens.tolist() == row[:n]
-        assert n == 32 or generation.finish_reason == "eos"
+    theirs = hf_greedy(reference, prompts, 32, sampler.eos_ids, pad_id=sampler.eos_ids[0])
+    for generation, (tokens, logprobs) in zip(ours, theirs):
+        assert generation.tokens.tolist() == tokens
+        np.testing.assert_allclose(generation.logprobs, logprobs, atol=1e-3)
+        assert len(tokens) == 32 or generation.finish_reason == "eos"
     assert sum(len(g.tokens) for g in ours) > 64  # real text, not immediate EOS
     assert np.all(np.concatenate([g.logprobs for g in ours]) <= 0)

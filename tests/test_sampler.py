@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 from hrjax.errors import PromptTooLongError
 from hrjax.generate.sampler import Sampler, SamplingParams, generate_arrays
 from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.hf import load_hf
+from references import hf_greedy
 
 EOS = 2
 
@@ -17,32 +17,12 @@ def varied_prompts(seed=1, lengths=(3, 7, 12, 5)):
     return [list(rng.randint(3, 256, n)) for n in lengths]
 
 
-def hf_greedy(model, prompts, new_tokens, eos_id, pad_id=0):
-    """transformers.generate on the same left-padded batch; rows cut after their first EOS."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=pad_id, output_scores=True,
-                             return_dict_in_generate=True)
-    rows = []
-    for i, row in enumerate(out.sequences[:, width:].tolist()):
-        end = row.index(eos_id) + 1 if eos_id in row else len(row)
-        logprobs = [torch.log_softmax(out.scores[t][i], -1)[row[t]].item() for t in range(end)]
-        rows.append((row[:end], logprobs))
-    return rows
-
-
 def test_greedy_matches_transformers_generate(tiny_decoder, decoder_arch):
     path, reference = tiny_decoder(decoder_arch)
     prompts = varied_prompts()
     ours = Sampler.from_loaded(load_hf(path), eos_ids=[EOS]).generate_tokens(
         prompts, SamplingParams(max_new_tokens=32))
-    for generation, (tokens, logprobs) in zip(ours, hf_greedy(reference, prompts, 32, EOS)):
+    for generation, (tokens, logprobs) in zip(ours, hf_greedy(reference, prompts, 32, [EOS], pad_id=0)):
         assert generation.tokens.tolist() == tokens
         np.testing.assert_allclose(generation.logprobs, logprobs, atol=1e-4)
         assert generation.finish_reason == ("eos" if tokens[-1] == EOS else "length")
