@@ -1,0 +1,1 @@
+"""Routing tasks: datasets, answer scorers and the code-execution sandbox."""
