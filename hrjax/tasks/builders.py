@@ -56,6 +56,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hrjax.errors import HrjaxError
+from hrjax.tasks import scorers
+from hrjax.tasks.scorers import last_boxed
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class _QuietHrjaxConfigs(logging.Filter):
 
 logging.getLogger("absl").addFilter(_QuietHrjaxConfigs())
 
-SCORERS = ("numeric", "exact_match", "f1", "code_pass", "reasoning_gym")
+SCORERS = tuple(scorers.SCORERS)
 SPLITS = ("train", "validation", "test")
 FIELDS = ("id", "task", "question", "answers", "scorer", "metadata")
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
@@ -223,30 +225,6 @@ def _read_parquet(path: Path, columns: Sequence[str] | None) -> Iterator[dict]:
     cols = None if columns is None else [c for c in columns if c in names]
     for batch in pf.iter_batches(batch_size=4096, columns=cols):
         yield from batch.to_pylist()
-
-
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last `\boxed{...}` (or `\fbox{...}`, `\boxed x`) in `text`, braces balanced."""
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
-    for m in reversed(starts):
-        i = m.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
-            continue  # unbalanced: try an earlier one
-        if i > m.end():  # "\boxed 5": up to the next `$` or whitespace
-            tail = re.match(r"[^\s$]+", text[i:])
-            if tail:
-                return tail.group(0)
-    return None
 
 
 def gsm8k_final_answer(solution: str) -> str | None:
@@ -563,7 +541,7 @@ class HrjaxMath(ManualTaskBuilder):
         )
 
     def parse(self, rec, split, index, path):
-        answer = rec.get("answer") or last_boxed(rec["solution"])
+        answer = rec.get("answer") or (last_boxed(rec["solution"]) or "").strip() or None
         if not answer:
             return None
         if rec.get("unique_id"):
