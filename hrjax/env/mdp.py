@@ -43,7 +43,7 @@ class EnvConfig:
     cost_timing: str = "end"  # 'end': one charge with the quality; 'step': each hop pays its own cost
     reference_tokens: int = 1000  # cost normaliser: max base rate x this many tokens costs 1.0
     stop_action: bool = False  # our extension: action M ends the episode (not at hop 0)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # per answer; decoding is greedy, which is what makes the cache exact
     stop: tuple[str, ...] = ()
     template: HopTemplate = HopTemplate()
 
@@ -151,12 +151,17 @@ class RoutingEnv:
         cost = (pool_model.spec.base_rate * (tokens_in + tokens_out) / self.cost_unit).astype(np.float32)
         return Hop(responses, tokens_in, tokens_out, cost)
 
+    def action_mask(self, hop: np.ndarray) -> np.ndarray:
+        """[B, A] bool: every model, and STOP (if enabled) once there is an answer to stop on."""
+        mask = np.ones((len(hop), self.num_actions), bool)
+        if self.stop is not None:
+            mask[:, self.stop] = hop > 0
+        return mask
+
     def observe(self, state: State) -> Observation:
         embedding = np.asarray(self.encoder.encode([c.text() for c in state.contexts]), np.float32)
-        mask = np.ones((len(state.contexts), self.num_actions), bool)
-        if self.stop is not None:
-            mask[:, self.stop] = state.hop > 0  # STOP needs an answer to stop on
-        return Observation(embedding, state.hop.copy(), np.stack([state.cost, state.last_cost], -1), mask)
+        return Observation(embedding, state.hop.copy(), np.stack([state.cost, state.last_cost], -1),
+                           self.action_mask(state.hop))
 
     def reset(self, examples: Sequence[Any], questions: Sequence[str]) -> tuple[State, Observation]:
         """Starts one episode per example; `questions[i]` is example i's question text."""
@@ -173,10 +178,10 @@ class RoutingEnv:
         if actions.shape != (b,):
             raise ValueError(f"actions must have shape ({b},), got {actions.shape}.")
         active = ~state.done
-        mask = self.observe(state).action_mask if self.stop is not None else None
         if np.any(active & ((actions < 0) | (actions >= self.num_actions))):
             raise ValueError(f"actions must lie in [0, {self.num_actions}), got {actions[active]}.")
-        if mask is not None and np.any(active & ~mask[np.arange(b), np.clip(actions, 0, self.num_actions - 1)]):
+        allowed = self.action_mask(state.hop)[np.arange(b), np.clip(actions, 0, self.num_actions - 1)]
+        if np.any(active & ~allowed):
             raise ValueError("STOP is not allowed at hop 0: the episode has no answer to stop on.")
         contexts, hop, cost = list(state.contexts), state.hop.copy(), state.cost.copy()
         last_cost = np.zeros(b, np.float32)
@@ -193,7 +198,8 @@ class RoutingEnv:
         moved = active & (actions < len(self.pool))
         hop[moved] += 1
         cost += last_cost
-        finished = active & ((hop >= self.config.num_hops) | (actions == (self.stop if self.stop is not None else -1)))
+        stopped = actions == self.stop if self.stop is not None else np.zeros(b, bool)
+        finished = active & ((hop >= self.config.num_hops) | stopped)
         done |= finished
         quality = state.quality.copy()
         for i in np.flatnonzero(finished):
