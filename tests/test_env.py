@@ -74,7 +74,7 @@ def test_costs_contexts_and_shapes(pool, encoder):
         assert result.tokens_in[i] == len(prompt)
         own = pool.models[a].sampler.generate_tokens([prompt], env.sampling)[0]
         assert result.tokens_out[i] == len(own.tokens)
-    assert not result.done.any() and result.observation.hop.tolist() == [1, 1, 1]
+    assert not result.done.any() and env.observe(result.state).hop.tolist() == [1, 1, 1]
     assert np.all(result.reward == 0)  # cost charged at the end by default
     final = env.step(result.state, np.array([2, 2, 0]))
     assert final.done.all()

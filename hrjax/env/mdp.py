@@ -98,8 +98,10 @@ class State:
 
 
 class StepResult(NamedTuple):
+    """What a step returns; observe the next state with `env.observe(result.state)` when needed
+    (embedding the contexts is the costly part, and a finished batch needs none)."""
+
     state: State
-    observation: Observation
     reward: np.ndarray  # [B] float32
     done: np.ndarray  # [B] bool (after this step)
     tokens_in: np.ndarray  # [B] int32 (0 where no model ran)
@@ -211,7 +213,7 @@ class RoutingEnv:
             reward = np.where(finished, quality - lam * cost, 0.0)
         self.cache.flush()
         new_state = State(state.examples, contexts, hop, cost, last_cost, done, quality)
-        return StepResult(new_state, self.observe(new_state), reward.astype(np.float32), done, tokens_in, tokens_out)
+        return StepResult(new_state, reward.astype(np.float32), done, tokens_in, tokens_out)
 
 
 class Episode(NamedTuple):
@@ -237,13 +239,15 @@ def rollout(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
     """Runs one batched episode; `policy(obs) -> actions [B]`."""
     state, obs = env.reset(examples, questions)
     steps = []
-    for _ in range(env.config.num_hops):
+    for t in range(env.config.num_hops):
         actions = np.asarray(policy(obs), np.int32)
         valid = ~state.done
         result = env.step(state, actions)
         steps.append((obs, np.where(valid, actions, 0), result.reward * valid, result.done, valid,
                       result.tokens_in, result.tokens_out))
-        state, obs = result.state, result.observation
+        state = result.state
+        if t + 1 < env.config.num_hops:
+            obs = env.observe(state)
     stack = lambda i: np.stack([s[i] for s in steps])  # noqa: E731
     observations = [s[0] for s in steps]
     return Episode(
