@@ -1,7 +1,7 @@
 """The sampler: jit-compiled prefill plus a `lax.while_loop` decode over a KV cache.
 
-Prompts are left-padded into shape buckets (batch and generation budget rounded up to powers of
-two, prompt length to quarter-octave steps), so a stream of varied requests compiles a handful of programs.
+Prompts are left-padded into shape buckets (batch rounded up to half-octave steps, prompt length
+to quarter-octave steps, the generation budget to a power of two), so a stream of varied requests compiles a handful of programs.
 Greedy, temperature, top-k and top-p sampling; EOS ids and stop sequences end a row; every row
 reports its generated length, finish reason and the model's log-probability of each token.
 """
@@ -237,7 +237,7 @@ class Sampler:
         return results
 
     def _generate_chunk(self, prompts, sampling, eos_ids, stop_seqs, key) -> list[Generation]:
-        batch = pow2_bucket(len(prompts))
+        batch = fine_bucket(len(prompts), steps_per_octave=2)
         prompt_len = fine_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
         tokens = np.zeros((batch, prompt_len), np.int32)
