@@ -1,8 +1,13 @@
-"""The model pool: per model a checkpoint, tokenizer, prompt format and cost rate, loaded once."""
+"""The model pool: per model a checkpoint, tokenizer, prompt format and cost rate, loaded once.
+
+Models whose vocabularies are identical share a `tokenizer_id`: the env then hands one model's
+answer to the next as the answer's own token ids instead of re-tokenising its text.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Optional, Sequence
@@ -32,19 +37,37 @@ class PoolModel:
     spec: ModelSpec
     sampler: Sampler
     fingerprint: str  # identifies the weights and config in cache keys
+    tokenizer_id: str  # equal for models whose tokenizers map text to the same ids
 
     @property
     def tokenizer(self):
         return self.sampler.tokenizer
 
-    def encode_prompt(self, message: str) -> list[int]:
-        """A user message -> prompt token ids (chat template with generation prompt when used)."""
+    def render(self, message: str) -> tuple[str, bool]:
+        """A user message -> (prompt text, whether the tokenizer must add its special tokens): the
+        chat template with a generation prompt when used (it writes its own specials)."""
         tok = self.tokenizer
         if self.spec.use_chat_template and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                           tokenize=False)
-            return tok.encode(text, add_special_tokens=False)
-        return tok.encode(message)
+            return tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                           tokenize=False), False
+        return message, True
+
+    def encode_prompt(self, message: str) -> list[int]:
+        """A user message -> prompt token ids."""
+        text, add_special_tokens = self.render(message)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    @functools.cached_property
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """The special token ids the tokenizer puts before and after a text (e.g. [CLS] / [SEP])."""
+        full = self.tokenizer.encode("x")
+        bare = self.tokenizer.encode("x", add_special_tokens=False)
+        at = next(i for i in range(len(full)) if full[i:i + len(bare)] == bare)
+        return full[:at], full[at + len(bare):]
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
 
 
 def load_model(spec: ModelSpec) -> PoolModel:
@@ -65,7 +88,9 @@ def load_model(spec: ModelSpec) -> PoolModel:
     fingerprint = hashlib.sha256(json.dumps(
         [spec.name, spec.checkpoint, spec.dtype, spec.use_chat_template, lm.hf_config], sort_keys=True,
         default=str).encode()).hexdigest()[:16]
-    return PoolModel(spec, Sampler.from_loaded(lm), fingerprint)
+    vocabulary = sorted(lm.tokenizer.get_vocab().items())
+    tokenizer_id = hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()[:16]
+    return PoolModel(spec, Sampler.from_loaded(lm), fingerprint, tokenizer_id)
 
 
 class Pool:

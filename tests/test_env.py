@@ -5,7 +5,7 @@ import pytest
 
 from hrjax import assets
 from hrjax.env.cache import ResponseCache
-from hrjax.env.mdp import EnvConfig, RoutingEnv, rollout
+from hrjax.env.mdp import Answer, Context, EnvConfig, RoutingEnv, hop_prompt, rollout
 from hrjax.env.tree import build_tree, load_tree, save_tree, tree_structure
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import ModelSpec, Pool
@@ -186,3 +186,27 @@ def test_tree_generates_every_path_once_and_matches_rollouts(pool, encoder, monk
         np.testing.assert_array_equal(getattr(loaded, name), getattr(tree, name))
     with pytest.raises(ValueError, match="build a new tree"):
         load_tree(tmp_path / "tree.npz", {**meta, "hops": 3})
+
+
+def contains(sequence, part):
+    return any(sequence[i:i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
+
+
+def test_shared_tokenizer_passes_answers_as_tokens(pool, encoder):
+    env = make_env(pool, encoder, num_hops=2)
+    assert len({m.tokenizer_id for m in pool.models}) == 1  # the tiny pool shares one vocabulary
+    state, _ = env.reset([0], QUESTIONS[:1])
+    first = env.step(state, np.array([1])).state
+    answer = first.contexts[0].responses[0]
+    assert answer.tokens and not set(answer.tokens) & pool.models[1].special_ids
+    prompt = hop_prompt(pool.models[2], env.config.template, first.contexts[0])
+    assert contains(prompt, list(answer.tokens))
+    assert prompt[:1] == pool.models[2].special_affixes[0] and prompt[-1:] == pool.models[2].special_affixes[1]
+
+
+def test_foreign_tokenizer_answers_are_retokenised_from_text(pool, encoder):
+    env = make_env(pool, encoder, num_hops=2)
+    foreign = Answer("the answer is 4", (7, 8, 9), tokenizer_id="another-vocabulary")
+    context = Context(QUESTIONS[0], (foreign,))
+    message = env.config.template.message(QUESTIONS[0], [foreign.text])
+    assert hop_prompt(pool.models[0], env.config.template, context) == pool.models[0].encode_prompt(message)

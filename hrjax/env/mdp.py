@@ -11,13 +11,14 @@ same across pools. Reward: quality - lambda * cost, charged per step or at the e
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from hrjax.env.cache import CachedResponse, ResponseCache, cache_key
 from hrjax.generate.sampler import SamplingParams
-from hrjax.pool import Pool
+from hrjax.pool import Pool, PoolModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +58,59 @@ class EnvConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Answer:
+    """One hop's response: its text and, for models that share the writer's tokenizer, its ids."""
+
+    text: str
+    tokens: tuple[int, ...]  # the writer's ids without special tokens; () if they differ from `text`
+    tokenizer_id: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
     """c_t of one prompt: the question and the responses so far."""
 
     question: str
-    responses: tuple[str, ...] = ()
+    responses: tuple[Answer, ...] = ()
 
     def text(self) -> str:
         """What the context encoder embeds: the question followed by every response."""
-        return "\n\n".join((self.question, *self.responses))
+        return "\n\n".join((self.question, *(a.text for a in self.responses)))
+
+    def then(self, answer: Answer) -> "Context":
+        """c_{t+1} = c_t + r_t."""
+        return Context(self.question, self.responses + (answer,))
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def hop_prompt(model: PoolModel, template: HopTemplate, context: Context) -> list[int]:
+    """The prompt ids of `model` for `context`. Answers written with the model's own tokenizer are
+    spliced in as their token ids (the template around them is tokenised piecewise); when none is,
+    the whole message is tokenised from text."""
+    own = [a.tokens if a.tokenizer_id == model.tokenizer_id else () for a in context.responses]
+    if not any(own):
+        return model.encode_prompt(template.message(context.question, [a.text for a in context.responses]))
+    text, add_special_tokens = model.render(
+        template.message(context.question, [f"\ue000{i}\ue001" for i in range(len(own))]))
+    encode = lambda piece: model.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+    ids = []
+    for k, piece in enumerate(_MARK.split(text)):
+        if k % 2:
+            ids += own[int(piece)] or encode(context.responses[int(piece)].text)
+        elif piece:
+            ids += encode(piece)
+    if add_special_tokens:
+        before, after = model.special_affixes
+        ids = before + ids + after
+    return ids
 
 
 class Hop(NamedTuple):
     """One model's answers to a list of contexts."""
 
-    responses: list[CachedResponse]
+    responses: list[Answer]
     tokens_in: np.ndarray  # [n] int32
     tokens_out: np.ndarray  # [n] int32
     cost: np.ndarray  # [n] float32, normalised
@@ -132,8 +171,7 @@ class RoutingEnv:
         """Pool model `model` answers each context: cached answers are reused, the rest are
         generated in one batched call, each distinct prompt once."""
         pool_model = self.pool.models[model]
-        prompts = [pool_model.encode_prompt(self.config.template.message(c.question, c.responses))
-                   for c in contexts]
+        prompts = [hop_prompt(pool_model, self.config.template, c) for c in contexts]
         keys = [cache_key(pool_model.fingerprint, self.decoding, p) for p in prompts]
         found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
         missing = [k for k, r in found.items() if r is None]
@@ -147,11 +185,17 @@ class RoutingEnv:
                 found[key] = CachedResponse(tuple(int(t) for t in gen.tokens),
                                             text[:min(cuts)] if cuts else text, gen.finish_reason)
                 self.cache.put(key, found[key])
-        responses = [found[k] for k in keys]
         tokens_in = np.array([len(p) for p in prompts], np.int32)
-        tokens_out = np.array([len(r.tokens) for r in responses], np.int32)
+        tokens_out = np.array([len(found[k].tokens) for k in keys], np.int32)
         cost = (pool_model.spec.base_rate * (tokens_in + tokens_out) / self.cost_unit).astype(np.float32)
-        return Hop(responses, tokens_in, tokens_out, cost)
+        return Hop([self._answer(pool_model, found[k]) for k in keys], tokens_in, tokens_out, cost)
+
+    @staticmethod
+    def _answer(model: PoolModel, response: CachedResponse) -> Answer:
+        # A stop string cut the text short of the tokens: only the text is the answer then.
+        tokens = () if response.finish_reason == "stop" else tuple(
+            t for t in response.tokens if t not in model.special_ids)
+        return Answer(response.text, tokens, model.tokenizer_id)
 
     def action_mask(self, hop: np.ndarray) -> np.ndarray:
         """[B, A] bool: every model, and STOP (if enabled) once there is an answer to stop on."""
@@ -195,7 +239,7 @@ class RoutingEnv:
                 continue
             result = self.respond(model, [contexts[i] for i in rows])
             for j, i in enumerate(rows):
-                contexts[i] = Context(contexts[i].question, contexts[i].responses + (result.responses[j].text,))
+                contexts[i] = contexts[i].then(result.responses[j])
             tokens_in[rows], tokens_out[rows], last_cost[rows] = result.tokens_in, result.tokens_out, result.cost
         moved = active & (actions < len(self.pool))
         hop[moved] += 1
@@ -205,7 +249,7 @@ class RoutingEnv:
         done |= finished
         quality = state.quality.copy()
         for i in np.flatnonzero(finished):
-            quality[i] = self.quality_fn(state.examples[i], contexts[i].responses[-1])
+            quality[i] = self.quality_fn(state.examples[i], contexts[i].responses[-1].text)
         lam = self.config.cost_lambda
         if self.config.cost_timing == "step":
             reward = -lam * last_cost + np.where(finished, quality, 0.0)

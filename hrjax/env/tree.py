@@ -102,16 +102,15 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
             pairs = [(i, node) for i in range(n) for node in nodes]
             before = [Context(questions[i]) if parent[node] < 0 else contexts[i][parent[node]] for i, node in pairs]
             hop = env.respond(action, before)
-            texts = [r.text for r in hop.responses]
-            new_embeddings = np.asarray(env.encoder.encode(
-                [Context(c.question, c.responses + (t,)).text() for c, t in zip(before, texts)]), np.float32)
+            after = [c.then(a) for c, a in zip(before, hop.responses)]
+            new_embeddings = np.asarray(env.encoder.encode([c.text() for c in after]), np.float32)
             if embedding is None:
                 embedding = np.zeros((n, k, new_embeddings.shape[-1]), np.float32)
-            for j, ((i, node), text) in enumerate(zip(pairs, texts)):
-                contexts[i][node] = Context(before[j].question, before[j].responses + (text,))
+            for j, (i, node) in enumerate(pairs):
+                contexts[i][node] = after[j]
                 tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
                 cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
-                quality[i, node] = env.quality_fn(examples[i], text)
+                quality[i, node] = env.quality_fn(examples[i], after[j].responses[-1].text)
             env.cache.flush()
             bar.update(len(pairs))
     bar.close()
