@@ -185,7 +185,7 @@ def test_numeric_match():
 
 
 def test_registry_names_and_range():
-    assert sorted(SCORERS) == ["code_pass", "exact_match", "f1", "numeric", "reasoning_gym"]
+    assert sorted(SCORERS) == ["code_pass", "exact_match", "f1", "math", "numeric", "reasoning_gym"]
     for name, golds in (("numeric", ["42", "#### 42"]), ("exact_match", ["42", "forty-two"]), ("f1", ["forty-two"])):
         for response in ("", "42", "The answer is \\boxed{forty two}", "#### 7"):
             score = SCORERS[name](response, golds, {})
@@ -199,3 +199,21 @@ def test_score_example_dispatches_on_the_task_scorer():
     example = TaskExample("q1", "gsm8k", "What is 6 * 7?", ("42",), "numeric", {})
     assert score_example(example, "6 * 7 = 42\n#### 42") == 1.0
     assert score_example(example, "#### 41") == 0.0
+
+
+@pytest.mark.parametrize("response,gold,expected", [
+    (r"so \boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{1/2}", "12", 0.0),  # exact_match's punctuation stripping would call these equal
+    (r"\boxed{12}", r"\frac{1}{2}", 0.0),
+    (r"\boxed{2x+1}", "3x+1", 0.0),  # same last number, different expressions
+    (r"\boxed{ \left( 3, \frac{\pi}{2} \right) }", r"\left(3,\frac{\pi}{2}\right)", 1.0),
+    (r"\boxed{90^\circ}", "90", 1.0),
+    (r"\boxed{\text{(C)}}", "(C)", 1.0),
+    ("The answer is $5$.", "5", 1.0),
+    (r"\boxed{6} though 5 appears later", "5", 0.0),  # a boxed answer is the answer
+])
+def test_math_match_latex_equivalence(response, gold, expected):
+    from hrjax.tasks.scorers import math_match
+
+    assert math_match(response, [gold]) == expected

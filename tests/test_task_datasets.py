@@ -224,7 +224,7 @@ def test_math_original_layout_and_math500_jsonl(tmp_path):
     manual = tmp_path / "manual"
     expected = math_files(manual)
     splits = load_all("math", tmp_path / "data", manual, validation_fraction=0.34)
-    check_common(splits, "math", "exact_match")
+    check_common(splits, "math", "math")
     assert {s: len(v) for s, v in splits.items()} == {"train": 2, "validation": 1, "test": 2}
     by_id = {e.id: e for s in splits.values() for e in s}
     for rid, answer in expected.items():

@@ -522,7 +522,7 @@ class HrjaxMath(ManualTaskBuilder):
     """
 
     name = "hrjax_math"
-    TASK, SCORER, DIRNAME = "math", "exact_match", "math"
+    TASK, SCORER, DIRNAME = "math", "math", "math"
     DEFAULTS = {"validation_fraction": 0.1, "seed": 0}
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (
         "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar (see github.com/hendrycks/math; "

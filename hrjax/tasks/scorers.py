@@ -120,6 +120,35 @@ def numeric_match(response: str, answers: str | float | Sequence[str], *, rel_to
     return 0.0
 
 
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\[,;:! ]|\$|\\%|%|\^\{?\\circ\}?|\s+")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?|-?\\frac\{-?\d+\}\{\d+\}")
+
+
+def normalize_latex(answer: str) -> str:
+    r"""A MATH-style final answer in canonical form: spacing, `$`, `\left`/`\right`, degree signs,
+    `\%` and `\text{}` wrappers dropped, `\dfrac`/`\tfrac` read as `\frac`, a trailing `.` cut."""
+    answer = _LATEX_TEXT.sub(r"\1", answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    return _LATEX_NOISE.sub("", answer).rstrip(".")
+
+
+def math_match(response: str, answers: str | Sequence[str], *, rel_tol: float = 1e-6) -> float:
+    r"""MATH-style equivalence of the response's final answer (`\boxed{}` first) and a gold: equal
+    after `normalize_latex`, or, for a gold that is a plain number (`0.5`, `1/2`, `\frac{1}{2}`),
+    the response's answer (a plain number, or the last number of an unboxed response) within `rel_tol`."""
+    predicted = normalize_latex(final_answer(response))
+    for gold in _golds(answers, "math_match"):
+        gold = normalize_latex(str(gold))
+        if predicted == gold:
+            return 1.0
+        if _PLAIN_NUMBER.fullmatch(gold):
+            value = _numbers(predicted)[0] if _PLAIN_NUMBER.fullmatch(predicted) else (
+                extract_number(response) if last_boxed(response) is None else None)
+            if value is not None and math.isclose(value, _numbers(gold)[0], rel_tol=rel_tol):
+                return 1.0
+    return 0.0
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles (a/an/the), single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
@@ -197,6 +226,7 @@ def _without_metadata(scorer: Callable[[str, Sequence[str]], float]):
 
 SCORERS: dict[str, Callable[[str, Sequence[str], Mapping[str, Any]], float]] = {
     "numeric": _without_metadata(numeric_match),
+    "math": _without_metadata(math_match),
     "exact_match": _without_metadata(exact_match),
     "f1": _without_metadata(token_f1),
     "code_pass": _score_code,
