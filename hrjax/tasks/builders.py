@@ -517,7 +517,7 @@ class HrjaxMath(ManualTaskBuilder):
     `<subject>/{train,test}-*.parquet` (EleutherAI/hendrycks_math) and MATH-500's `test.jsonl`
     (`subject` for `type`, an explicit `answer`, `unique_id`).
     answers: [`answer` if given, else the content of the last `\boxed{}` of the solution];
-    scorer `exact_match` (LaTeX answers; the scorer normalises); metadata: {"solution", "level",
+    scorer `math` (LaTeX-normalised equivalence); metadata: {"solution", "level",
     "type"}. No validation split upstream: carved out of train.
     """
 
