@@ -25,11 +25,15 @@ class ModelSpec:
     base_rate: float  # cost units per token, tokens in + tokens out
     tokenizer: Optional[str] = None  # a HF tokenizer directory (for a GGUF without a usable vocabulary)
     use_chat_template: bool = True  # wrap each hop prompt in the tokenizer's chat template, if it has one
+    prompt_template: str = "{message}"  # applied to the hop message first, e.g. for base models
     dtype: str = "float32"
 
     def __post_init__(self):
         if self.base_rate < 0:
             raise ValueError(f"Model '{self.name}': base_rate must be >= 0, got {self.base_rate}.")
+        if "{message}" not in self.prompt_template:
+            raise ValueError(f"Model '{self.name}': prompt_template must contain '{{message}}', got "
+                             f"{self.prompt_template!r}.")
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class PoolModel:
         """A user message -> (prompt text, whether the tokenizer must add its special tokens): the
         chat template with a generation prompt when used (it writes its own specials)."""
         tok = self.tokenizer
+        message = self.spec.prompt_template.replace("{message}", message)
         if self.spec.use_chat_template and getattr(tok, "chat_template", None):
             return tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                            tokenize=False), False

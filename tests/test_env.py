@@ -210,3 +210,13 @@ def test_foreign_tokenizer_answers_are_retokenised_from_text(pool, encoder):
     context = Context(QUESTIONS[0], (foreign,))
     message = env.config.template.message(QUESTIONS[0], [foreign.text])
     assert hop_prompt(pool.models[0], env.config.template, context) == pool.models[0].encode_prompt(message)
+
+
+def test_prompt_template_wraps_the_hop_message(pool):
+    import dataclasses
+
+    model = pool.models[0]
+    templated = dataclasses.replace(model, spec=dataclasses.replace(model.spec, prompt_template="Q: {message}\nA:"))
+    assert templated.encode_prompt("hi") == model.encode_prompt("Q: hi\nA:")
+    with pytest.raises(ValueError, match="must contain '\\{message\\}'"):
+        ModelSpec("bad", "x", 1.0, prompt_template="no placeholder")
