@@ -1,0 +1,1 @@
+"""The router: policy/value networks, PPO losses and the jit-compiled learner."""
