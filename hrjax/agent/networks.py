@@ -1,0 +1,50 @@
+"""The router's policy and value networks (Flax Linen).
+
+Inputs per state: the context embedding [E], the hop index (a learned stage embedding, as the
+paper), the cost features [F] and, for a lambda-conditioned router, lambda itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    num_actions: int
+    num_hops: int
+    hidden: int = 128
+    layers: int = 2
+    stage_dim: int = 16
+    shared_torso: bool = True
+
+
+class RouterNetwork(nn.Module):
+    """-> (logits [..., A], value [...]). Invalid actions are masked by the caller."""
+
+    config: NetworkConfig
+
+    @nn.compact
+    def __call__(self, embedding, hop, cost_features, cost_lambda: Optional[jnp.ndarray] = None):
+        cfg = self.config
+        stage = nn.Embed(cfg.num_hops + 1, cfg.stage_dim, name="stage_embedding")(hop)
+        parts = [embedding, stage, cost_features]
+        if cost_lambda is not None:
+            parts.append(cost_lambda[..., None])
+        x = jnp.concatenate(parts, axis=-1)
+
+        def torso(name):
+            h = x
+            for i in range(cfg.layers):
+                h = nn.tanh(nn.Dense(cfg.hidden, name=f"{name}_{i}")(h))
+            return h
+
+        policy_h = torso("torso")
+        value_h = policy_h if cfg.shared_torso else torso("value_torso")
+        logits = nn.Dense(cfg.num_actions, kernel_init=nn.initializers.orthogonal(0.01), name="policy")(policy_h)
+        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), name="value")(value_h)[..., 0]
+        return logits, value
