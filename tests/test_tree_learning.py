@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hrjax.agent.tree_mode import EnvState, PPOConfig, TreeArrays, greedy_paths, make_train, observe
+from hrjax.agent.tree_mode import PPOConfig, TreeArrays, greedy_paths, initial_state, make_train, observe
 from hrjax.env.tree import PathTree, tree_structure
 
 N, E = 64, 8
@@ -43,9 +43,8 @@ def train(tree, **overrides):
 def test_one_model_always_best_reaches_95_percent():
     tree = synthetic_tree(lambda c, p: [0.2, 0.4, 0.9][p[-1]], [1.0, 1.0, 1.0])
     network, params, metrics = train(tree)
-    arrays = TreeArrays.from_tree(tree)
-    state = EnvState(jnp.arange(N), jnp.full(N, -1), jnp.zeros(N, jnp.int32), jnp.zeros(N), jnp.zeros(N))
-    logits, _ = network.apply(params, *observe(arrays, state))
+    state = initial_state(jnp.arange(N), jnp.zeros(N))
+    logits, _ = network.apply(params, *observe(TreeArrays.from_tree(tree), state))
     assert float(jax.nn.softmax(logits)[:, 2].mean()) >= 0.95
     assert metrics["reward"][-10:].mean() > metrics["reward"][:5].mean()
 
@@ -75,3 +74,16 @@ def test_large_lambda_moves_to_the_cheapest_model():
     network, params, _ = train(tree, cost_lambda=0.0)
     _, _, actions = greedy_paths(network, params, tree, np.arange(N))
     assert np.all(np.asarray(actions) == 1)  # with cost free, the best quality wins
+
+
+def test_lambda_conditioned_policy_trades_quality_for_cost_monotonically():
+    # quality 0.5 / 0.7 / 0.9 at cost 0.05 / 0.3 / 0.8: the best model moves 2 -> 1 -> 0 as lambda grows
+    tree = synthetic_tree(lambda c, p: [0.5, 0.7, 0.9][p[-1]], [0.05, 0.3, 0.8])
+    network, params, _ = train(tree, lambda_range=(0.0, 2.0), num_iterations=400)
+    sweep = [greedy_paths(network, params, tree, np.arange(N), cost_lambda=lam, conditioned=True)
+             for lam in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    quality = [float(q.mean()) for q, _, _ in sweep]
+    cost = [float(c.mean()) for _, c, _ in sweep]
+    assert all(a >= b for a, b in zip(cost, cost[1:])) and all(a >= b for a, b in zip(quality, quality[1:]))
+    assert np.all(np.asarray(sweep[0][2]) == 2) and np.all(np.asarray(sweep[-1][2]) == 0)
+    assert np.all(np.asarray(sweep[2][2]) == 1)  # 0.7 - 0.5 * 0.3 beats 0.5 - 0.025 and 0.9 - 0.4

@@ -9,7 +9,7 @@ Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
 import jax
@@ -35,6 +35,9 @@ class PPOConfig:
     entropy_coef: float = 0.01
     max_grad_norm: float = 0.5
     cost_lambda: float = 0.0
+    # Beyond the paper: sample lambda per episode from this (low, high) range and feed it to the
+    # network, so one policy serves every cost-quality trade-off. None: fixed `cost_lambda`.
+    lambda_range: Optional[tuple[float, float]] = None
     hidden: int = 128
 
 
@@ -60,12 +63,14 @@ class EnvState(NamedTuple):
     hop: chex.Array  # [B] int32
     cost: chex.Array  # [B] cumulative normalised cost
     last_cost: chex.Array  # [B]
+    cost_lambda: chex.Array  # [B] the episode's cost weight
 
 
 class Transition(NamedTuple):
     embedding: chex.Array  # [B, E]
     hop: chex.Array  # [B]
     cost_features: chex.Array  # [B, 2]
+    cost_lambda: chex.Array  # [B]
     action: chex.Array  # [B]
     log_prob: chex.Array  # [B]
     value: chex.Array  # [B]
@@ -80,16 +85,22 @@ def observe(tree: TreeArrays, state: EnvState):
     return embedding, state.hop, jnp.stack([state.cost, state.last_cost], axis=-1)
 
 
-def env_step(tree: TreeArrays, state: EnvState, action: chex.Array, num_models: int, num_hops: int,
-             cost_lambda: float):
+def env_step(tree: TreeArrays, state: EnvState, action: chex.Array, num_models: int, num_hops: int):
     """One hop for every episode: -> (next state, reward [B], done [B])."""
     parent_index = state.node - tree.level_start[jnp.maximum(state.hop - 1, 0)]
     child = jnp.where(state.node < 0, action, tree.level_start[state.hop] + parent_index * num_models + action)
     step_cost = tree.cost[state.prompt, child]
     cost = state.cost + step_cost
     done = state.hop + 1 >= num_hops
-    reward = jnp.where(done, tree.quality[state.prompt, child] - cost_lambda * cost, 0.0)
-    return EnvState(state.prompt, child, state.hop + 1, cost, step_cost), reward, done
+    reward = jnp.where(done, tree.quality[state.prompt, child] - state.cost_lambda * cost, 0.0)
+    return EnvState(state.prompt, child, state.hop + 1, cost, step_cost, state.cost_lambda), reward, done
+
+
+def initial_state(prompts: chex.Array, cost_lambda: chex.Array) -> EnvState:
+    """Episodes at the roots of `prompts` [B], each with its cost weight [B]."""
+    zeros = jnp.zeros(prompts.shape[0])
+    return EnvState(prompts, jnp.full(prompts.shape, -1), jnp.zeros(prompts.shape, jnp.int32), zeros, zeros,
+                    cost_lambda)
 
 
 def make_train(config: PPOConfig, tree: PathTree, prompts: chex.Array):
@@ -104,27 +115,38 @@ def make_train(config: PPOConfig, tree: PathTree, prompts: chex.Array):
         raise ValueError(f"num_envs * num_hops ({batch}) must divide into {config.minibatches} minibatches.")
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
 
+    conditioned = config.lambda_range is not None
+
+    def apply(params, embedding, hop, cost_features, cost_lambda):
+        return network.apply(params, embedding, hop, cost_features, cost_lambda if conditioned else None)
+
     def rollout(params, rng):
-        rng, pick = jax.random.split(rng)
+        rng, pick, draw = jax.random.split(rng, 3)
         chosen = jax.random.choice(pick, prompts, (config.num_envs,))
-        zeros = jnp.zeros(config.num_envs)
-        state = EnvState(chosen, jnp.full(config.num_envs, -1), jnp.zeros(config.num_envs, jnp.int32), zeros, zeros)
+        if conditioned:
+            cost_lambda = jax.random.uniform(draw, (config.num_envs,), minval=config.lambda_range[0],
+                                             maxval=config.lambda_range[1])
+        else:
+            cost_lambda = jnp.full(config.num_envs, config.cost_lambda)
+        state = initial_state(chosen, cost_lambda)
 
         def step(carry, key):
             state = carry
             embedding, hop, cost_features = observe(arrays, state)
-            logits, value = network.apply(params, embedding, hop, cost_features)
+            logits, value = apply(params, embedding, hop, cost_features, state.cost_lambda)
             action = jax.random.categorical(key, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
-            state, reward, done = env_step(arrays, state, action, num_models, num_hops, config.cost_lambda)
-            return state, Transition(embedding, hop, cost_features, action, log_prob, value, reward, done)
+            next_state, reward, done = env_step(arrays, state, action, num_models, num_hops)
+            return next_state, Transition(embedding, hop, cost_features, state.cost_lambda, action, log_prob,
+                                          value, reward, done)
 
         final, transitions = jax.lax.scan(step, state, jax.random.split(rng, num_hops))
         return transitions, final
 
     def loss_fn(params, batch_data):
         transition, advantages, returns = batch_data
-        logits, value = network.apply(params, transition.embedding, transition.hop, transition.cost_features)
+        logits, value = apply(params, transition.embedding, transition.hop, transition.cost_features,
+                              transition.cost_lambda)
         mask = jnp.ones_like(logits, bool)
         log_prob = jnp.take_along_axis(losses.masked_log_softmax(logits, mask), transition.action[:, None], -1)[:, 0]
         valid = jnp.ones_like(log_prob, bool)
@@ -163,13 +185,14 @@ def make_train(config: PPOConfig, tree: PathTree, prompts: chex.Array):
         (params, opt_state), info = jax.lax.scan(epoch, (params, opt_state), jax.random.split(shuffle_key, config.epochs))
         last = transitions.reward[-1]
         metrics = dict(jax.tree_util.tree_map(jnp.mean, info), reward=jnp.mean(last),
-                       cost=jnp.mean(final.cost), quality=jnp.mean(last + config.cost_lambda * final.cost))
+                       cost=jnp.mean(final.cost), quality=jnp.mean(last + final.cost_lambda * final.cost))
         return (params, opt_state, rng), metrics
 
     def train(rng):
         rng, init_key = jax.random.split(rng)
         e = arrays.root_embedding.shape[-1]
-        params = network.init(init_key, jnp.zeros((1, e)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))
+        params = network.init(init_key, jnp.zeros((1, e)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)),
+                              jnp.zeros((1,)) if conditioned else None)
         (params, _, _), metrics = jax.lax.scan(
             iteration, (params, optimizer.init(params), rng), None, config.num_iterations)
         return params, metrics
@@ -177,17 +200,18 @@ def make_train(config: PPOConfig, tree: PathTree, prompts: chex.Array):
     return network, train
 
 
-def greedy_paths(network: RouterNetwork, params, tree: PathTree, prompts: chex.Array, cost_lambda: float = 0.0):
-    """Follows the argmax action from each prompt's root -> (quality [P], cost [P], actions [L, P])."""
+def greedy_paths(network: RouterNetwork, params, tree: PathTree, prompts: chex.Array, cost_lambda: float = 0.0,
+                 conditioned: bool = False):
+    """Follows the argmax action from each prompt's root -> (quality [P], cost [P], actions [L, P]).
+    `conditioned`: the network takes `cost_lambda` as an input (a lambda-conditioned router)."""
     num_models, num_hops = tree.num_models, int(tree.depth.max()) + 1
     arrays = TreeArrays.from_tree(tree)
     prompts = jnp.asarray(prompts)
-    zeros = jnp.zeros(prompts.shape[0])
-    state = EnvState(prompts, jnp.full(prompts.shape, -1), jnp.zeros(prompts.shape, jnp.int32), zeros, zeros)
+    state = initial_state(prompts, jnp.full(prompts.shape, cost_lambda, jnp.float32))
     actions = []
     for _ in range(num_hops):
-        logits, _ = network.apply(params, *observe(arrays, state))
+        logits, _ = network.apply(params, *observe(arrays, state), state.cost_lambda if conditioned else None)
         action = jnp.argmax(logits, axis=-1)
-        state, _, _ = env_step(arrays, state, action, num_models, num_hops, cost_lambda)
+        state, _, _ = env_step(arrays, state, action, num_models, num_hops)
         actions.append(action)
     return arrays.quality[prompts, state.node], state.cost, jnp.stack(actions)
