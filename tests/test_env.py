@@ -220,3 +220,16 @@ def test_prompt_template_wraps_the_hop_message(pool):
     assert templated.encode_prompt("hi") == model.encode_prompt("Q: hi\nA:")
     with pytest.raises(ValueError, match="must contain '\\{message\\}'"):
         ModelSpec("bad", "x", 1.0, prompt_template="no placeholder")
+
+
+def test_stop_string_cut_answers_pass_as_text(pool, encoder):
+    """A response cut at a stop string no longer matches its tokens: it is handed on as text."""
+    plain = make_env(pool, encoder, num_hops=1)
+    state, _ = plain.reset([0], QUESTIONS[:1])
+    full = plain.step(state, np.array([0])).state.contexts[0].responses[0].text
+    word = next(w for w in full.split()[1:] if len(w) >= 4)
+    stop = word[1:3]  # inside a word: its tokens differ from the text's, so only the text cut sees it
+    env = make_env(pool, encoder, num_hops=2, stop=(stop,))
+    state, _ = env.reset([0], QUESTIONS[:1])
+    answer = env.step(state, np.array([0])).state.contexts[0].responses[0]
+    assert answer.text == full[:full.index(stop)] and answer.tokens == ()

@@ -177,13 +177,10 @@ class RoutingEnv:
         missing = [k for k, r in found.items() if r is None]
         if missing:
             prompt_of = dict(zip(keys, prompts))
-            tokenizer = pool_model.tokenizer
-            for key, gen in zip(missing, pool_model.sampler.generate_tokens(
-                    [prompt_of[k] for k in missing], self.sampling)):
-                text = tokenizer.decode(gen.tokens.tolist(), skip_special_tokens=True)
-                cuts = [text.find(s) for s in self.sampling.stop if s in text]
-                found[key] = CachedResponse(tuple(int(t) for t in gen.tokens),
-                                            text[:min(cuts)] if cuts else text, gen.finish_reason)
+            sampler = pool_model.sampler
+            for key, gen in zip(missing, sampler.generate_tokens([prompt_of[k] for k in missing], self.sampling)):
+                gen = sampler.with_text(gen, self.sampling.stop)
+                found[key] = CachedResponse(tuple(int(t) for t in gen.tokens), gen.text, gen.finish_reason)
                 self.cache.put(key, found[key])
         tokens_in = np.array([len(p) for p in prompts], np.int32)
         tokens_out = np.array([len(found[k].tokens) for k in keys], np.int32)

@@ -270,12 +270,14 @@ class Sampler:
             raise ValueError("Text prompts need a tokenizer: construct the Sampler with one, or call "
                              "generate_tokens with token ids.")
         ids = [self.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
-        out = []
-        for g in self.generate_tokens(ids, sampling):
-            text = self.tokenizer.decode(g.tokens.tolist(), skip_special_tokens=True)
-            reason = g.finish_reason
-            cuts = [text.find(s) for s in sampling.stop if s in text]
-            if cuts:
-                text, reason = text[:min(cuts)], FINISH_STOP
-            out.append(dataclasses.replace(g, text=text, finish_reason=reason))
-        return out
+        return [self.with_text(g, sampling.stop) for g in self.generate_tokens(ids, sampling)]
+
+    def with_text(self, generation: Generation, stop: Sequence[str] = ()) -> Generation:
+        """`generation` with `.text` decoded (special tokens skipped) and cut before the first stop
+        string; a cut makes the finish reason 'stop' (the text then ends before the tokens do)."""
+        text = self.tokenizer.decode(generation.tokens.tolist(), skip_special_tokens=True)
+        reason = generation.finish_reason
+        cuts = [text.find(s) for s in stop if s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], FINISH_STOP
+        return dataclasses.replace(generation, text=text, finish_reason=reason)
