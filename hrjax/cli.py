@@ -1,4 +1,5 @@
-"""The `hrjax` console script: `hrjax bench sampler|rollout` (more subcommands arrive with later issues)."""
+"""The `hrjax` console script: `hrjax train --config=... --workdir=...` (the absl flags of
+`python -m experiments.train`) and `hrjax bench sampler|rollout|learner`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hrjax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line")
-    bench.add_argument("name", choices=["sampler", "rollout"], help="which benchmark")
+    bench.add_argument("name", choices=["sampler", "rollout", "learner"], help="which benchmark")
+    commands.add_parser("train", help="train a router: --config=<file.py> --workdir=<dir> [--config.a.b=value]",
+                        add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from hrjax.experiment import main as train_main
+
+        train_main(["hrjax train", *argv[1:]])
+        return 0
     args = parser.parse_args(argv)
     if args.command == "bench":
         import importlib

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from hrjax.agent import losses
+from hrjax.agent import losses, ppo
 
 
 def numpy_gae(rewards, values, done, valid, bootstrap, gamma, lam):
@@ -37,7 +37,7 @@ def random_episodes(rng, t_max=5, batch=7):
 
 class LossesTest(chex.TestCase, parameterized.TestCase):
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.all_variants
     def test_gae_hand_worked(self):
         rewards = jnp.array([[0.0, 0.3], [0.0, 9.0], [1.0, 9.0]])
         values = jnp.array([[0.5, 0.1], [0.4, 5.0], [0.8, 5.0]])
@@ -48,7 +48,7 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         np.testing.assert_allclose(advantages, [[0.19408, 0.2], [0.464, 0.0], [0.2, 0.0]], atol=1e-6)
         np.testing.assert_allclose(returns, [[0.69408, 0.3], [0.864, 0.0], [1.0, 0.0]], atol=1e-6)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.all_variants
     @parameterized.parameters((0.99, 0.95), (1.0, 1.0), (0.5, 0.0))
     def test_gae_matches_numpy_reference(self, gamma, lam):
         rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
             np.testing.assert_allclose(got[0], want[0], atol=1e-5)
             np.testing.assert_allclose(got[1], want[1], atol=1e-5)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.all_variants
     def test_clipped_surrogate_and_value_losses(self):
         rng = np.random.default_rng(1)
         shape = (4, 6)
@@ -80,7 +80,7 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         want = 0.5 * np.maximum((values - returns) ** 2, (clipped - returns) ** 2)[valid].mean()
         np.testing.assert_allclose(value_loss, want, rtol=1e-5)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.all_variants
     def test_surrogate_hand_worked(self):
         # ratio 1.5 with A=+1 is clipped to 1.2; ratio 0.5 with A=-1 is clipped to 0.8 -> -0.8.
         log_prob = jnp.log(jnp.array([1.5, 0.5, 1.0]))
@@ -89,7 +89,7 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         np.testing.assert_allclose(loss, -(1.2 - 0.8) / 2, rtol=1e-6)
         np.testing.assert_allclose(clip_fraction, 1.0)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.all_variants
     def test_masked_entropy_and_normalisation(self):
         logits = jnp.array([[0.0, 0.0, 5.0], [1.0, 2.0, 3.0]])
         mask = jnp.array([[True, True, False], [True, True, True]])
@@ -102,3 +102,18 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         v = np.array([1.0, 2.0, 3.0])
         np.testing.assert_allclose(np.asarray(out)[np.asarray(valid)], (v - v.mean()) / v.std(), rtol=1e-5)
         assert out[1, 1] == 0.0
+
+    @chex.all_variants
+    def test_explained_variance_and_action_histogram(self):
+        returns = jnp.array([[1.0, 2.0], [3.0, 50.0]])
+        valid = jnp.array([[True, True], [True, False]])
+        ev = self.variant(ppo.explained_variance)
+        np.testing.assert_allclose(ev(returns, returns, valid), 1.0)
+        np.testing.assert_allclose(ev(jnp.full_like(returns, 2.0), returns, valid), 0.0, atol=1e-6)
+        values = jnp.array([[1.5, 2.0], [2.0, 0.0]])  # residuals -0.5, 0, 1 -> var 7/18; returns var 2/3
+        np.testing.assert_allclose(ev(values, returns, valid), 1.0 - (7 / 18) / (2 / 3), rtol=1e-5)
+        zeros = jnp.zeros((2, 3))
+        trajectory = ppo.Trajectory(zeros[..., None], zeros, zeros, zeros, jnp.ones((2, 3, 4), bool),
+                                    jnp.array([[0, 3, 3], [1, 1, 2]]), zeros, zeros, jnp.array([[1, 1, 1], [1, 0, 1]], bool))
+        hist = self.variant(ppo.action_histogram, static_argnums=1)(trajectory, 4)
+        np.testing.assert_allclose(hist, [[1 / 3, 0, 0, 2 / 3], [0, 0.5, 0.5, 0]], rtol=1e-6)

@@ -3,8 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from hrjax.agent.tree_mode import PPOConfig, TreeArrays, greedy_paths, initial_state, make_train, observe
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import PPOConfig
+from hrjax.agent.tree_mode import TreeEnv, greedy_paths, make_train
+from hrjax.env.mdp import EnvConfig
 from hrjax.env.tree import PathTree, tree_structure
 
 N, E = 64, 8
@@ -33,57 +37,94 @@ def synthetic_tree(quality_of, cost_of_model, num_models=3, num_hops=1, seed=0):
     return PathTree(root, embedding, zeros, zeros, cost, quality, model, parent, depth)
 
 
-def train(tree, **overrides):
-    config = PPOConfig(**{"num_iterations": 300, "num_envs": 256, **overrides})
-    network, train_fn = make_train(config, tree, np.arange(N))
-    params, metrics = jax.jit(train_fn)(jax.random.PRNGKey(0))
-    return network, params, metrics
+def train(tree, num_iterations=300, cost_lambda=0.0, stop_action=False, **overrides):
+    env = EnvConfig(num_hops=int(tree.depth.max()) + 1, cost_lambda=cost_lambda, stop_action=stop_action)
+    trainer = make_train(PPOConfig(**{"num_envs": 256, **overrides}), NetworkConfig(), env, tree, np.arange(N),
+                         num_iterations)
+    params, metrics = jax.jit(trainer.train)(jax.random.PRNGKey(0))
+    return trainer, params, metrics
+
+
+def greedy(trainer, params, tree, cost_lambda=0.0):
+    return greedy_paths(trainer.learner, params, trainer.env, np.arange(N), cost_lambda)
 
 
 def test_one_model_always_best_reaches_95_percent():
     tree = synthetic_tree(lambda c, p: [0.2, 0.4, 0.9][p[-1]], [1.0, 1.0, 1.0])
-    network, params, metrics = train(tree)
-    state = initial_state(jnp.arange(N), jnp.zeros(N))
-    logits, _ = network.apply(params, *observe(TreeArrays.from_tree(tree), state))
-    assert float(jax.nn.softmax(logits)[:, 2].mean()) >= 0.95
-    assert metrics["reward"][-10:].mean() > metrics["reward"][:5].mean()
+    trainer, params, metrics = train(tree)
+    env = trainer.env
+    embedding, hop, cost_features, mask = env.observe(env.reset(jnp.arange(N), jnp.float32(0.0)))
+    log_probs, _ = trainer.learner.apply(params, embedding, hop, cost_features, jnp.zeros(N), mask)
+    assert float(jnp.exp(log_probs)[:, 2].mean()) >= 0.95
+    assert metrics["return"][-10:].mean() > metrics["return"][:5].mean()
+    assert metrics["action_histogram"].shape == (300, 1, 3)
+    assert float(metrics["action_histogram"][-1, 0, 2]) >= 0.9
 
 
 def test_router_beats_every_single_model_when_best_depends_on_cluster():
     # two hops; cluster 0 needs model 0 then 1, cluster 1 needs model 1 then 2; the rest scores 0.3
     best = {0: [0, 1], 1: [1, 2]}
     tree = synthetic_tree(lambda c, p: 1.0 if p == best[c] else 0.3, [1.0, 1.0, 1.0], num_hops=2)
-    network, train_fn = make_train(PPOConfig(num_iterations=400, num_envs=256), tree, np.arange(N))
+    trainer = make_train(PPOConfig(num_envs=256), NetworkConfig(), EnvConfig(num_hops=2), tree, np.arange(N), 400)
     seeds = jax.random.split(jax.random.PRNGKey(0), 4)
-    params_per_seed, _ = jax.jit(jax.vmap(train_fn))(seeds)  # the pure train(rng) vmaps over seeds
+    params_per_seed, _ = jax.jit(jax.vmap(trainer.train))(seeds)  # the pure train(rng) vmaps over seeds
     leaves = tree.depth == 1
     single = [tree.quality[:, tree.node_of_path([m, m])].mean() for m in range(3)]
     fixed_paths = tree.quality[:, leaves].mean(axis=0)
     for s in range(4):
         params = jax.tree_util.tree_map(lambda x: x[s], params_per_seed)
-        quality, _, _ = greedy_paths(network, params, tree, np.arange(N))
+        quality, _, _ = greedy(trainer, params, tree)
         assert float(quality.mean()) > max(single) + 0.3
         assert float(quality.mean()) > fixed_paths.max() + 0.2
 
 
 def test_large_lambda_moves_to_the_cheapest_model():
     tree = synthetic_tree(lambda c, p: [0.6, 0.8, 0.7][p[-1]], [0.1, 1.0, 0.5])
-    network, params, _ = train(tree, cost_lambda=5.0)
-    _, cost, actions = greedy_paths(network, params, tree, np.arange(N), cost_lambda=5.0)
+    trainer, params, _ = train(tree, cost_lambda=5.0)
+    _, cost, actions = greedy(trainer, params, tree, cost_lambda=5.0)
     assert np.all(np.asarray(actions) == 0)
-    network, params, _ = train(tree, cost_lambda=0.0)
-    _, _, actions = greedy_paths(network, params, tree, np.arange(N))
+    trainer, params, _ = train(tree, cost_lambda=0.0)
+    _, _, actions = greedy(trainer, params, tree)
     assert np.all(np.asarray(actions) == 1)  # with cost free, the best quality wins
 
 
 def test_lambda_conditioned_policy_trades_quality_for_cost_monotonically():
     # quality 0.5 / 0.7 / 0.9 at cost 0.05 / 0.3 / 0.8: the best model moves 2 -> 1 -> 0 as lambda grows
     tree = synthetic_tree(lambda c, p: [0.5, 0.7, 0.9][p[-1]], [0.05, 0.3, 0.8])
-    network, params, _ = train(tree, lambda_range=(0.0, 2.0), num_iterations=400)
-    sweep = [greedy_paths(network, params, tree, np.arange(N), cost_lambda=lam, conditioned=True)
-             for lam in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    trainer, params, _ = train(tree, num_iterations=400, lambda_range=(0.0, 2.0))
+    sweep = [greedy(trainer, params, tree, cost_lambda=lam) for lam in (0.0, 0.25, 0.5, 1.0, 2.0)]
     quality = [float(q.mean()) for q, _, _ in sweep]
     cost = [float(c.mean()) for _, c, _ in sweep]
     assert all(a >= b for a, b in zip(cost, cost[1:])) and all(a >= b for a, b in zip(quality, quality[1:]))
     assert np.all(np.asarray(sweep[0][2]) == 2) and np.all(np.asarray(sweep[-1][2]) == 0)
     assert np.all(np.asarray(sweep[2][2]) == 1)  # 0.7 - 0.5 * 0.3 beats 0.5 - 0.025 and 0.9 - 0.4
+
+
+@pytest.mark.parametrize("cost_timing", ["end", "step"])
+def test_tree_env_rewards_match_the_tree_with_stop(cost_timing):
+    tree = synthetic_tree(lambda c, p: 0.1 * len(p) + 0.2 * p[-1], [0.1, 0.2, 0.4], num_hops=2, seed=1)
+    env = TreeEnv.create(tree, EnvConfig(num_hops=2, stop_action=True, cost_timing=cost_timing))
+    state = env.reset(jnp.arange(4), jnp.float32(0.5))
+    assert not np.asarray(env.observe(state)[3])[:, 3].any()  # no STOP before the first answer
+    state, r0, f0, _ = env.step(state, jnp.array([0, 1, 2, 2]))
+    assert np.asarray(env.observe(state)[3]).all()
+    state, r1, f1, v1 = env.step(state, jnp.array([3, 0, 3, 1]))  # rows 0 and 2 stop
+    np.testing.assert_array_equal(f1, [True, True, True, True]) and np.testing.assert_array_equal(v1, True)
+    nodes = [tree.node_of_path(p) for p in ([0], [1, 0], [2], [2, 1])]
+    total = tree.path_cost()[np.arange(4), nodes]
+    expected = tree.quality[np.arange(4), nodes] - 0.5 * total
+    np.testing.assert_allclose(np.asarray(r0 + r1), expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state.hop), [1, 2, 1, 2])
+    after, r2, f2, v2 = env.step(state, jnp.array([0, 0, 0, 0]))  # finished episodes do not move
+    assert not np.asarray(v2).any() and not np.asarray(r2).any()
+    np.testing.assert_array_equal(np.asarray(after.node), np.asarray(state.node))
+
+
+def test_stop_ends_episodes_once_more_hops_only_cost():
+    # the first answer decides quality (model 0 best); a second hop adds cost and nothing else
+    tree = synthetic_tree(lambda c, p: 0.8 if p[0] == 0 else 0.3, [0.2, 0.2, 0.2], num_hops=2)
+    trainer, params, metrics = train(tree, cost_lambda=1.0, stop_action=True)
+    quality, cost, actions = greedy(trainer, params, tree, cost_lambda=1.0)
+    np.testing.assert_array_equal(np.asarray(actions), [[0] * N, [3] * N])
+    np.testing.assert_allclose(np.asarray(cost), 0.2, rtol=1e-6)
+    assert float(metrics["hops"][-10:].mean()) < 1.1

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    num_actions: int
-    num_hops: int
+    """The architecture; the action and hop counts come from the pool and env."""
+
     hidden: int = 128
     layers: int = 2
     stage_dim: int = 16
@@ -27,11 +27,13 @@ class RouterNetwork(nn.Module):
     """-> (logits [..., A], value [...]). Invalid actions are masked by the caller."""
 
     config: NetworkConfig
+    num_actions: int
+    num_hops: int
 
     @nn.compact
     def __call__(self, embedding, hop, cost_features, cost_lambda: Optional[jnp.ndarray] = None):
         cfg = self.config
-        stage = nn.Embed(cfg.num_hops + 1, cfg.stage_dim, name="stage_embedding")(hop)
+        stage = nn.Embed(self.num_hops + 1, cfg.stage_dim, name="stage_embedding")(hop)
         parts = [embedding, stage, cost_features]
         if cost_lambda is not None:
             parts.append(cost_lambda[..., None])
@@ -45,6 +47,6 @@ class RouterNetwork(nn.Module):
 
         policy_h = torso("torso")
         value_h = policy_h if cfg.shared_torso else torso("value_torso")
-        logits = nn.Dense(cfg.num_actions, kernel_init=nn.initializers.orthogonal(0.01), name="policy")(policy_h)
+        logits = nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01), name="policy")(policy_h)
         value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), name="value")(value_h)[..., 0]
         return logits, value

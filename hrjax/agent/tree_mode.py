@@ -1,44 +1,25 @@
-"""Tree-mode PPO (PureJaxRL style): with a path tree the environment is array look-ups, so rollout
-and update run together in one jit-compiled `lax.scan` over iterations; `make_train(config, tree)`
-returns a pure `train(rng)` that can be vmapped over seeds.
+"""Tree mode (PureJaxRL style): with a path tree the environment is array look-ups, so rollout and
+update run together in one jit-compiled `lax.scan` over iterations.
 
-Episodes here are the paper's setting: L hops, no STOP, the cost charged at the end with the quality.
+`make_train(...)` returns pure functions: `init(rng) -> TrainCarry`, `run(carry, n) -> (carry,
+metrics [n])` (n static) and `train(rng)`, all jittable and vmappable over seeds. The environment
+follows `EnvConfig`: L hops, STOP when enabled (action M, not at hop 0: stopping at a node scores
+that node's answer), the cost charged at the end or per hop.
 Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L hops, M models.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 
-from hrjax.agent import losses
-from hrjax.agent.networks import NetworkConfig, RouterNetwork
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import Learner, PPOConfig, Trajectory, action_histogram, sample_cost_lambda
+from hrjax.env.mdp import EnvConfig, routing_reward
 from hrjax.env.tree import PathTree, level_offset
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    num_iterations: int = 100
-    num_envs: int = 256  # episodes per iteration (B); small batches converge early to one fixed path
-    epochs: int = 2
-    minibatches: int = 4
-    learning_rate: float = 1e-3
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    clip_epsilon: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    max_grad_norm: float = 0.5
-    cost_lambda: float = 0.0
-    # Beyond the paper: sample lambda per episode from this (low, high) range and feed it to the
-    # network, so one policy serves every cost-quality trade-off. None: fixed `cost_lambda`.
-    lambda_range: Optional[tuple[float, float]] = None
-    hidden: int = 128
 
 
 class TreeArrays(NamedTuple):
@@ -52,166 +33,157 @@ class TreeArrays(NamedTuple):
 
     @classmethod
     def from_tree(cls, tree: PathTree) -> "TreeArrays":
-        m, hops = tree.num_models, int(tree.depth.max()) + 1
+        m, hops = tree.num_models, tree_hops(tree)
         return cls(jnp.asarray(tree.root_embedding), jnp.asarray(tree.embedding), jnp.asarray(tree.cost),
                    jnp.asarray(tree.quality), jnp.array([level_offset(m, d) for d in range(hops + 1)]))
 
 
+def tree_hops(tree: PathTree) -> int:
+    return int(tree.depth.max()) + 1
+
+
 class EnvState(NamedTuple):
-    prompt: chex.Array  # [B] int32
+    prompt: chex.Array  # [B] int32 tree row
     node: chex.Array  # [B] int32, -1 at the root
     hop: chex.Array  # [B] int32
     cost: chex.Array  # [B] cumulative normalised cost
     last_cost: chex.Array  # [B]
     cost_lambda: chex.Array  # [B] the episode's cost weight
+    done: chex.Array  # [B] bool
 
 
-class Transition(NamedTuple):
-    embedding: chex.Array  # [B, E]
-    hop: chex.Array  # [B]
-    cost_features: chex.Array  # [B, 2]
-    cost_lambda: chex.Array  # [B]
-    action: chex.Array  # [B]
-    log_prob: chex.Array  # [B]
-    value: chex.Array  # [B]
-    reward: chex.Array  # [B]
-    done: chex.Array  # [B]
+class TreeEnv(NamedTuple):
+    """The jitted environment: the tree's arrays plus the MDP's static settings."""
+
+    arrays: TreeArrays
+    num_models: int
+    num_hops: int
+    stop_action: bool
+    cost_timing: str
+
+    @classmethod
+    def create(cls, tree: PathTree, env: EnvConfig) -> "TreeEnv":
+        if tree_hops(tree) != env.num_hops:
+            raise ValueError(f"The path tree has {tree_hops(tree)} hops but env.num_hops is {env.num_hops}: "
+                             "build the tree with the same env config.")
+        return cls(TreeArrays.from_tree(tree), tree.num_models, env.num_hops, env.stop_action, env.cost_timing)
+
+    @property
+    def num_actions(self) -> int:
+        return self.num_models + int(self.stop_action)
+
+    def reset(self, prompts: chex.Array, cost_lambda: chex.Array) -> EnvState:
+        """Episodes at the roots of tree rows `prompts` [B], each with its cost weight [B]."""
+        zeros = jnp.zeros(prompts.shape, jnp.float32)
+        return EnvState(prompts, jnp.full(prompts.shape, -1), jnp.zeros(prompts.shape, jnp.int32), zeros, zeros,
+                        jnp.broadcast_to(cost_lambda, prompts.shape).astype(jnp.float32),
+                        jnp.zeros(prompts.shape, bool))
+
+    def observe(self, state: EnvState):
+        """-> (embedding [B, E], hop [B], cost features [B, 2], action mask [B, A])."""
+        a = self.arrays
+        node_embedding = a.embedding[state.prompt, jnp.maximum(state.node, 0)]
+        embedding = jnp.where((state.node < 0)[:, None], a.root_embedding[state.prompt], node_embedding)
+        mask = jnp.ones((state.hop.shape[0], self.num_actions), bool)
+        if self.stop_action:
+            mask = mask.at[:, self.num_models].set(state.hop > 0)
+        return embedding, state.hop, jnp.stack([state.cost, state.last_cost], axis=-1), mask
+
+    def step(self, state: EnvState, action: chex.Array):
+        """One hop for every episode -> (next state, reward [B], finished [B], valid [B])."""
+        a, m = self.arrays, self.num_models
+        valid = ~state.done
+        stop = (action == m) if self.stop_action else jnp.zeros_like(valid)
+        move = valid & ~stop
+        parent_index = state.node - a.level_start[jnp.maximum(state.hop - 1, 0)]
+        model = jnp.minimum(action, m - 1)
+        child = jnp.where(state.node < 0, model, a.level_start[state.hop] + parent_index * m + model)
+        node = jnp.where(move, child, state.node)
+        step_cost = jnp.where(move, a.cost[state.prompt, child], 0.0)
+        cost = state.cost + step_cost
+        hop = state.hop + move
+        finished = valid & (stop | (hop >= self.num_hops))
+        quality = a.quality[state.prompt, jnp.maximum(node, 0)]
+        reward = routing_reward(finished, quality, cost, step_cost, valid, state.cost_lambda, self.cost_timing)
+        next_state = EnvState(state.prompt, node, hop, cost, step_cost, state.cost_lambda, state.done | finished)
+        return next_state, reward, finished, valid
 
 
-def observe(tree: TreeArrays, state: EnvState):
-    """-> (embedding [B, E], hop [B], cost features [B, 2])."""
-    node_embedding = tree.embedding[state.prompt, jnp.maximum(state.node, 0)]
-    embedding = jnp.where((state.node < 0)[:, None], tree.root_embedding[state.prompt], node_embedding)
-    return embedding, state.hop, jnp.stack([state.cost, state.last_cost], axis=-1)
+class TrainCarry(NamedTuple):
+    """Everything a tree-mode run carries from one iteration to the next (and checkpoints)."""
+
+    params: chex.ArrayTree
+    opt_state: chex.ArrayTree
+    rng: chex.PRNGKey
 
 
-def env_step(tree: TreeArrays, state: EnvState, action: chex.Array, num_models: int, num_hops: int):
-    """One hop for every episode: -> (next state, reward [B], done [B])."""
-    parent_index = state.node - tree.level_start[jnp.maximum(state.hop - 1, 0)]
-    child = jnp.where(state.node < 0, action, tree.level_start[state.hop] + parent_index * num_models + action)
-    step_cost = tree.cost[state.prompt, child]
-    cost = state.cost + step_cost
-    done = state.hop + 1 >= num_hops
-    reward = jnp.where(done, tree.quality[state.prompt, child] - state.cost_lambda * cost, 0.0)
-    return EnvState(state.prompt, child, state.hop + 1, cost, step_cost, state.cost_lambda), reward, done
+class TreeTrainer(NamedTuple):
+    learner: Learner
+    env: TreeEnv
+    init: callable  # (rng) -> TrainCarry
+    run: callable  # (carry, n) -> (carry, metrics with leading axis n); n static
+    train: callable  # (rng) -> (params, metrics [num_iterations])
 
 
-def initial_state(prompts: chex.Array, cost_lambda: chex.Array) -> EnvState:
-    """Episodes at the roots of `prompts` [B], each with its cost weight [B]."""
-    zeros = jnp.zeros(prompts.shape[0])
-    return EnvState(prompts, jnp.full(prompts.shape, -1), jnp.zeros(prompts.shape, jnp.int32), zeros, zeros,
-                    cost_lambda)
-
-
-def make_train(config: PPOConfig, tree: PathTree, prompts: chex.Array):
-    """-> (network, train): `train(rng) -> (params, metrics [num_iterations])`, pure and jittable.
-    `prompts` [P] are the tree rows (prompt indices) episodes are drawn from."""
-    num_models, num_hops = tree.num_models, int(tree.depth.max()) + 1
-    arrays = TreeArrays.from_tree(tree)
+def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tree: PathTree,
+               prompts: chex.Array, num_iterations: int) -> TreeTrainer:
+    """Tree-mode PPO over tree rows `prompts` [P] (episodes draw their prompt uniformly from them)."""
+    env = TreeEnv.create(tree, env_config)
+    learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations)
     prompts = jnp.asarray(prompts)
-    network = RouterNetwork(NetworkConfig(num_models, num_hops, hidden=config.hidden))
-    batch = config.num_envs * num_hops
-    if batch % config.minibatches:
-        raise ValueError(f"num_envs * num_hops ({batch}) must divide into {config.minibatches} minibatches.")
-    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    b = ppo.num_envs
 
-    conditioned = config.lambda_range is not None
+    def rollout(params, key):
+        """-> (trajectory [L, B], final state)."""
+        pick, draw, act = jax.random.split(key, 3)
+        cost_lambda = sample_cost_lambda(ppo, env_config.cost_lambda, draw, b)
+        state = env.reset(jax.random.choice(pick, prompts, (b,)), cost_lambda)
 
-    def apply(params, embedding, hop, cost_features, cost_lambda):
-        return network.apply(params, embedding, hop, cost_features, cost_lambda if conditioned else None)
+        def step(state, step_key):
+            embedding, hop, cost_features, mask = env.observe(state)
+            action = learner.act(params, step_key, embedding, hop, cost_features, state.cost_lambda, mask)
+            next_state, reward, finished, valid = env.step(state, action)
+            return next_state, Trajectory(embedding, hop, cost_features, state.cost_lambda, mask, action, reward,
+                                          finished, valid)
 
-    def rollout(params, rng):
-        rng, pick, draw = jax.random.split(rng, 3)
-        chosen = jax.random.choice(pick, prompts, (config.num_envs,))
-        if conditioned:
-            cost_lambda = jax.random.uniform(draw, (config.num_envs,), minval=config.lambda_range[0],
-                                             maxval=config.lambda_range[1])
-        else:
-            cost_lambda = jnp.full(config.num_envs, config.cost_lambda)
-        state = initial_state(chosen, cost_lambda)
+        final, trajectory = jax.lax.scan(step, state, jax.random.split(act, env.num_hops))
+        return trajectory, final
 
-        def step(carry, key):
-            state = carry
-            embedding, hop, cost_features = observe(arrays, state)
-            logits, value = apply(params, embedding, hop, cost_features, state.cost_lambda)
-            action = jax.random.categorical(key, logits)
-            log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
-            next_state, reward, done = env_step(arrays, state, action, num_models, num_hops)
-            return next_state, Transition(embedding, hop, cost_features, state.cost_lambda, action, log_prob,
-                                          value, reward, done)
+    def iteration(carry: TrainCarry, _):
+        rng, rollout_key, update_key = jax.random.split(carry.rng, 3)
+        trajectory, final = rollout(carry.params, rollout_key)
+        params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key)
+        quality = env.arrays.quality[final.prompt, final.node]
+        metrics.update(quality=jnp.mean(quality), cost=jnp.mean(final.cost),
+                       hops=jnp.mean(final.hop.astype(jnp.float32)),
+                       action_histogram=action_histogram(trajectory, env.num_actions))
+        return TrainCarry(params, opt_state, rng), metrics
 
-        final, transitions = jax.lax.scan(step, state, jax.random.split(rng, num_hops))
-        return transitions, final
+    def init(rng) -> TrainCarry:
+        rng, init_key = jax.random.split(rng)
+        params, opt_state = learner.init(init_key, tree.root_embedding.shape[-1])
+        return TrainCarry(params, opt_state, rng)
 
-    def loss_fn(params, batch_data):
-        transition, advantages, returns = batch_data
-        logits, value = apply(params, transition.embedding, transition.hop, transition.cost_features,
-                              transition.cost_lambda)
-        mask = jnp.ones_like(logits, bool)
-        log_prob = jnp.take_along_axis(losses.masked_log_softmax(logits, mask), transition.action[:, None], -1)[:, 0]
-        valid = jnp.ones_like(log_prob, bool)
-        policy_loss, clip_fraction = losses.clipped_surrogate_loss(
-            log_prob, transition.log_prob, advantages, valid, config.clip_epsilon)
-        value_loss = losses.clipped_value_loss(value, transition.value, returns, valid, config.clip_epsilon)
-        entropy = losses.masked_mean(losses.entropy(logits, mask), valid)
-        total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
-        approx_kl = losses.masked_mean(transition.log_prob - log_prob, valid)
-        return total, dict(value_loss=value_loss, entropy=entropy, clip_fraction=clip_fraction, approx_kl=approx_kl)
-
-    def iteration(carry, _):
-        params, opt_state, rng = carry
-        rng, rollout_key, shuffle_key = jax.random.split(rng, 3)
-        transitions, final = rollout(params, rollout_key)
-        valid = jnp.ones_like(transitions.reward, bool)
-        advantages, returns = losses.gae(transitions.reward, transitions.value, transitions.done, valid,
-                                         jnp.zeros(config.num_envs), config.gamma, config.gae_lambda)
-        advantages = losses.normalize_advantages(advantages, valid)
-        flat = jax.tree_util.tree_map(lambda x: x.reshape(batch, *x.shape[2:]),
-                                      (transitions, advantages, returns))
-
-        def epoch(carry, key):
-            params, opt_state = carry
-            order = jax.random.permutation(key, batch).reshape(config.minibatches, -1)
-
-            def minibatch(carry, idx):
-                params, opt_state = carry
-                (_, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                    params, jax.tree_util.tree_map(lambda x: x[idx], flat))
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), info
-
-            return jax.lax.scan(minibatch, (params, opt_state), order)
-
-        (params, opt_state), info = jax.lax.scan(epoch, (params, opt_state), jax.random.split(shuffle_key, config.epochs))
-        last = transitions.reward[-1]
-        metrics = dict(jax.tree_util.tree_map(jnp.mean, info), reward=jnp.mean(last),
-                       cost=jnp.mean(final.cost), quality=jnp.mean(last + final.cost_lambda * final.cost))
-        return (params, opt_state, rng), metrics
+    def run(carry: TrainCarry, n: int):
+        return jax.lax.scan(iteration, carry, None, n)
 
     def train(rng):
-        rng, init_key = jax.random.split(rng)
-        e = arrays.root_embedding.shape[-1]
-        params = network.init(init_key, jnp.zeros((1, e)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)),
-                              jnp.zeros((1,)) if conditioned else None)
-        (params, _, _), metrics = jax.lax.scan(
-            iteration, (params, optimizer.init(params), rng), None, config.num_iterations)
-        return params, metrics
+        carry, metrics = run(init(rng), num_iterations)
+        return carry.params, metrics
 
-    return network, train
+    return TreeTrainer(learner, env, init, run, train)
 
 
-def greedy_paths(network: RouterNetwork, params, tree: PathTree, prompts: chex.Array, cost_lambda: float = 0.0,
-                 conditioned: bool = False):
-    """Follows the argmax action from each prompt's root -> (quality [P], cost [P], actions [L, P]).
-    `conditioned`: the network takes `cost_lambda` as an input (a lambda-conditioned router)."""
-    num_models, num_hops = tree.num_models, int(tree.depth.max()) + 1
-    arrays = TreeArrays.from_tree(tree)
+def greedy_paths(learner: Learner, params, env: TreeEnv, prompts: chex.Array, cost_lambda: float = 0.0):
+    """Follows the argmax action from each prompt's root -> (quality [P], cost [P], actions [L, P]);
+    an action after STOP is -1."""
     prompts = jnp.asarray(prompts)
-    state = initial_state(prompts, jnp.full(prompts.shape, cost_lambda, jnp.float32))
+    state = env.reset(prompts, jnp.float32(cost_lambda))
     actions = []
-    for _ in range(num_hops):
-        logits, _ = network.apply(params, *observe(arrays, state), state.cost_lambda if conditioned else None)
-        action = jnp.argmax(logits, axis=-1)
-        state, _, _ = env_step(arrays, state, action, num_models, num_hops)
-        actions.append(action)
-    return arrays.quality[prompts, state.node], state.cost, jnp.stack(actions)
+    for _ in range(env.num_hops):
+        embedding, hop, cost_features, mask = env.observe(state)
+        action = learner.act(params, None, embedding, hop, cost_features, state.cost_lambda, mask, greedy=True)
+        actions.append(jnp.where(state.done, -1, action))
+        state, _, _, _ = env.step(state, action)
+    return env.arrays.quality[prompts, jnp.maximum(state.node, 0)], state.cost, jnp.stack(actions)
+

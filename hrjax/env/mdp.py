@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from hrjax.env.cache import CachedResponse, ResponseCache, cache_key
@@ -105,6 +106,18 @@ def hop_prompt(model: PoolModel, template: HopTemplate, context: Context) -> lis
         before, after = model.special_affixes
         ids = before + ids + after
     return ids
+
+
+def routing_reward(finished, quality, total_cost, step_cost, valid, cost_lambda, cost_timing: str):
+    """One step's reward [B] (NumPy or traced arrays): quality - lambda * cost, the cost charged
+    with the quality when the episode finishes ('end') or hop by hop ('step').
+
+    finished, valid: [B] bool (the episode ended with / took this step); quality: [B] score of the
+    final answer (read where finished); total_cost, step_cost: [B] normalised; cost_lambda: scalar or [B].
+    """
+    if cost_timing == "step":
+        return jnp.where(valid, -cost_lambda * step_cost, 0.0) + jnp.where(finished, quality, 0.0)
+    return jnp.where(finished, quality - cost_lambda * total_cost, 0.0)
 
 
 class Hop(NamedTuple):
@@ -247,11 +260,8 @@ class RoutingEnv:
         quality = state.quality.copy()
         for i in np.flatnonzero(finished):
             quality[i] = self.quality_fn(state.examples[i], contexts[i].responses[-1].text)
-        lam = self.config.cost_lambda
-        if self.config.cost_timing == "step":
-            reward = -lam * last_cost + np.where(finished, quality, 0.0)
-        else:
-            reward = np.where(finished, quality - lam * cost, 0.0)
+        reward = np.asarray(routing_reward(finished, quality, cost, last_cost, active, self.config.cost_lambda,
+                                           self.config.cost_timing))
         self.cache.flush()
         new_state = State(state.examples, contexts, hop, cost, last_cost, done, quality)
         return StepResult(new_state, reward.astype(np.float32), done, tokens_in, tokens_out)
@@ -271,6 +281,7 @@ class Episode(NamedTuple):
     valid: np.ndarray  # [T, B]
     tokens_in: np.ndarray  # [T, B]
     tokens_out: np.ndarray  # [T, B]
+    cost: np.ndarray  # [T, B] the step's normalised cost
     quality: np.ndarray  # [B] final-answer quality
     total_cost: np.ndarray  # [B] normalised
 
@@ -285,7 +296,7 @@ def rollout(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
         valid = ~state.done
         result = env.step(state, actions)
         steps.append((obs, np.where(valid, actions, 0), result.reward * valid, result.done, valid,
-                      result.tokens_in, result.tokens_out))
+                      result.tokens_in, result.tokens_out, result.state.last_cost))
         state = result.state
         if t + 1 < env.config.num_hops:
             obs = env.observe(state)
@@ -297,4 +308,4 @@ def rollout(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
         cost_features=np.stack([o.cost for o in observations]),
         action_mask=np.stack([o.action_mask for o in observations]),
         action=stack(1), reward=stack(2), done=stack(3), valid=stack(4), tokens_in=stack(5),
-        tokens_out=stack(6), quality=state.quality, total_cost=state.cost)
+        tokens_out=stack(6), cost=stack(7), quality=state.quality, total_cost=state.cost)

@@ -1,0 +1,115 @@
+"""Online mode: each iteration rolls out a batch of training prompts through the real pool and
+response cache (Python orchestration, `hrjax.env.mdp.rollout`), then runs the jitted PPO update.
+
+The carry (params, optimiser state, RNG key, data position) is everything a checkpoint needs: the
+prompts come from a seeded, epoch-shuffled stream indexed by the position, so a resumed run draws
+the same batches, samples the same actions and, over a warm cache, sees the same responses.
+Shapes: B episodes per iteration, L hops, A actions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import Learner, PPOConfig, Trajectory, action_histogram, sample_cost_lambda
+from hrjax.env.mdp import Episode, RoutingEnv, rollout, routing_reward
+
+
+class PromptStream:
+    """An endless stream of prompt indices: epoch e is a permutation of range(N) drawn from (seed, e)."""
+
+    def __init__(self, num_prompts: int, seed: int):
+        if num_prompts < 1:
+            raise ValueError("Online training needs at least one training prompt.")
+        self.num_prompts, self.seed = num_prompts, seed
+
+    def batch(self, position: int, size: int) -> np.ndarray:
+        """The `size` prompt indices that follow the first `position` of the stream."""
+        out = []
+        while len(out) < size:
+            epoch, offset = divmod(position, self.num_prompts)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
+            take = order[offset:offset + size - len(out)]
+            out.extend(take.tolist())
+            position += len(take)
+        return np.array(out, np.int64)
+
+
+class OnlineCarry(NamedTuple):
+    params: chex.ArrayTree
+    opt_state: chex.ArrayTree
+    rng: chex.PRNGKey
+    data_position: chex.Array  # [] int: training prompts consumed so far
+
+
+def episode_trajectory(episode: Episode, cost_lambda: np.ndarray, cost_timing: str) -> Trajectory:
+    """The learner's view of an env episode; rewards recomputed with each episode's lambda [B]."""
+    finished = episode.done & episode.valid
+    total_cost = np.cumsum(episode.cost, axis=0)
+    reward = routing_reward(finished, episode.quality[None], total_cost, episode.cost, episode.valid,
+                            cost_lambda[None], cost_timing)
+    return Trajectory(episode.embedding, episode.hop, episode.cost_features,
+                      np.broadcast_to(cost_lambda, episode.hop.shape).astype(np.float32), episode.action_mask,
+                      episode.action, np.asarray(reward, np.float32), finished, episode.valid)
+
+
+class OnlineTrainer:
+    """PPO against a `RoutingEnv` over training `examples` / `questions`."""
+
+    def __init__(self, ppo: PPOConfig, network: NetworkConfig, env: RoutingEnv, examples: Sequence[Any],
+                 questions: Sequence[str], num_iterations: int, seed: int):
+        if len(examples) != len(questions):
+            raise ValueError(f"{len(examples)} examples but {len(questions)} questions.")
+        self.ppo, self.env, self.examples, self.questions = ppo, env, list(examples), list(questions)
+        self.learner = Learner(ppo, network, env.num_actions, env.config.num_hops, num_iterations)
+        self.stream = PromptStream(len(examples), seed)
+        self._act = jax.jit(self.learner.act, static_argnames="greedy")
+        self._update = jax.jit(self.learner.update)
+
+    def init(self, rng: chex.PRNGKey) -> OnlineCarry:
+        rng, init_key = jax.random.split(rng)
+        params, opt_state = self.learner.init(init_key, self.env.encoder.dim)
+        return OnlineCarry(params, opt_state, rng, jnp.zeros((), jnp.int32))
+
+    def play(self, params, key, examples: Sequence[Any], questions: Sequence[str], cost_lambda: np.ndarray,
+             greedy: bool = False) -> Episode:
+        """One batched episode per example with the policy (sampled, or greedy)."""
+        keys = iter(jax.random.split(key, self.env.config.num_hops))
+
+        def policy(obs):
+            return np.asarray(self._act(params, next(keys), obs.embedding, obs.hop, obs.cost, cost_lambda,
+                                        obs.action_mask, greedy=greedy))
+
+        return rollout(self.env, examples, questions, policy)
+
+    def iteration(self, carry: OnlineCarry) -> tuple[OnlineCarry, dict]:
+        """One rollout + one update -> (next carry, metrics incl. rollout/learner wall seconds)."""
+        b = self.ppo.num_envs
+        rng, act_key, lambda_key, update_key = jax.random.split(carry.rng, 4)
+        position = int(carry.data_position)
+        index = self.stream.batch(position, b)
+        cost_lambda = np.asarray(sample_cost_lambda(self.ppo, self.env.config.cost_lambda, lambda_key, b))
+        stats, start = dict(vars(self.env.cache.stats)), time.perf_counter()
+        episode = self.play(carry.params, act_key, [self.examples[i] for i in index],
+                            [self.questions[i] for i in index], cost_lambda)
+        trajectory = episode_trajectory(episode, cost_lambda, self.env.config.cost_timing)
+        rollout_seconds = time.perf_counter() - start
+        params, opt_state, metrics = self._update(carry.params, carry.opt_state, trajectory, update_key)
+        jax.block_until_ready(params)
+        learner_seconds = time.perf_counter() - start - rollout_seconds
+        after = vars(self.env.cache.stats)
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        metrics.update(quality=episode.quality.mean(), cost=episode.total_cost.mean(),
+                       hops=episode.valid.sum(0).mean(),
+                       action_histogram=np.asarray(action_histogram(trajectory, self.learner.num_actions)),
+                       cache_hits=after["hits"] - stats["hits"], cache_misses=after["misses"] - stats["misses"],
+                       generated_tokens=after["generated_tokens"] - stats["generated_tokens"],
+                       rollout_seconds=rollout_seconds, learner_seconds=learner_seconds)
+        return OnlineCarry(params, opt_state, rng, jnp.asarray(position + b, jnp.int32)), metrics

@@ -1,0 +1,188 @@
+"""The PPO learner both training modes share: one jit-compiled update over a fixed-shape trajectory.
+
+`Learner.update` runs GAE, advantage normalisation and `epochs` x shuffled `minibatches` of the
+clipped PPO loss (with gradient clipping, an optax schedule and an optional approx-KL early stop)
+as nested `lax.scan`s, so the whole update is one XLA program. Old log-probabilities and values are
+recomputed from the trajectory with the parameters that sampled it, so a rollout only has to
+record observations, actions and rewards.
+
+Shapes: T = num_hops steps, B episodes, E embedding width, A actions (M models, + STOP if enabled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from hrjax.agent import losses
+from hrjax.agent.networks import NetworkConfig, RouterNetwork
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    num_envs: int = 256  # episodes per iteration (B); small batches converge early to one fixed path
+    epochs: int = 2
+    minibatches: int = 4
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # 'constant' or 'linear' (decays to 0 over the run)
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_epsilon: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    target_kl: Optional[float] = None  # skip an update's remaining minibatches once approx-KL > 1.5x this
+    normalize_advantages: bool = True
+    # Beyond the paper: sample lambda per episode from this (low, high) range and feed it to the
+    # network, so one policy serves every cost-quality trade-off. None: the env's fixed cost_lambda.
+    lambda_range: Optional[tuple[float, float]] = None
+
+    def __post_init__(self):
+        for name in ("num_envs", "epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"ppo.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"ppo.lr_schedule must be 'constant' or 'linear', got '{self.lr_schedule}'.")
+        if self.lambda_range is not None and not (len(self.lambda_range) == 2
+                                                  and 0 <= self.lambda_range[0] <= self.lambda_range[1]):
+            raise ValueError(f"ppo.lambda_range must be (low, high) with 0 <= low <= high, got {self.lambda_range}.")
+
+    @property
+    def conditioned(self) -> bool:
+        return self.lambda_range is not None
+
+
+class Trajectory(NamedTuple):
+    """One iteration's episodes, [T, B, ...]; `valid` is False after an episode ended."""
+
+    embedding: chex.Array  # [T, B, E] context embedding
+    hop: chex.Array  # [T, B] int32
+    cost_features: chex.Array  # [T, B, 2] cumulative and last-hop normalised cost
+    cost_lambda: chex.Array  # [T, B] the episode's cost weight
+    action_mask: chex.Array  # [T, B, A] bool
+    action: chex.Array  # [T, B] int32
+    reward: chex.Array  # [T, B]
+    done: chex.Array  # [T, B] bool: the episode ended with this step
+    valid: chex.Array  # [T, B] bool
+
+
+def sample_cost_lambda(config: PPOConfig, cost_lambda: float, key: chex.PRNGKey, num_envs: int) -> chex.Array:
+    """[B] each episode's lambda: drawn from `lambda_range`, or the env's fixed `cost_lambda`."""
+    if config.conditioned:
+        low, high = config.lambda_range
+        return jax.random.uniform(key, (num_envs,), minval=low, maxval=high)
+    return jnp.full((num_envs,), cost_lambda, jnp.float32)
+
+
+def action_histogram(trajectory: Trajectory, num_actions: int) -> chex.Array:
+    """[T, A] share of the episodes that took each action at each hop (valid steps only)."""
+    counts = jnp.sum(jax.nn.one_hot(trajectory.action, num_actions) * trajectory.valid[..., None], axis=1)
+    return counts / jnp.maximum(jnp.sum(trajectory.valid, axis=1), 1)[:, None]
+
+
+def explained_variance(values: chex.Array, returns: chex.Array, valid: chex.Array) -> chex.Array:
+    """1 - Var[returns - values] / Var[returns] over valid steps (1: perfect; <= 0: no better than a constant)."""
+    def variance(x):
+        return losses.masked_mean(jnp.square(x - losses.masked_mean(x, valid)), valid)
+
+    return 1.0 - variance(returns - values) / jnp.maximum(variance(returns), 1e-8)
+
+
+class Learner:
+    """The router network, its optimiser and PPO's pure functions (jit them at the call site)."""
+
+    def __init__(self, config: PPOConfig, network: NetworkConfig, num_actions: int, num_hops: int,
+                 num_iterations: int):
+        self.config, self.num_actions, self.num_hops = config, num_actions, num_hops
+        self.network = RouterNetwork(network, num_actions, num_hops)
+        batch = config.num_envs * num_hops
+        if batch % config.minibatches:
+            raise ValueError(f"num_envs * num_hops ({batch}) must divide into ppo.minibatches "
+                             f"({config.minibatches}): change ppo.num_envs or ppo.minibatches.")
+        self.minibatch_size = batch // config.minibatches
+        lr = config.learning_rate
+        if config.lr_schedule == "linear":
+            lr = optax.linear_schedule(lr, 0.0, num_iterations * config.epochs * config.minibatches)
+        self.optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(lr))
+
+    def init(self, key: chex.PRNGKey, embedding_dim: int):
+        """-> (params, opt_state)."""
+        params = self.network.init(key, jnp.zeros((1, embedding_dim)), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1, 2)), jnp.zeros((1,)) if self.config.conditioned else None)
+        return params, self.optimizer.init(params)
+
+    def apply(self, params, embedding, hop, cost_features, cost_lambda, action_mask):
+        """-> (log-probabilities [..., A] with invalid actions excluded, value [...])."""
+        logits, value = self.network.apply(params, embedding, hop, cost_features,
+                                           cost_lambda if self.config.conditioned else None)
+        return losses.masked_log_softmax(logits, action_mask), value
+
+    def act(self, params, key, embedding, hop, cost_features, cost_lambda, action_mask, greedy: bool = False):
+        """Samples (or, `greedy`, takes the argmax) action [B] for observations [B, ...]."""
+        log_probs, _ = self.apply(params, embedding, hop, cost_features, cost_lambda, action_mask)
+        if greedy:
+            return jnp.argmax(log_probs, axis=-1)
+        return jax.random.categorical(key, log_probs)
+
+    def _loss(self, params, minibatch):
+        step, old_log_prob, old_value, advantages, returns = minibatch
+        log_probs, value = self.apply(params, step.embedding, step.hop, step.cost_features, step.cost_lambda,
+                                      step.action_mask)
+        log_prob = jnp.take_along_axis(log_probs, step.action[:, None], axis=-1)[:, 0]
+        cfg = self.config
+        policy_loss, clip_fraction = losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, step.valid,
+                                                                   cfg.clip_epsilon)
+        value_loss = losses.clipped_value_loss(value, old_value, returns, step.valid, cfg.clip_epsilon)
+        entropy = losses.masked_mean(losses.entropy(log_probs, step.action_mask), step.valid)
+        total = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+        approx_kl = losses.masked_mean(old_log_prob - log_prob, step.valid)
+        return total, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
+                           clip_fraction=clip_fraction, approx_kl=approx_kl)
+
+    def update(self, params, opt_state, trajectory: Trajectory, key: chex.PRNGKey):
+        """One PPO update on a trajectory [T, B, ...] sampled with `params`.
+        -> (params, opt_state, metrics: dict of scalars)."""
+        cfg = self.config
+        t, b = trajectory.reward.shape
+        chex.assert_shape(trajectory.valid, (t, b))
+        chex.assert_shape(trajectory.action_mask, (t, b, self.num_actions))
+        log_probs, values = self.apply(params, trajectory.embedding, trajectory.hop, trajectory.cost_features,
+                                       trajectory.cost_lambda, trajectory.action_mask)
+        old_log_prob = jnp.take_along_axis(log_probs, trajectory.action[..., None], axis=-1)[..., 0]
+        advantages, returns = losses.gae(trajectory.reward, values, trajectory.done, trajectory.valid,
+                                         jnp.zeros(b), cfg.gamma, cfg.gae_lambda)
+        if cfg.normalize_advantages:
+            advantages = losses.normalize_advantages(advantages, trajectory.valid)
+        flat = jax.tree_util.tree_map(lambda x: x.reshape(t * b, *x.shape[2:]),
+                                      (trajectory, old_log_prob, values, advantages, returns))
+        threshold = jnp.inf if cfg.target_kl is None else 1.5 * cfg.target_kl
+
+        def minibatch(carry, index):
+            params, opt_state, stopped = carry
+            (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                params, jax.tree_util.tree_map(lambda x: x[index], flat))
+            stopped = stopped | (info["approx_kl"] > threshold)
+            updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
+            params = jax.tree_util.tree_map(keep, new_params, params)
+            opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+            return (params, opt_state, stopped), dict(info, kl_stop=stopped.astype(jnp.float32))
+
+        def epoch(carry, epoch_key):
+            order = jax.random.permutation(epoch_key, t * b).reshape(cfg.minibatches, self.minibatch_size)
+            return jax.lax.scan(minibatch, carry, order)
+
+        (params, opt_state, _), info = jax.lax.scan(epoch, (params, opt_state, jnp.array(False)),
+                                                    jax.random.split(key, cfg.epochs))
+        metrics = jax.tree_util.tree_map(jnp.mean, info)
+        metrics["explained_variance"] = explained_variance(values, returns, trajectory.valid)
+        metrics["return"] = jnp.mean(jnp.sum(trajectory.reward * trajectory.valid, axis=0))
+        return params, opt_state, metrics

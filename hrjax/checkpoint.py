@@ -1,0 +1,91 @@
+"""Run checkpoints with Orbax: the latest `max_to_keep` under `<workdir>/checkpoints`, the best by
+an evaluation metric under `<workdir>/best`.
+
+Each checkpoint holds the training state pytree (params, optimiser state, RNG key, data position,
+iteration) and, as JSON, the frozen run config. Orbax writes a step into a temporary directory and
+renames it when complete, so a run killed mid-save leaves the previous step intact. Resuming checks
+the saved config against the current one; a damaged or incompatible checkpoint is an error, never a
+silent fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+from hrjax.config import ConfigError, config_difference, resumable_keys
+from hrjax.errors import CheckpointError
+
+
+def _manager(directory: Path, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=False, **options))
+
+
+class RunCheckpoints:
+    """The checkpoints of one run directory, for one config (a dict, as saved)."""
+
+    def __init__(self, workdir: str | Path, config: dict, max_to_keep: int, best_metric: str):
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        self.workdir, self.config, self.best_metric = Path(workdir), config, best_metric
+        self.latest = _manager(self.workdir / "checkpoints", max_to_keep=max_to_keep)
+        self.best = _manager(self.workdir / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
+                             best_mode="max")
+        saved = self._saved_config()
+        if saved is not None:
+            difference = config_difference(saved, config, resumable_keys(config))
+            if difference:
+                raise ConfigError(
+                    f"{self.workdir} holds checkpoints of another config (first difference: {difference}). "
+                    "Resume with the config it was started with, or pass a new --workdir.")
+
+    def _saved_config(self) -> Optional[dict]:
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        try:
+            return self.latest.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:  # noqa: BLE001 - any Orbax failure is reported as one clear error
+            raise self._damaged(step, e) from e
+
+    def _damaged(self, step: int, error: Exception) -> CheckpointError:
+        path = self.workdir / "checkpoints" / str(step)
+        return CheckpointError(
+            f"{path}: the checkpoint cannot be read ({type(error).__name__}: {error}). It is damaged or was "
+            f"written by an incompatible version of the code: delete {path} to resume from the step before it, "
+            "or start a fresh --workdir.")
+
+    @property
+    def latest_step(self) -> Optional[int]:
+        return self.latest.latest_step()
+
+    def restore(self, like: Any) -> tuple[Optional[int], Any]:
+        """-> (step, state shaped like `like`), or (None, `like`) when there is no checkpoint."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None, like
+        try:
+            restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+        except Exception as e:  # noqa: BLE001
+            raise self._damaged(step, e) from e
+        return step, restored.state
+
+    def save(self, step: int, state: Any) -> None:
+        self.latest.save(step, args=self._args(state))
+
+    def save_best(self, step: int, state: Any, metrics: dict) -> None:
+        """Offers `state` to the best-checkpoint slot (kept if `metrics[best_metric]` is the highest yet)."""
+        if self.best_metric not in metrics:
+            raise ConfigError(f"config.train.best_metric '{self.best_metric}' is not an evaluation metric; "
+                              f"choose one of {sorted(metrics)}.")
+        self.best.save(step, args=self._args(state), metrics={k: float(v) for k, v in metrics.items()})
+
+    def _args(self, state: Any) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.config))
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

@@ -1,0 +1,195 @@
+"""One frozen config per run: the schema (`RunConfig`) and its strict conversion from the nested
+mappings that `ml_collections` config files produce.
+
+`from_mapping` checks every key and type against the dataclass fields and names the offending path
+(`config.ppo.lrr: unknown key ...`), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Mapping, Optional
+
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import PPOConfig
+from hrjax.env.mdp import EnvConfig
+from hrjax.errors import HrjaxError
+from hrjax.pool import ModelSpec
+
+
+class ConfigError(HrjaxError, ValueError):
+    """A run config has an unknown key, a value of the wrong type or an invalid setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Which task the router trains and is evaluated on (see `hrjax.tasks.datasets.TASKS`)."""
+
+    name: str = "basic_arithmetic"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the builder's options
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_train: int = 0  # 0: every example of the split
+    num_eval: int = 0
+    data_dir: str = "~/.cache/hrjax/data"
+    manual_dir: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The Python training loop: how many iterations, and how often to log, evaluate and checkpoint."""
+
+    num_iterations: int = 200
+    iterations_per_step: int = 10  # jitted iterations between two Python steps (tree mode: one scan)
+    eval_every: int = 5  # Python steps
+    checkpoint_every: int = 1  # Python steps
+    max_to_keep: int = 3
+    best_metric: str = "eval/value"  # higher is better; the best checkpoint is kept apart
+    cache_dir: str = "~/.cache/hrjax"  # response cache and path trees, shared between runs
+
+    def __post_init__(self):
+        for name in ("num_iterations", "iterations_per_step", "eval_every", "checkpoint_every", "max_to_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config.train.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    pool: tuple[ModelSpec, ...]
+    seed: int = 0
+    mode: str = "tree"  # 'tree': train on the path tree of the training prompts; 'online': through the pool
+    encoder: str = ""  # a HF directory of the context encoder; '': the offline all-MiniLM-L6-v2 package
+    task: TaskConfig = TaskConfig()
+    env: EnvConfig = EnvConfig()
+    network: NetworkConfig = NetworkConfig()
+    ppo: PPOConfig = PPOConfig()
+    train: LoopConfig = LoopConfig()
+
+    def __post_init__(self):
+        if self.mode not in ("tree", "online"):
+            raise ConfigError(f"config.mode must be 'tree' or 'online', got '{self.mode}'.")
+        if not self.pool:
+            raise ConfigError("config.pool is empty: list at least one model (name, checkpoint, base_rate).")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):
+    """Builds dataclass `cls` from a nested mapping, checking every key and type."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {mapping!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - fields)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key. Known keys of {where}: {sorted(fields)}.")
+    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in mapping.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _convert(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}.")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (Mapping, dict) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return json.loads(json.dumps(dict(value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def run_config(mapping: Mapping[str, Any]) -> RunConfig:
+    """The frozen `RunConfig` of a config file's nested mapping (e.g. `ConfigDict.to_dict()`)."""
+    return from_mapping(RunConfig, mapping)
+
+
+def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset = frozenset(),
+                      where: str = "config") -> Optional[str]:
+    """The first path (not in `ignore`) where two config dicts differ, as 'path: saved vs current'."""
+    if where in ignore:
+        return None
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        for key in sorted(set(saved) | set(current)):
+            found = config_difference(saved.get(key, "<missing>"), current.get(key, "<missing>"), ignore,
+                                      f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{where}: {saved!r} vs {current!r}"
+
+
+def resumable_keys(config: Mapping[str, Any]) -> frozenset:
+    """The config paths a resumed run may change: how long it runs (unless a linear learning-rate
+    schedule is spread over that length) and how often it evaluates and checkpoints."""
+    keys = {"config.train.eval_every", "config.train.checkpoint_every", "config.train.max_to_keep"}
+    if config["ppo"]["lr_schedule"] == "constant":
+        keys.add("config.train.num_iterations")
+    return frozenset(keys)
+
+
+def unknown_key(path: str) -> Optional[str]:
+    """Why a dotted `config.` path names no `RunConfig` field (None when it does)."""
+    cls, where = RunConfig, "config"
+    for part in path.split(".")[1:]:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if fields is None:
+            return f"{where} has no sub-keys, so {path} names nothing."
+        if part not in fields:
+            return f"{where}.{part}: unknown key. Known keys of {where}: {sorted(fields)}."
+        hint = typing.get_type_hints(cls)[part]
+        if hint in (dict, Mapping) or typing.get_origin(hint) in (dict, Mapping):
+            return None  # free-form options (e.g. task.options.n_train)
+        cls, where = hint, f"{where}.{part}"
+    return None
+
+
+def base_config():
+    """An `ml_collections.ConfigDict` holding every `RunConfig` field at its default (an empty pool),
+    so config files set what they change and `--config.a.b=value` can override any field."""
+    from ml_collections import ConfigDict, config_dict
+
+    def build(cls) -> ConfigDict:
+        hints, out = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else ())
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                out[f.name] = build(hint)
+            elif default is None:
+                (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+                out[f.name] = config_dict.placeholder(typing.get_origin(inner) or inner)
+            elif dataclasses.is_dataclass(default):
+                out[f.name] = build(type(default))
+            else:
+                out[f.name] = list(default) if isinstance(default, tuple) else default
+        return ConfigDict(out)
+
+    return build(RunConfig)

@@ -1,0 +1,224 @@
+"""The training loop: `train(config, workdir)` runs `iterations_per_step` jitted PPO iterations per
+Python step, then logs (JSONL + TensorBoard + a progress bar with ETA), evaluates the greedy router
+on held-out prompts and checkpoints. A run restarted on the same workdir resumes from its latest
+checkpoint and ends with the same parameters, bit for bit, as a run never interrupted.
+
+Data flows one way: task examples -> pool + encoder -> env (or its path tree) -> PPO -> checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hrjax.checkpoint import RunCheckpoints
+from hrjax.config import RunConfig
+from hrjax.errors import HrjaxError
+from hrjax.fsutil import atomic_file
+
+
+class TrainingDivergedError(HrjaxError, FloatingPointError):
+    """A loss or parameter went non-finite; the run stopped without checkpointing it."""
+
+
+class TrainResult(NamedTuple):
+    params: Any
+    iteration: int
+    history: list[dict]  # the metrics rows logged by this process
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The task's examples: training prompts first, then the held-out ones."""
+
+    train: list
+    eval: list
+
+
+def load_data(config: RunConfig) -> RunData:
+    from hrjax.tasks.datasets import load_task
+
+    task = config.task
+    kw = dict(data_dir=task.data_dir, manual_dir=task.manual_dir, **task.options)
+    train = load_task(task.name, task.train_split, **kw)[:task.num_train or None]
+    held_out = load_task(task.name, task.eval_split, **kw)[:task.num_eval or None]
+    if not train or not held_out:
+        raise HrjaxError(f"Task '{task.name}' gave {len(train)} training and {len(held_out)} evaluation examples: "
+                         "both splits need at least one (check config.task.options and num_train/num_eval).")
+    return RunData(train, held_out)
+
+
+def make_env(config: RunConfig):
+    """The routing env over the configured pool, encoder and the shared response cache."""
+    from hrjax.env.cache import ResponseCache
+    from hrjax.env.mdp import RoutingEnv
+    from hrjax.models.encoder import load_encoder
+    from hrjax.pool import Pool
+    from hrjax.tasks.scorers import score_example
+
+    cache = ResponseCache(Path(config.train.cache_dir).expanduser() / "responses")
+    return RoutingEnv(Pool.from_specs(config.pool), load_encoder(config.encoder or None), score_example, config.env,
+                      cache)
+
+
+def tree_meta(config: RunConfig, examples: list) -> dict:
+    """What a path tree depends on: the pool, the encoder, the generation settings and the prompts."""
+    generation = {k: v for k, v in config.to_dict()["env"].items() if k not in ("cost_lambda", "cost_timing")}
+    ids = hashlib.sha256(json.dumps([e.id for e in examples]).encode()).hexdigest()
+    return {"pool": config.to_dict()["pool"], "encoder": config.encoder, "env": generation, "task": config.task.name,
+            "examples": ids}
+
+
+def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
+    """The path tree of `examples`, from the cache dir when one was built before, else built (and saved)."""
+    from hrjax.env.tree import build_tree, load_tree, save_tree
+
+    meta = tree_meta(config, examples)
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(config.train.cache_dir).expanduser() / "trees" / f"{digest}.npz"
+    if path.exists():
+        return load_tree(path, meta)
+    tree = build_tree(make_env(config), examples, [e.question for e in examples], progress=progress)
+    save_tree(tree, path, meta)
+    return tree
+
+
+class _TreeRun:
+    """Tree mode: the path tree of train + eval prompts; one jitted scan per Python step."""
+
+    def __init__(self, config: RunConfig, data: RunData, progress: bool):
+        from hrjax.agent.tree_mode import greedy_paths, make_train
+
+        tree = load_or_build_tree(config, data.train + data.eval, progress)
+        n = len(data.train)
+        self.trainer = make_train(config.ppo, config.network, config.env, tree, np.arange(n),
+                                  config.train.num_iterations)
+        self.learner = self.trainer.learner
+        self._run = jax.jit(self.trainer.run, static_argnums=1)
+        eval_rows = np.arange(n, n + len(data.eval))
+        lam = config.env.cost_lambda
+        self._greedy = jax.jit(lambda params: greedy_paths(self.learner, params, self.trainer.env, eval_rows, lam))
+
+    def init(self, rng):
+        return self.trainer.init(rng)
+
+    def steps(self, carry, n: int):
+        start = time.perf_counter()
+        carry, metrics = self._run(carry, n)
+        jax.block_until_ready(carry)
+        seconds = time.perf_counter() - start
+        metrics = {k: np.asarray(v).mean(axis=0) for k, v in metrics.items()}
+        return carry, dict(metrics, learner_seconds=seconds, rollout_seconds=0.0)
+
+    def evaluate(self, params):
+        quality, cost, _ = self._greedy(params)
+        return float(jnp.mean(quality)), float(jnp.mean(cost))
+
+
+class _OnlineRun:
+    """Online mode: rollouts through the pool and response cache, then the jitted update."""
+
+    def __init__(self, config: RunConfig, data: RunData, progress: bool):
+        from hrjax.agent.online import OnlineTrainer
+
+        self.config, self.data = config, data
+        self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config), data.train,
+                                     [e.question for e in data.train], config.train.num_iterations, config.seed)
+        self.learner = self.trainer.learner
+
+    def init(self, rng):
+        return self.trainer.init(rng)
+
+    def steps(self, carry, n: int):
+        rows = []
+        for _ in range(n):
+            carry, metrics = self.trainer.iteration(carry)
+            rows.append(metrics)
+        summed = ("cache_hits", "cache_misses", "generated_tokens", "rollout_seconds", "learner_seconds")
+        return carry, {k: np.sum([r[k] for r in rows], axis=0) if k in summed else np.mean([r[k] for r in rows], axis=0)
+                       for k in rows[0]}
+
+    def evaluate(self, params):
+        lam = np.full(len(self.data.eval), self.config.env.cost_lambda, np.float32)
+        episode = self.trainer.play(params, jax.random.PRNGKey(0), self.data.eval, [e.question for e in self.data.eval],
+                                    lam, greedy=True)
+        self.trainer.env.cache.flush()
+        return float(episode.quality.mean()), float(episode.total_cost.mean())
+
+
+def _first_non_finite(metrics: dict, params) -> Optional[str]:
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            return f"metric '{name}' is {np.asarray(value).tolist()}"
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
+        return "the parameters hold NaN or inf"
+    return None
+
+
+def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
+    """Trains (or resumes) the router of `config` in `workdir`; -> final params and the logged rows."""
+    from tqdm.auto import tqdm
+
+    from hrjax.metrics import MetricsWriter
+
+    workdir = Path(workdir).expanduser()
+    loop = config.train
+    checkpoints = RunCheckpoints(workdir, config.to_dict(), loop.max_to_keep, loop.best_metric)
+    with atomic_file(workdir / "config.json", "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    data = load_data(config)
+    run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, progress)
+    fresh = {"carry": run.init(jax.random.PRNGKey(config.seed)), "iteration": jnp.zeros((), jnp.int32)}
+    resumed_from, state = checkpoints.restore(fresh)
+    iteration = int(state["iteration"])
+    action_names = [m.name for m in config.pool] + (["STOP"] if config.env.stop_action else [])
+    writer = MetricsWriter(workdir, action_names, resumed_from)
+    bar = tqdm(total=loop.num_iterations, initial=iteration, desc=f"train ({config.mode})", unit="it",
+               disable=not progress)
+    history, python_step = [], iteration // loop.iterations_per_step
+    carry = state["carry"]
+    try:
+        while iteration < loop.num_iterations:
+            n = min(loop.iterations_per_step, loop.num_iterations - iteration)
+            start = time.perf_counter()
+            carry, metrics = run.steps(carry, n)
+            seconds = time.perf_counter() - start
+            bad = _first_non_finite(metrics, carry.params)
+            if bad:
+                raise TrainingDivergedError(
+                    f"Iterations {iteration + 1}-{iteration + n}: {bad}; stopped without saving them. The last good "
+                    f"checkpoint (iteration {checkpoints.latest_step}) is kept in {workdir / 'checkpoints'}: lower "
+                    "ppo.learning_rate or raise ppo.max_grad_norm's clipping, then restart.")
+            iteration += n
+            python_step += 1
+            metrics.update(episodes_per_s=n * config.ppo.num_envs / seconds,
+                           learner_fraction=metrics["learner_seconds"] / seconds)
+            state = {"carry": carry, "iteration": jnp.asarray(iteration, jnp.int32)}
+            last = iteration >= loop.num_iterations
+            if python_step % loop.eval_every == 0 or last:
+                quality, cost = run.evaluate(carry.params)
+                evaluation = {"eval/quality": quality, "eval/cost": cost,
+                              "eval/value": quality - config.env.cost_lambda * cost}
+                metrics.update(evaluation)
+                checkpoints.save_best(iteration, state, evaluation)
+            writer.write(iteration, metrics)
+            history.append({"step": iteration, **{k: np.asarray(v).tolist() for k, v in metrics.items()}})
+            if python_step % loop.checkpoint_every == 0 or last:
+                checkpoints.save(iteration, state)
+            bar.update(n)
+            bar.set_postfix(reward=f"{float(metrics['return']):.3f}", quality=f"{float(metrics['quality']):.3f}",
+                            cost=f"{float(metrics['cost']):.3f}")
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.close()
+    return TrainResult(carry.params, iteration, history)
+
