@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "absl-py==2.5.1",
     "ml_collections==1.1.0",
+    "tensorboardX==2.6.5",
     "numpy>=2.0,<3",
     "tqdm>=4.66",
     "reasoning-gym==0.1.25",

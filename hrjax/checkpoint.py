@@ -34,11 +34,15 @@ class RunCheckpoints:
         self.latest = _manager(self.workdir / "checkpoints", max_to_keep=max_to_keep)
         self.best = _manager(self.workdir / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
                              best_mode="max")
-        saved = self._saved_config()
-        if saved is not None:
-            difference = config_difference(saved, config, resumable_keys(config))
-            if difference:
-                raise ConfigError(
+        try:
+            saved = self._saved_config()
+        except CheckpointError:
+            self.close()
+            raise
+        difference = saved is not None and config_difference(saved, config, resumable_keys(config))
+        if difference:
+            self.close()
+            raise ConfigError(
                     f"{self.workdir} holds checkpoints of another config (first difference: {difference}). "
                     "Resume with the config it was started with, or pass a new --workdir.")
 
@@ -53,8 +57,9 @@ class RunCheckpoints:
 
     def _damaged(self, step: int, error: Exception) -> CheckpointError:
         path = self.workdir / "checkpoints" / str(step)
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
         return CheckpointError(
-            f"{path}: the checkpoint cannot be read ({type(error).__name__}: {error}). It is damaged or was "
+            f"{path}: the checkpoint cannot be read ({type(error).__name__}: {detail}). It is damaged or was "
             f"written by an incompatible version of the code: delete {path} to resume from the step before it, "
             "or start a fresh --workdir.")
 

@@ -165,27 +165,34 @@ def _first_non_finite(metrics: dict, params) -> Optional[str]:
 
 def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
     """Trains (or resumes) the router of `config` in `workdir`; -> final params and the logged rows."""
-    from tqdm.auto import tqdm
-
     from hrjax.metrics import MetricsWriter
 
     workdir = Path(workdir).expanduser()
-    loop = config.train
-    checkpoints = RunCheckpoints(workdir, config.to_dict(), loop.max_to_keep, loop.best_metric)
-    with atomic_file(workdir / "config.json", "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-    data = load_data(config)
-    run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, progress)
-    fresh = {"carry": run.init(jax.random.PRNGKey(config.seed)), "iteration": jnp.zeros((), jnp.int32)}
-    resumed_from, state = checkpoints.restore(fresh)
-    iteration = int(state["iteration"])
-    action_names = [m.name for m in config.pool] + (["STOP"] if config.env.stop_action else [])
-    writer = MetricsWriter(workdir, action_names, resumed_from)
-    bar = tqdm(total=loop.num_iterations, initial=iteration, desc=f"train ({config.mode})", unit="it",
-               disable=not progress)
-    history, python_step = [], iteration // loop.iterations_per_step
-    carry = state["carry"]
+    checkpoints = RunCheckpoints(workdir, config.to_dict(), config.train.max_to_keep, config.train.best_metric)
     try:
+        with atomic_file(workdir / "config.json", "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        data = load_data(config)
+        run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, progress)
+        fresh = {"carry": run.init(jax.random.PRNGKey(config.seed)), "iteration": jnp.zeros((), jnp.int32)}
+        resumed_from, state = checkpoints.restore(fresh)
+        action_names = [m.name for m in config.pool] + (["STOP"] if config.env.stop_action else [])
+        writer = MetricsWriter(workdir, action_names, resumed_from)
+        try:
+            return _loop(config, run, state, checkpoints, writer, progress)
+        finally:
+            writer.close()
+    finally:
+        checkpoints.close()
+
+
+def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writer, progress: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    loop, carry, iteration = config.train, state["carry"], int(state["iteration"])
+    history, python_step = [], iteration // loop.iterations_per_step
+    with tqdm(total=loop.num_iterations, initial=iteration, desc=f"train ({config.mode})", unit="it",
+              disable=not progress) as bar:
         while iteration < loop.num_iterations:
             n = min(loop.iterations_per_step, loop.num_iterations - iteration)
             start = time.perf_counter()
@@ -195,8 +202,8 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
             if bad:
                 raise TrainingDivergedError(
                     f"Iterations {iteration + 1}-{iteration + n}: {bad}; stopped without saving them. The last good "
-                    f"checkpoint (iteration {checkpoints.latest_step}) is kept in {workdir / 'checkpoints'}: lower "
-                    "ppo.learning_rate or raise ppo.max_grad_norm's clipping, then restart.")
+                    f"checkpoint (iteration {checkpoints.latest_step}) is kept in {checkpoints.workdir / 'checkpoints'}: "
+                    "lower ppo.learning_rate or ppo.max_grad_norm, or fix what made the rewards non-finite, then restart.")
             iteration += n
             python_step += 1
             metrics.update(episodes_per_s=n * config.ppo.num_envs / seconds,
@@ -216,9 +223,5 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
             bar.update(n)
             bar.set_postfix(reward=f"{float(metrics['return']):.3f}", quality=f"{float(metrics['quality']):.3f}",
                             cost=f"{float(metrics['cost']):.3f}")
-    finally:
-        bar.close()
-        writer.close()
-        checkpoints.close()
     return TrainResult(carry.params, iteration, history)
 

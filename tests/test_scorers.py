@@ -185,7 +185,7 @@ def test_numeric_match():
 
 
 def test_registry_names_and_range():
-    assert sorted(SCORERS) == ["code_pass", "exact_match", "f1", "math", "numeric", "reasoning_gym"]
+    assert sorted(SCORERS) == ["code_pass", "exact", "exact_match", "f1", "math", "numeric", "reasoning_gym"]
     for name, golds in (("numeric", ["42", "#### 42"]), ("exact_match", ["42", "forty-two"]), ("f1", ["forty-two"])):
         for response in ("", "42", "The answer is \\boxed{forty two}", "#### 7"):
             score = SCORERS[name](response, golds, {})

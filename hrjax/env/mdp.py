@@ -24,17 +24,21 @@ from hrjax.pool import Pool, PoolModel
 
 @dataclasses.dataclass(frozen=True)
 class HopTemplate:
-    """How a hop's user message is written. Placeholders: {question}, {answers}; {index}, {response}."""
+    """How a hop's user message is written. Placeholders: {question}, {answers}; {index}, {response}.
+    `last_only`: {answers} holds only the latest response (each hop rewrites the previous answer)."""
 
     first: str = "{question}"
     later: str = ("{question}\n\nEarlier answers:\n{answers}\n\n"
                   "Check the earlier answers and give an improved final answer.")
     answer_item: str = "Answer {index}: {response}"
+    last_only: bool = False
 
     def message(self, question: str, responses: Sequence[str]) -> str:
         if not responses:
             return self.first.format(question=question)
-        answers = "\n".join(self.answer_item.format(index=i + 1, response=r) for i, r in enumerate(responses))
+        start = len(responses) - 1 if self.last_only else 0
+        answers = "\n".join(self.answer_item.format(index=i + 1, response=r)
+                             for i, r in enumerate(responses[start:], start))
         return self.later.format(question=question, answers=answers)
 
 

@@ -5,6 +5,8 @@ arguments are the fields of a `hrjax.tasks.datasets.TaskExample` (the builders n
 
 - 'numeric': the response's number (`extract_number`: `\boxed{}`, then GSM8K's `#### x`, then
   the last number) against each gold within a relative tolerance.
+- 'exact': the stripped response equals a gold character for character (procedural tasks whose
+  answers contain punctuation or article-like words, which SQuAD normalisation would erase).
 - 'exact_match', 'f1': SQuAD-normalised exact match / token F1 of the response's final answer
   (`final_answer`: `<answer>` tags, `\boxed{}`, `#### x`, else the whole response), max over golds.
 - 'code_pass': pass@1 of `metadata["prompt"]` (if any) + the response's code, then
@@ -155,6 +157,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def strict_match(response: str, answers: str | Sequence[str]) -> float:
+    """1.0 if the whitespace-stripped response equals a whitespace-stripped gold, else 0.0."""
+    return max(float(response.strip() == gold.strip()) for gold in _golds(answers, "strict_match"))
+
+
 def exact_match(response: str, answers: str | Sequence[str]) -> float:
     """SQuAD exact match of the response's `final_answer`, max over the golds."""
     predicted = normalize_answer(final_answer(response))
@@ -227,6 +234,7 @@ def _without_metadata(scorer: Callable[[str, Sequence[str]], float]):
 SCORERS: dict[str, Callable[[str, Sequence[str], Mapping[str, Any]], float]] = {
     "numeric": _without_metadata(numeric_match),
     "math": _without_metadata(math_match),
+    "exact": _without_metadata(strict_match),
     "exact_match": _without_metadata(exact_match),
     "f1": _without_metadata(token_f1),
     "code_pass": _score_code,

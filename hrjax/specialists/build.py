@@ -1,0 +1,151 @@
+"""The specialist pool of the specialist world, trained by hrjax itself and cached.
+
+A `Recipe` lists the members: narrow experts, each trained only on its skill (and `echo`, so a
+solved answer survives later hops), and a larger generalist trained briefly on a mix, mediocre at
+everything and about 3.5x as costly per token. `build_pool` trains every member that is not cached
+yet, saves each as an ordinary HF checkpoint (config.json + safetensors + the shared character
+tokenizer) under `<cache_dir>/<recipe hash>/<name>`, atomically, and returns the pool's
+`ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. The hash covers the recipe, the world's
+alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code changes) and the
+JAX / Flax / optax versions, so a cached member is always what the recipe would train now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from hrjax.errors import HrjaxError
+from hrjax.fsutil import atomic_file
+from hrjax.pool import ModelSpec
+from hrjax.specialists.sft import SFTConfig
+from hrjax.tasks.specialist_world import (
+    ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One pool model: the skills it is trained on, its cost per token and its SFT settings."""
+
+    name: str
+    skills: tuple[str, ...]
+    base_rate: float
+    sft: SFTConfig = SFTConfig()
+
+    def __post_init__(self):
+        unknown = sorted(set(self.skills) - set(SKILLS))
+        if unknown or not self.skills:
+            raise HrjaxError(f"Member '{self.name}': skills must be a non-empty subset of {SKILLS}, got "
+                             f"{list(self.skills)}; fix the recipe.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the trained pool."""
+
+    members: tuple[Member, ...]
+    seed: int = 0  # world seed of the training questions
+    train_per_task: int = 2000  # distinct train questions per task type (a skill's pairs)
+    echo_per_task: int = 250  # echo pairs per task type for members with the echo skill
+
+    def __post_init__(self):
+        names = [m.name for m in self.members]
+        if not names or len(set(names)) != len(names):
+            raise HrjaxError(f"A recipe needs members with unique names, got {names}; rename the duplicates.")
+        if self.echo_per_task > self.train_per_task:
+            raise HrjaxError(f"echo_per_task ({self.echo_per_task}) must not exceed train_per_task "
+                             f"({self.train_per_task}): echo pairs reuse the training questions.")
+
+
+EXPERT = SFTConfig(hidden_size=64, intermediate_size=128, num_layers=2, steps=600)
+GENERALIST = SFTConfig(hidden_size=128, intermediate_size=256, num_layers=2, steps=200)
+DEFAULT_RECIPE = Recipe(members=(
+    Member("add", ("add", ECHO), 1.0, EXPERT),
+    Member("mul", ("mul", ECHO), 1.0, EXPERT),
+    Member("rev", ("rev", ECHO), 1.0, EXPERT),
+    Member("paren", ("paren", ECHO), 1.0, EXPERT),
+    Member("generalist", ("add", "mul", "rev", ECHO), 3.5, GENERALIST),
+))
+
+
+def default_cache_dir() -> Path:
+    """`$HRJAX_SPECIALISTS` or `~/.cache/hrjax/specialists`."""
+    return Path(os.environ.get("HRJAX_SPECIALISTS") or Path.home() / ".cache" / "hrjax" / "specialists")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """16 hex digits over everything that changes the trained weights."""
+    import flax
+    import jax
+    import optax
+
+    key = {"recipe": dataclasses.asdict(recipe), "format": FORMAT_VERSION, "alphabet": ALPHABET,
+           "template": dataclasses.asdict(HOP_TEMPLATE),
+           "versions": [jax.__version__, flax.__version__, optax.__version__]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_pairs(recipe: Recipe, member: Member) -> list[tuple[str, str]]:
+    """The member's (prompt, response) pairs: the first hop of every train question whose route starts
+    with one of its skills, and, with `echo`, the echo pair of `echo_per_task` questions per type."""
+    examples = specialist_examples("train", recipe.train_per_task, recipe.seed, TASK_TYPES)
+    pairs = [first_hop_pair(e) for e in examples]
+    pairs = [(prompt, response) for skill, prompt, response in pairs if skill in member.skills]
+    if ECHO in member.skills:
+        for task_type in TASK_TYPES:
+            of_type = [e for e in examples if e.task == task_type][:recipe.echo_per_task]
+            pairs += [echo_pair(e)[1:] for e in of_type]
+    return pairs
+
+
+def is_built(path: Path, digest: str) -> bool:
+    """Whether `path` holds a member saved by a build of the recipe with this hash."""
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get(METADATA_KEY, {}).get("recipe") == digest
+
+
+def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.PathLike] = None,
+               progress: bool = True) -> list[ModelSpec]:
+    """Trains the members not cached yet (one tqdm bar over all their steps) and returns the pool's
+    specs in recipe order. Each member is written atomically when its training ends, so an
+    interrupted build leaves only complete members, which a later build reuses."""
+    from tqdm.auto import tqdm
+
+    from hrjax.models.hf import save_hf
+    from hrjax.specialists.sft import encode_pairs, loaded_lm, train
+    from hrjax.specialists.tokenizer import char_tokenizer
+
+    digest = recipe_hash(recipe)
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / digest
+    paths = {m.name: root / m.name for m in recipe.members}
+    todo = [m for m in recipe.members if not is_built(paths[m.name], digest)]
+    if todo:
+        with atomic_file(root / "recipe.json", "w") as f:
+            json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
+        tokenizer = char_tokenizer(ALPHABET)
+        bar = tqdm(total=sum(m.sft.steps for m in todo), desc="specialists", unit="step", disable=not progress)
+        for member in todo:
+            bar.set_description(f"specialist {member.name}")
+            tokens, mask = encode_pairs(tokenizer, training_pairs(recipe, member), member.sft.max_position_embeddings)
+            done = [0]
+
+            def advance(steps_done: int, loss: float, _done=done):
+                bar.update(steps_done - _done[0])
+                _done[0] = steps_done
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+            params, losses = train(member.sft, tokens, mask, len(tokenizer), advance)
+            metadata = {"recipe": digest, "member": dataclasses.asdict(member), "pairs": len(tokens),
+                        "final_loss": float(losses[-20:].mean())}
+            config = member.sft.decoder_config(len(tokenizer))
+            save_hf(loaded_lm(config, params, tokenizer, str(paths[member.name]), **{METADATA_KEY: metadata}),
+                    paths[member.name])
+        bar.close()
+    return [ModelSpec(m.name, str(paths[m.name]), m.base_rate, use_chat_template=False) for m in recipe.members]

@@ -1,0 +1,254 @@
+"""The training loop end to end on a pool of tiny random HF checkpoints (real loaders, sampler,
+encoder, tasks and cache): exact resume after SIGKILL, metrics files, bad input."""
+
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hrjax import assets
+from hrjax.config import ConfigError, base_config, run_config
+from hrjax.errors import CheckpointError
+from hrjax.train import TrainingDivergedError, load_data, train, tree_meta
+from tiny_models import make_tiny_pool_model
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("learner_seconds", "rollout_seconds", "episodes_per_s", "learner_fraction")
+
+CONFIG_FILE = '''
+from hrjax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.pool = {pool!r}
+    config.mode = {mode!r}
+    config.task.name = "basic_arithmetic"
+    config.task.options = dict(n_train=8, n_validation=4, n_test=4, seed=0)
+    config.task.data_dir = {data_dir!r}
+    config.train.cache_dir = {cache_dir!r}
+    config.env.max_new_tokens = 4
+    config.env.cost_lambda = 0.5
+    config.network.hidden = 16
+    config.ppo.num_envs = 8
+    config.ppo.minibatches = 2
+    config.train.num_iterations = {iterations}
+    config.train.iterations_per_step = 1
+    config.train.eval_every = 3
+    return config
+'''
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """A pool of two tiny random Llamas over MiniLM's vocabulary, plus the data and cache dirs runs share."""
+    root = tmp_path_factory.mktemp("train")
+    pool = [dict(name=f"tiny-{i}", checkpoint=str(make_tiny_pool_model(root / f"tiny-{i}", assets.minilm_path(), i)),
+                 base_rate=float(i + 1), use_chat_template=False) for i in range(2)]
+    return dict(pool=pool, data_dir=str(root / "data"), cache_dir=str(root / "cache"))
+
+
+def config_file(path: Path, shared: dict, mode: str = "tree", iterations: int = 12) -> Path:
+    path.write_text(CONFIG_FILE.format(mode=mode, iterations=iterations, **shared))
+    return path
+
+
+def config_of(shared: dict, mode: str = "tree", iterations: int = 6, **changes):
+    namespace = {}
+    exec(CONFIG_FILE.format(mode=mode, iterations=iterations, **shared), namespace)
+    config = namespace["get_config"]()
+    for path, value in changes.items():
+        section, key = path.split(".")
+        config[section][key] = value
+    return run_config(config.to_dict())
+
+
+def launch(config: Path, workdir: Path, *extra: str, entry=("experiments.train",)) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *entry, f"--config={config}", f"--workdir={workdir}",
+                             "--noprogress", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def final_state(workdir: Path) -> dict:
+    """The latest checkpoint's state, as flat {path: array}, read back by Orbax without a target."""
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    flat = {}
+
+    def visit(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(f"{prefix}/{k}", v)
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                visit(f"{prefix}/{i}", v)
+        else:
+            flat[prefix] = np.asarray(node)
+
+    visit("", restored.state)
+    return flat
+
+
+def metric_rows(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["tree", "online"])
+def test_sigkill_then_resume_equals_an_unbroken_run_bit_for_bit(mode, shared, tmp_path):
+    config = config_file(tmp_path / "config.py", shared, mode)
+    finish(launch(config, tmp_path / "unbroken"))  # also warms the response cache (online) / builds the tree
+
+    kill_after = random.Random(f"{mode}-{os.getpid()}").randint(2, 8)  # a random point among 12 iterations
+    broken = tmp_path / "broken"
+    process = launch(config, broken)
+    deadline = time.time() + 300
+    while not (saved_steps(broken) and saved_steps(broken)[-1] >= kill_after):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and saved_steps(broken)[-1] < 12
+    out = finish(launch(config, broken))
+    assert "trained to iteration 12" in out
+
+    unbroken, resumed = final_state(tmp_path / "unbroken"), final_state(broken)
+    assert unbroken.keys() == resumed.keys() and len(unbroken) > 5
+    for path in unbroken:
+        assert unbroken[path].dtype == resumed[path].dtype
+        assert unbroken[path].tobytes() == resumed[path].tobytes(), path  # bitwise, not approximately
+    assert metric_rows(tmp_path / "unbroken") == metric_rows(broken)  # rows past the kill were logged once
+
+
+def test_metrics_checkpoints_and_tensorboard(shared, tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    config = config_of(shared, iterations=6, **{"env.stop_action": True})
+    result = train(config, tmp_path, progress=False)
+    assert result.iteration == 6 and len(result.history) == 6
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("return", "quality", "cost", "entropy", "approx_kl", "clip_fraction", "value_loss",
+                "explained_variance", "episodes_per_s", "learner_seconds", "hops"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    histogram = np.array(rows[-1]["action_histogram"])
+    assert histogram.shape == (2, 3)  # 2 hops x (2 models + STOP)
+    np.testing.assert_allclose(histogram[0].sum(), 1.0, rtol=1e-5)
+    assert histogram[0, 2] == 0.0  # no STOP before the first answer
+    assert "eval/value" in rows[2] and "eval/value" in rows[5] and "eval/value" not in rows[0]
+    assert saved_steps(tmp_path) == [4, 5, 6]  # max_to_keep = 3
+    assert len([p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]) == 1
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+
+    tags = set()
+    for events in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        data = events.read_bytes()
+        at = 0
+        while at < len(data):  # TFRecord framing: length, crc, payload, crc
+            length = int.from_bytes(data[at:at + 8], "little")
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            at += 16 + length
+    assert {"return", "eval/quality", "actions/hop0/tiny-0", "actions/hop1/STOP"} <= tags
+
+    # the same workdir with a longer run resumes (num_iterations may grow) and goes on from step 6
+    longer = train(config_of(shared, iterations=8, **{"env.stop_action": True}), tmp_path, progress=False)
+    assert [r["step"] for r in longer.history] == [7, 8]
+
+
+def test_workdir_of_another_config_is_refused(shared, tmp_path):
+    train(config_of(shared, iterations=2), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"config.ppo.learning_rate: 0.001 vs 0.01.*new --workdir"):
+        train(config_of(shared, iterations=2, **{"ppo.learning_rate": 0.01}), tmp_path, progress=False)
+
+
+def test_damaged_checkpoint_is_an_error_not_a_fresh_start(shared, tmp_path):
+    train(config_of(shared, iterations=2), tmp_path, progress=False)
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f.parent):
+            f.write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"checkpoints/2: the checkpoint cannot be read.*delete"):
+        train(config_of(shared, iterations=3), tmp_path, progress=False)
+
+
+def test_nan_stops_naming_the_iteration_and_metric_and_keeps_the_last_good_checkpoint(shared, tmp_path):
+    from hrjax.env.tree import load_tree, save_tree
+
+    config = config_of(shared, iterations=4)
+    train(config, tmp_path, progress=False)
+    # the tree gets rebuilt with a scorer that returns NaN for one prompt
+    data = load_data(config)
+    meta = tree_meta(config, data.train + data.eval)
+    (tree_file,) = [p for p in (Path(shared["cache_dir"]) / "trees").glob("*.npz")
+                    if _meta_of(p) == json.loads(json.dumps(meta, sort_keys=True))]
+    backup = tmp_path / "tree.npz"
+    shutil.copy(tree_file, backup)
+    tree = load_tree(tree_file, meta)
+    tree.quality[:] = np.nan
+    save_tree(tree, tree_file, meta)
+    try:
+        with pytest.raises(TrainingDivergedError, match=r"Iterations 5-5: metric '\w+' is nan.*iteration 4"):
+            train(config_of(shared, iterations=8), tmp_path, progress=False)
+    finally:
+        shutil.copy(backup, tree_file)
+    assert saved_steps(tmp_path)[-1] == 4
+    assert train(config_of(shared, iterations=5), tmp_path, progress=False).iteration == 5  # 4 still restores
+
+
+def _meta_of(path: Path) -> dict:
+    with np.load(path) as data:
+        return json.loads(str(data["meta"]))
+
+
+def test_unknown_keys_and_bad_values_name_the_path():
+    config = base_config()
+    config.pool = [dict(name="a", checkpoint="x", base_rate=1.0)]
+    fresh = lambda: copy.deepcopy(config.to_dict())  # noqa: E731
+    mapping = fresh()
+    mapping["ppo"]["lrr"] = 1.0
+    with pytest.raises(ConfigError, match=r"config.ppo.lrr: unknown key.*learning_rate"):
+        run_config(mapping)
+    mapping = fresh()
+    mapping["ppo"]["num_envs"] = "8"
+    with pytest.raises(ConfigError, match=r"config.ppo.num_envs: expected int, got '8'"):
+        run_config(mapping)
+    mapping = fresh()
+    mapping["pool"][0]["base_rate"] = -1.0
+    with pytest.raises(ConfigError, match=r"config.pool\[0\].*base_rate must be >= 0"):
+        run_config(mapping)
+    mapping = fresh()
+    mapping["mode"] = "offline"
+    with pytest.raises(ConfigError, match=r"config.mode must be 'tree' or 'online'"):
+        run_config(mapping)
+
+
+@pytest.mark.parametrize("override, message, entry", [
+    ("--config.ppo.lrr=0.1", "config.ppo.lrr: unknown key", ("experiments.train",)),
+    ("--config.ppo.learning_rate=abc", "could not convert string to float: 'abc'", ("hrjax.cli", "train")),
+])
+def test_bad_command_line_overrides_exit_with_a_clear_message(override, message, entry, shared, tmp_path):
+    process = launch(config_file(tmp_path / "config.py", shared), tmp_path / "run", override, entry=entry)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and message in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
