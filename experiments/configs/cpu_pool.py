@@ -1,0 +1,27 @@
+"""The real offline pool on a CPU machine: SmolLM2-135M-Instruct + Gemma-3-270M (both GGUF, installed
+from PyPI), L = 2 hops, over reasoning-gym's offline tasks. The path tree of 400 training and 100
+held-out prompts is generated once (and cached), then tree-mode PPO trains in seconds.
+
+Pass a task as the config argument, e.g. `--config=experiments/configs/cpu_pool.py:chain_sum`
+(default: basic_arithmetic; any name of `hrjax.tasks.datasets.TASKS` works).
+"""
+
+from hrjax import assets
+from hrjax.config import base_config
+
+
+def get_config(task: str = "basic_arithmetic"):
+    config = base_config()
+    config.pool = [
+        dict(name="smollm2-135m", checkpoint=str(assets.smollm2_gguf_path()), base_rate=1.0),
+        dict(name="gemma3-270m", checkpoint=str(assets.gemma3_gguf_path()), base_rate=2.0),
+    ]
+    config.task.name = task
+    config.task.options = dict(n_train=400, n_validation=100, n_test=100, seed=0)
+    config.env.num_hops = 2
+    config.env.max_new_tokens = 32
+    config.env.cost_lambda = 0.1
+    config.ppo.num_envs = 256
+    config.train.num_iterations = 300
+    config.train.iterations_per_step = 20
+    return config
