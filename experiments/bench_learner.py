@@ -7,14 +7,17 @@ iteration's wall time (cold and warm response cache).
 
 import json
 
-from absl import app
+from absl import app, flags
 
 from hrjax.benchmarks import learner
+
+_TREE_ENVS = flags.DEFINE_integer("tree_num_envs", learner.PPO_DEFAULTS.num_envs, "Episodes per tree-mode iteration.")
+_ONLINE = flags.DEFINE_bool("online", True, "Also measure online mode on the real offline pool.")
 
 
 def main(argv):
     del argv
-    print(json.dumps(learner.run()))
+    print(json.dumps(learner.run(_TREE_ENVS.value, _ONLINE.value)))
 
 
 if __name__ == "__main__":

@@ -101,11 +101,10 @@ class _TreeRun:
         n = len(data.train)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, np.arange(n),
                                   config.train.num_iterations)
-        self.learner = self.trainer.learner
         self._run = jax.jit(self.trainer.run, static_argnums=1)
-        eval_rows = np.arange(n, n + len(data.eval))
-        lam = config.env.cost_lambda
-        self._greedy = jax.jit(lambda params: greedy_paths(self.learner, params, self.trainer.env, eval_rows, lam))
+        eval_rows, lam = np.arange(n, n + len(data.eval)), config.env.cost_lambda
+        self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env, eval_rows,
+                                                           lam))
 
     def init(self, rng):
         return self.trainer.init(rng)
@@ -132,7 +131,6 @@ class _OnlineRun:
         self.config, self.data = config, data
         self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config), data.train,
                                      [e.question for e in data.train], config.train.num_iterations, config.seed)
-        self.learner = self.trainer.learner
 
     def init(self, rng):
         return self.trainer.init(rng)
@@ -202,8 +200,9 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
             if bad:
                 raise TrainingDivergedError(
                     f"Iterations {iteration + 1}-{iteration + n}: {bad}; stopped without saving them. The last good "
-                    f"checkpoint (iteration {checkpoints.latest_step}) is kept in {checkpoints.workdir / 'checkpoints'}: "
-                    "lower ppo.learning_rate or ppo.max_grad_norm, or fix what made the rewards non-finite, then restart.")
+                    f"checkpoint (iteration {checkpoints.latest_step}) is kept in {checkpoints.workdir}/checkpoints: "
+                    "lower ppo.learning_rate or ppo.max_grad_norm, or fix what made the rewards non-finite, then "
+                    "restart.")
             iteration += n
             python_step += 1
             metrics.update(episodes_per_s=n * config.ppo.num_envs / seconds,

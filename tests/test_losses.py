@@ -113,7 +113,8 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         values = jnp.array([[1.5, 2.0], [2.0, 0.0]])  # residuals -0.5, 0, 1 -> var 7/18; returns var 2/3
         np.testing.assert_allclose(ev(values, returns, valid), 1.0 - (7 / 18) / (2 / 3), rtol=1e-5)
         zeros = jnp.zeros((2, 3))
+        valid = jnp.array([[1, 1, 1], [1, 0, 1]], bool)
         trajectory = ppo.Trajectory(zeros[..., None], zeros, zeros, zeros, jnp.ones((2, 3, 4), bool),
-                                    jnp.array([[0, 3, 3], [1, 1, 2]]), zeros, zeros, jnp.array([[1, 1, 1], [1, 0, 1]], bool))
+                                    jnp.array([[0, 3, 3], [1, 1, 2]]), zeros, zeros, valid)
         hist = self.variant(ppo.action_histogram, static_argnums=1)(trajectory, 4)
         np.testing.assert_allclose(hist, [[1 / 3, 0, 0, 2 / 3], [0, 0.5, 0.5, 0]], rtol=1e-6)

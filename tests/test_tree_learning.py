@@ -128,3 +128,11 @@ def test_stop_ends_episodes_once_more_hops_only_cost():
     np.testing.assert_array_equal(np.asarray(actions), [[0] * N, [3] * N])
     np.testing.assert_allclose(np.asarray(cost), 0.2, rtol=1e-6)
     assert float(metrics["hops"][-10:].mean()) < 1.1
+
+
+def test_kl_early_stop_skips_the_remaining_minibatches():
+    tree = synthetic_tree(lambda c, p: [0.2, 0.4, 0.9][p[-1]], [1.0, 1.0, 1.0])
+    _, _, metrics = train(tree, num_iterations=5, learning_rate=0.05)
+    assert float(metrics["kl_stop"].max()) == 0.0
+    _, _, metrics = train(tree, num_iterations=5, learning_rate=0.05, target_kl=1e-7)
+    assert float(metrics["kl_stop"].mean()) > 0.5  # most minibatches skipped once KL passes 1.5x target

@@ -21,7 +21,10 @@ import time
 import jax
 import numpy as np
 
+from hrjax.agent.ppo import PPOConfig
 from hrjax.benchmarks.common import best_seconds, matmul_peak_gflops
+
+PPO_DEFAULTS = PPOConfig()
 
 
 def dense_flops_per_sample(params) -> int:
@@ -30,10 +33,9 @@ def dense_flops_per_sample(params) -> int:
     return int(sum(2 * k.shape[0] * k.shape[1] for k in kernels))
 
 
-def tree_mode(num_prompts: int = 512, embedding_dim: int = 384, num_models: int = 3, num_hops: int = 2,
-              iterations: int = 20) -> dict:
+def tree_mode(num_envs: int = PPO_DEFAULTS.num_envs, num_prompts: int = 512, embedding_dim: int = 384,
+              num_models: int = 3, num_hops: int = 2, iterations: int = 20) -> dict:
     from hrjax.agent.networks import NetworkConfig
-    from hrjax.agent.ppo import PPOConfig
     from hrjax.agent.tree_mode import make_train
     from hrjax.env.mdp import EnvConfig
     from hrjax.env.tree import PathTree, tree_structure
@@ -45,7 +47,7 @@ def tree_mode(num_prompts: int = 512, embedding_dim: int = 384, num_models: int 
                     rng.normal(size=(num_prompts, k, embedding_dim)).astype(np.float32), zeros, zeros,
                     rng.uniform(size=(num_prompts, k)).astype(np.float32),
                     rng.uniform(size=(num_prompts, k)).astype(np.float32), model, parent, depth)
-    ppo = PPOConfig()
+    ppo = PPOConfig(num_envs=num_envs)
     trainer = make_train(ppo, NetworkConfig(), EnvConfig(num_hops=num_hops), tree, np.arange(num_prompts), iterations)
     run = jax.jit(trainer.run, static_argnums=1)
     carry = trainer.init(jax.random.PRNGKey(0))
@@ -66,7 +68,6 @@ def online_mode(num_envs: int = 32, iterations: int = 3, max_new_tokens: int = 1
     from hrjax import assets
     from hrjax.agent.networks import NetworkConfig
     from hrjax.agent.online import OnlineTrainer
-    from hrjax.agent.ppo import PPOConfig
     from hrjax.env.cache import ResponseCache
     from hrjax.env.mdp import EnvConfig, RoutingEnv
     from hrjax.models.encoder import load_encoder
@@ -99,5 +100,5 @@ def online_mode(num_envs: int = 32, iterations: int = 3, max_new_tokens: int = 1
     return out
 
 
-def run() -> dict:
-    return {**tree_mode(), **online_mode()}
+def run(tree_num_envs: int = PPO_DEFAULTS.num_envs, online: bool = True) -> dict:
+    return {**tree_mode(tree_num_envs), **(online_mode() if online else {})}
