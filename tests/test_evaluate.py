@@ -1,0 +1,249 @@
+"""Held-out evaluation and reports: hand-worked trees where every metric is known, and a short PPO run."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import PPOConfig
+from hrjax.agent.tree_mode import make_train
+from hrjax.env.mdp import EnvConfig
+from hrjax.env.tree import PathTree, tree_structure
+from hrjax.evaluate import (EvaluationError, Split, action_table, evaluate, fmt, fmt_interval, hull_area,
+                            knn_one_shot_models, markdown_table, nodes_of_actions, pareto_hull, ppo_policy, summarize,
+                            t_interval, uniform_random_nodes, write_summary)
+from hrjax.report import learning_curves_figure, paths_figure, pareto_figure, write_report
+from test_tree_learning import N, synthetic_tree
+
+
+def explicit_tree(quality, hop_cost, num_models=2, num_hops=2, root=None):
+    """A PathTree with the given node quality [N, K] and per-model hop cost [M] (same for every prompt)."""
+    model, parent, depth = tree_structure(num_models, num_hops)
+    quality = np.asarray(quality, np.float32)
+    n, k = quality.shape
+    root = np.ones((n, 2), np.float32) if root is None else np.asarray(root, np.float32)
+    cost = np.tile(np.asarray(hop_cost, np.float32)[model], (n, 1))
+    zeros = np.zeros((n, k), np.int32)
+    return PathTree(root, np.repeat(root[:, None], k, axis=1), zeros, zeros, cost, quality, model, parent, depth)
+
+
+# nodes (M = 2, L = 2): 0 [m0], 1 [m1], 2 [m0 m0], 3 [m0 m1], 4 [m1 m0], 5 [m1 m1]; path costs .1 .3 .2 .4 .4 .6
+HELD_OUT = explicit_tree([[1, 0, 1, 0, 0, 0],
+                          [0, 1, 0, 0, 1, 1],
+                          [0, 0, 0, 1, 0, 1],
+                          [0, 0, 0, 1, 0, 0]], [0.1, 0.3])
+# on the training prompts [m1 m0] is best; on the held-out ones [m0 m1] and [m1 m1] would be
+TRAINING = explicit_tree([[0, 0, 0, 0, 1, 0],
+                          [1, 1, 0, 1, 1, 0]], [0.1, 0.3])
+ROUTER_NODES = np.array([[2, 4, 3, 5], [2, 5, 5, 3]])  # two seeds: held-out qualities 1 1 1 0 and 1 1 1 1
+
+
+def fixed_router(tree, rows, cost_lambda):
+    return ROUTER_NODES[:, rows]
+
+
+@pytest.fixture(scope="module")
+def hand_summary():
+    ev = evaluate(Split(TRAINING, [0, 1], ["a", "a"]), Split(HELD_OUT, [0, 1, 2, 3], ["a", "a", "b", "b"]),
+                  EnvConfig(num_hops=2), fixed_router, knn_k=1)
+    return ev, summarize(ev)
+
+
+def test_baselines_on_a_hand_worked_tree(hand_summary):
+    ev, summary = hand_summary
+    quality = {name: result[0].quality.mean() for name, result in ev.sweep.items()}
+    np.testing.assert_allclose([quality[n] for n in ("single:m0", "single:m1", "repeat:m0", "repeat:m1")],
+                               [0.25, 0.25, 0.25, 0.5])
+    np.testing.assert_allclose(quality["random"], (0.25 + 0.5 + 0.5 + 0.25) / 4)  # the mean over the 4 leaves
+    np.testing.assert_allclose(ev.at("random").cost, [[0.4] * 4], rtol=1e-6)  # (.2 + .4 + .4 + .6) / 4
+    assert quality["oracle"] == 1.0
+    np.testing.assert_allclose(ev.at("oracle").cost.mean(), (0.2 + 0.4 + 0.4 + 0.4) / 4, rtol=1e-6)
+    # chosen on the training split ([m1 m0]), scored on the held-out one, where it is worse than [m0 m1]
+    assert summary["methods"]["best_fixed"]["overall"]["path"] == "m1>m0"
+    assert quality["best_fixed"] == 0.25
+    assert summary["best_single"] == "repeat:m1" and summary["best_single_quality"] == 0.5
+    assert summary["router"]["a"]["best_single"] == "single:m0"  # ties: the first listed; all score 0.5 on task a
+    assert summary["oracle_quality"] == 1.0
+
+
+def test_router_gains_and_apgr_per_seed(hand_summary):
+    _, summary = hand_summary
+    r = summary["router"]["overall"]
+    assert r["quality"]["mean"] == pytest.approx(0.875)
+    assert r["gain_over_best_single"]["mean"] == pytest.approx((0.75 / 0.5 + 1.0 / 0.5) / 2)
+    assert r["gain_over_average_single"]["mean"] == pytest.approx((0.75 + 1.0) / 2 / 0.3125)  # singles average .3125
+    assert r["apgr"]["mean"] == pytest.approx(0.75)  # seeds: (.75 - .5) / (1 - .5) = .5 and (1 - .5) / .5 = 1
+    half = stats.t.ppf(0.975, 1) * np.std([0.5, 1.0], ddof=1) / math.sqrt(2)
+    assert (r["apgr"]["low"], r["apgr"]["high"]) == pytest.approx((0.75 - half, 0.75 + half))
+    assert summary["apgr"] == pytest.approx(0.75) and summary["router_quality"] == pytest.approx(0.875)
+    # task b: best single [m1 m1] 0.5, oracle 1, router 0.5 then 1
+    assert summary["router"]["b"]["apgr"]["mean"] == pytest.approx(0.5)
+    # a deterministic method has a zero-width interval
+    q = summary["methods"]["repeat:m1"]["overall"]["quality"]
+    assert q["low"] == q["mean"] == q["high"] == 0.5
+
+
+def test_aiq_on_the_hand_worked_tree(hand_summary):
+    _, summary = hand_summary
+    aiq = summary["aiq_by_method"]
+    # shared cost range [0.1 (single m0), 0.6 (repeat m1)]; a single point (c, q) scores q * (0.6 - c) / 0.5
+    assert aiq["single:m0"] == pytest.approx(0.25)
+    assert aiq["single:m1"] == pytest.approx(0.25 * 0.3 / 0.5)
+    assert aiq["oracle"] == pytest.approx(1.0 * (0.6 - 0.35) / 0.5)
+    # zero router: the hull of (.1, .25) and (.6, .5) (the other single points lie below it)
+    assert aiq["zero_router"] == pytest.approx((0.25 + 0.5) / 2)
+    assert aiq["router"] == pytest.approx(0.3)  # seeds (.4, .75) and (.45, 1.0): .75 * .2 / .5 and 1 * .15 / .5
+    assert summary["aiq"] == aiq["router"]
+    assert summary["router"]["overall"]["aiq"]["low"] == pytest.approx(0.3)  # both seeds agree
+
+
+def test_hull_and_area_of_known_points():
+    # D lies under A-B, C is beaten by B (cheaper and better)
+    points = {"A": (0.2, 0.4), "B": (0.4, 0.8), "C": (0.6, 0.7), "D": (0.3, 0.5), "E": (0.8, 0.9)}
+    hull = pareto_hull(*np.array(list(points.values())).T)
+    np.testing.assert_allclose(hull, [points["A"], points["B"], points["E"]])
+    # 0 on [0, .2), then .2 * (.4 + .8) / 2 + .4 * (.8 + .9) / 2, then flat .9 over [.8, 1]
+    assert hull_area(hull, 0.0, 1.0) == pytest.approx(0.12 + 0.34 + 0.18)
+    assert hull_area(hull, 0.3, 0.5) == pytest.approx((0.1 * (0.6 + 0.8) / 2 + 0.1 * (0.8 + 0.825) / 2) / 0.2)
+    assert hull_area(hull, 0.1, 0.1) == 0.0 and hull_area(hull, 0.9, 0.9) == pytest.approx(0.9)
+
+
+def test_t_interval_matches_scipy():
+    x = [0.61, 0.72, 0.68, 0.75]
+    mean, low, high = t_interval(x)
+    expected = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and (low, high) == pytest.approx(expected)
+    assert t_interval([0.4]) == (0.4, 0.4, 0.4)
+    # by hand, 3 seeds: t_{0.975, 2} = 4.302653
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2.0 - 4.302653 / math.sqrt(3), 2.0 + 4.302653 / math.sqrt(3)), rel=1e-6)
+
+
+def test_uniform_random_with_stop_is_the_policy_expectation():
+    # M = 2, L = 2, STOP from hop 1: each depth-0 node ends by STOP with 1/2 * 1/3, each leaf is 1/2 * 1/3
+    p = uniform_random_nodes(HELD_OUT, stop_action=True)
+    np.testing.assert_allclose(p, [1 / 6] * 6)
+    ev = evaluate(Split(TRAINING, [0, 1], ["a", "a"]), Split(HELD_OUT, [0, 1, 2, 3], ["a"] * 4),
+                  EnvConfig(num_hops=2, stop_action=True), fixed_router, knn_k=1)
+    np.testing.assert_allclose(ev.at("random").quality[0], HELD_OUT.quality.sum(axis=1) / 6)
+    # with STOP the oracle picks among every node: prompt 0 stops after [m0] (quality 1, cost .1)
+    np.testing.assert_allclose(ev.at("oracle").cost[0, 0], 0.1, rtol=1e-6)
+
+
+def test_nodes_of_actions_and_action_table_with_stop():
+    # [m1 STOP], [m0 m1], [m1 m0] (STOP written as M = 2 or as the -1 greedy_paths writes after it)
+    actions = np.array([[1, 0, 1], [2, 1, 0]])
+    np.testing.assert_array_equal(nodes_of_actions(actions, 2), [1, 3, 4])
+    np.testing.assert_array_equal(nodes_of_actions(np.array([[1], [-1]]), 2), [1])
+    table = action_table(HELD_OUT, stop_action=True)  # [K, L, A]
+    np.testing.assert_array_equal(table[1], [[0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(table[3], [[1, 0, 0], [0, 1, 0]])
+    with pytest.raises(EvaluationError, match="first hop"):
+        nodes_of_actions(np.array([[2], [0]]), 2)
+
+
+def test_knn_one_shot_router_picks_each_clusters_model():
+    # one hop, 3 models; cluster A (+x) is solved by model 0, cluster B (-x) by model 2; model 1 in between
+    rng = np.random.default_rng(0)
+    centre = np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    train_cluster, test_cluster = np.arange(20) % 2, np.array([0, 1, 1, 0, 1])
+    quality = {0: [1.0, 0.5, 0.0], 1: [0.0, 0.5, 1.0]}
+
+    def tree(clusters):
+        root = centre[clusters] + rng.normal(scale=0.2, size=(len(clusters), 3))
+        return explicit_tree([quality[c] for c in clusters], [0.5, 0.1, 0.5], num_models=3, num_hops=1, root=root)
+
+    train = Split(tree(train_cluster), np.arange(20), ["t"] * 20)
+    test = Split(tree(test_cluster), np.arange(5), ["t"] * 5)
+    np.testing.assert_array_equal(knn_one_shot_models(train, test, 0.0, k=5), [0, 2, 2, 0, 2])
+    # at lambda 3, model 1's 0.5 - 0.3 beats 1.0 - 1.5 everywhere
+    np.testing.assert_array_equal(knn_one_shot_models(train, test, 3.0, k=5), [1] * 5)
+    with pytest.raises(EvaluationError, match="knn_k"):
+        evaluate(train, test, EnvConfig(num_hops=1), lambda t, r, lam: np.zeros((1, len(r)), int), knn_k=21)
+
+
+def test_mismatched_trees_are_refused():
+    with pytest.raises(EvaluationError, match="num_hops"):
+        evaluate(Split(TRAINING, [0], ["a"]), Split(HELD_OUT, [0], ["a"]), EnvConfig(num_hops=3), fixed_router)
+    with pytest.raises(EvaluationError, match="one task label per row"):
+        Split(HELD_OUT, [0, 1], ["a"])
+
+
+# ------------------------------------------------------------------------------------ a trained router
+
+LAMBDAS = (0.0, 2.0)
+TRAIN_ROWS, TEST_ROWS = np.arange(48), np.arange(48, N)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 seeds of PPO at each lambda on one hop: cluster 0 needs model 0, cluster 1 model 1 (quality 1,
+    cost .5 each; else .3); model 2 is cheap (.05) and scores .3, so at lambda 2 it wins everywhere."""
+    tree = synthetic_tree(lambda c, p: 1.0 if p[-1] == c else 0.3, [0.5, 0.5, 0.05])
+    ppo, network = PPOConfig(num_envs=128), NetworkConfig(hidden=64)
+    params, metrics = {}, {}
+    for lam in LAMBDAS:
+        trainer = make_train(ppo, network, EnvConfig(num_hops=1, cost_lambda=lam), tree, TRAIN_ROWS, 100)
+        params[lam], metrics[lam] = jax.jit(jax.vmap(trainer.train))(jax.random.split(jax.random.PRNGKey(1), 3))
+    tasks = lambda rows: ["even" if r % 2 == 0 else "odd" for r in rows]  # noqa: E731 (the clusters)
+    policy = ppo_policy(trainer.learner, params, EnvConfig(num_hops=1))
+    ev = evaluate(Split(tree, TRAIN_ROWS, tasks(TRAIN_ROWS)), Split(tree, TEST_ROWS, tasks(TEST_ROWS)),
+                  EnvConfig(num_hops=1, cost_lambda=0.0), policy, LAMBDAS, model_names=["math", "code", "tiny"])
+    first = metrics[LAMBDAS[0]]
+    rows = [{"step": i, "return": float(first["return"][0, i]), "quality": float(first["quality"][0, i])}
+            for i in range(100)] + [{"step": 99, "eval/quality": 0.9}]
+    run_dir = tmp_path_factory.mktemp("run")
+    return ev, summarize(ev), rows, run_dir
+
+
+def test_trained_router_recovers_the_gap(trained):
+    ev, summary, _, _ = trained
+    assert summary["num_seeds"] == 3 and ev.at("router").quality.shape == (3, len(TEST_ROWS))
+    assert summary["best_single_quality"] == pytest.approx(0.65)  # models 0 and 1 solve half the prompts
+    assert summary["oracle_quality"] == pytest.approx(1.0)
+    assert summary["apgr"] > 0.9 and summary["router"]["overall"]["apgr"]["low"] > 0.5
+    assert summary["router"]["overall"]["gain_over_best_single"]["mean"] > 1.45
+    # at lambda 2 every seed routes to the cheap model; its hull beats the single models'
+    np.testing.assert_allclose(ev.at("router", 2.0).cost, 0.05, rtol=1e-5)
+    assert summary["aiq"] > summary["aiq_by_method"]["zero_router"] + 0.1
+    share = summary["methods"]["router"]["even"]["action_share"]
+    assert share[0][0] > 0.95 and summary["methods"]["router"]["odd"]["action_share"][0][1] > 0.95
+
+
+def test_summary_json_and_markdown(trained, tmp_path):
+    _, summary, _, _ = trained
+    loaded = json.loads(write_summary(tmp_path / "summary.json", summary).read_text())
+    for key in ("router_quality", "best_single_quality", "oracle_quality", "apgr", "aiq"):
+        assert isinstance(loaded[key], float)
+    assert set(loaded["aiq_by_method"]) == {"single:math", "single:code", "single:tiny", "random", "best_fixed",
+                                            "knn_one_shot", "router", "oracle", "zero_router"}
+    assert set(loaded["methods"]["router"]) == {"overall", "even", "odd"}
+    assert set(loaded["methods"]["oracle"]["odd"]["quality"]) == {"mean", "low", "high"}
+    router_line = [line for line in markdown_table(loaded).splitlines() if line.startswith("| router |")]
+    assert router_line[0].startswith(f"| router | {fmt_interval(loaded['methods']['router']['overall']['quality'])} |")
+
+
+def test_report_files_and_plot_numbers_match_the_table(trained):
+    _, summary, rows, run_dir = trained
+    report = write_report(run_dir, summary, rows)
+    text = report.read_text()
+    for png in ("pareto.png", "paths.png", "learning_curves.png"):
+        assert f"]({png})" in text
+        with Image.open(run_dir / png) as image:
+            image.verify()
+    assert json.loads((run_dir / "summary.json").read_text())["apgr"] == summary["apgr"]
+    # the overall panel annotates each method's quality exactly as the table prints it
+    table_rows = [line.split(" | ") for line in markdown_table(summary).split("\n\n")[0].splitlines()[2:]]
+    table_quality = [cells[1].split()[0] for cells in table_rows if not cells[0].startswith("| zero_router")]
+    annotated = [t.get_text() for t in pareto_figure(summary).axes[0].texts]
+    assert annotated == table_quality and len(annotated) == 8
+    heat = [t.get_text() for t in paths_figure(summary).axes[1].texts]  # 'even': hop 1 x (math, code, tiny)
+    assert heat == [fmt(x) for x in summary["methods"]["router"]["even"]["action_share"][0]]
+    assert [ax.get_title() for ax in learning_curves_figure(rows).axes] == ["return", "quality", "eval/quality"]
+    with pytest.raises(EvaluationError, match="metrics.jsonl"):
+        learning_curves_figure([{"step": 0, "loss": 1.0}])
