@@ -52,8 +52,8 @@ class Recipe:
 
     members: tuple[Member, ...]
     seed: int = 0  # world seed of the training questions
-    train_per_task: int = 2000  # distinct train questions per task type (a skill's pairs)
-    echo_per_task: int = 250  # echo pairs per task type for members with the echo skill
+    train_per_task: int = 5000  # distinct train questions per task type (a skill's pairs)
+    echo_per_task: int = 2000  # echo pairs per task type for members with the echo skill
 
     def __post_init__(self):
         names = [m.name for m in self.members]
@@ -64,14 +64,14 @@ class Recipe:
                              f"({self.train_per_task}): echo pairs reuse the training questions.")
 
 
-EXPERT = SFTConfig(hidden_size=64, intermediate_size=128, num_layers=2, steps=600)
-GENERALIST = SFTConfig(hidden_size=128, intermediate_size=256, num_layers=2, steps=200)
+EXPERT = SFTConfig(hidden_size=64, intermediate_size=128, num_layers=2, steps=1500)
+GENERALIST = SFTConfig(hidden_size=128, intermediate_size=256, num_layers=2, steps=1000)
 DEFAULT_RECIPE = Recipe(members=(
-    Member("add", ("add", ECHO), 1.0, EXPERT),
-    Member("mul", ("mul", ECHO), 1.0, EXPERT),
+    Member("add", ("add", ECHO), 1.0, dataclasses.replace(EXPERT, steps=2000)),
+    Member("mul", ("mul", ECHO), 1.0, dataclasses.replace(EXPERT, steps=3000)),  # 3-digit products: slowest skill
     Member("rev", ("rev", ECHO), 1.0, EXPERT),
-    Member("paren", ("paren", ECHO), 1.0, EXPERT),
-    Member("generalist", ("add", "mul", "rev", ECHO), 3.5, GENERALIST),
+    Member("paren", ("paren", ECHO), 1.0, dataclasses.replace(EXPERT, steps=1000)),
+    Member("generalist", ("add", "mul", "rev", ECHO), 3.5, GENERALIST),  # larger, trained briefly on the mix
 ))
 
 
@@ -134,11 +134,10 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
         for member in todo:
             bar.set_description(f"specialist {member.name}")
             tokens, mask = encode_pairs(tokenizer, training_pairs(recipe, member), member.sft.max_position_embeddings)
-            done = [0]
+            start = bar.n
 
-            def advance(steps_done: int, loss: float, _done=done):
-                bar.update(steps_done - _done[0])
-                _done[0] = steps_done
+            def advance(steps_done: int, loss: float):
+                bar.update(start + steps_done - bar.n)
                 bar.set_postfix(loss=f"{loss:.4f}")
 
             params, losses = train(member.sft, tokens, mask, len(tokenizer), advance)

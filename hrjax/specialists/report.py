@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from hrjax.env.tree import PathTree
+from hrjax.env.tree import PathTree, level_offset
+from hrjax.evaluate import best_fixed_leaf
 
 
 def headroom(tree: PathTree, tasks: Sequence[str], names: Sequence[str]) -> dict:
@@ -36,33 +37,24 @@ def headroom(tree: PathTree, tasks: Sequence[str], names: Sequence[str]) -> dict
         one, repeated = tree.quality[:, tree.node_of_path([m])], tree.quality[:, tree.node_of_path([m] * hops)]
         single[name] = {"one_hop": means(one), "repeated": means(repeated)}
         alone |= (one > 0) | (repeated > 0)
-    leaves = list(itertools.product(range(len(names)), repeat=hops))
-    leaf_quality = np.stack([tree.quality[:, tree.node_of_path(p)] for p in leaves], axis=1)  # [N, P]
-    best = int(np.argmax(leaf_quality.mean(axis=0)))
+    leaves = list(itertools.product(range(len(names)), repeat=hops))  # the BFS order of the last level
+    first_leaf = level_offset(len(names), hops - 1)
+    best = best_fixed_leaf(tree, np.arange(len(tasks)), cost_lambda=0.0)
     value, node = tree.oracle()
+    leaf = node - first_leaf
     picks = {}
     for t, rows in groups.items():
-        solved = rows & (value > 0)
-        counts = np.bincount([leaves.index(tuple(tree.model[n] for n in _ancestry(tree, k)))
-                              for k in node[solved]], minlength=len(leaves))
-        picks[t] = {path_name(leaves[i]): int(c) for i, c in sorted(enumerate(counts), key=lambda x: -x[1]) if c}
+        counts = np.bincount(leaf[rows & (value > 0)], minlength=len(leaves))
+        picks[t] = {path_name(leaves[i]): int(counts[i]) for i in np.argsort(-counts, kind="stable") if counts[i]}
     best_single = max(max(s["one_hop"]["all"], s["repeated"]["all"]) for s in single.values())
     return {
         "single": single,
-        "best_fixed": {"path": path_name(leaves[best]), "quality": means(leaf_quality[:, best])},
+        "best_fixed": {"path": path_name(leaves[best - first_leaf]), "quality": means(tree.quality[:, best])},
         "oracle": means(value),
         "oracle_over_best_single": round(float(value.mean()) / max(best_single, 1e-9), 3),
         "oracle_paths": picks,
         "needs_two_models": means((value > 0) & ~alone),
     }
-
-
-def _ancestry(tree: PathTree, node: int) -> list[int]:
-    """Nodes from the root's child to `node`."""
-    chain = [int(node)]
-    while tree.parent[chain[0]] >= 0:
-        chain.insert(0, int(tree.parent[chain[0]]))
-    return chain
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

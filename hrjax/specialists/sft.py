@@ -38,8 +38,8 @@ class SFTConfig:
     num_layers: int = 2
     num_heads: int = 4
     max_position_embeddings: int = 64  # prompt + answer tokens the model can take
-    steps: int = 600
-    batch_size: int = 128
+    steps: int = 1500
+    batch_size: int = 64
     learning_rate: float = 3e-3  # peak, after linear warm-up; cosine decay to 5% of it
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -50,6 +50,9 @@ class SFTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}.")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}.")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}), got {self.warmup_steps}: "
+                             "lower it or train longer.")
 
     def decoder_config(self, vocab_size: int) -> DecoderConfig:
         return DecoderConfig(
@@ -103,7 +106,7 @@ def sequence_loss(model: Decoder, params, tokens: jax.Array, mask: jax.Array) ->
 
 
 def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, config.steps),
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
                                                   config.steps, config.learning_rate * 0.05)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=config.weight_decay))
 

@@ -246,6 +246,13 @@ def _entry_point_from_tests(tests: Sequence[str]) -> str | None:
     return None
 
 
+def require_counts(task: str, opts: Mapping, keys: Sequence[str]) -> None:
+    """Raises TaskConfigError unless every `opts[key]` is an int >= 0."""
+    for key in keys:
+        if not isinstance(opts[key], int) or opts[key] < 0:
+            raise TaskConfigError(f"{task}: {key} must be an int >= 0, got {opts[key]!r}")
+
+
 def _newlines(code: str) -> str:
     return code.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -1032,9 +1039,7 @@ class HrjaxReasoningGym(TaskBuilder):
             raise TaskConfigError(f"reasoning_gym: tasks must be a non-empty list of names, got {tasks!r}")
         if len(set(tasks)) != len(tasks):
             raise TaskConfigError(f"reasoning_gym: tasks has duplicates: {tasks}")
-        for key in ("n_train", "n_validation", "n_test", "max_draws"):
-            if not isinstance(opts[key], int) or opts[key] < 0:
-                raise TaskConfigError(f"reasoning_gym: {key} must be an int >= 0, got {opts[key]!r}")
+        require_counts(cls.TASK, opts, ("n_train", "n_validation", "n_test", "max_draws"))
         extra = sorted(set(opts["task_configs"]) - set(tasks))
         if extra:
             raise TaskConfigError(f"reasoning_gym: task_configs names tasks not in `tasks`: {extra}")
@@ -1130,23 +1135,20 @@ class HrjaxSpecialistWorld(TaskBuilder):
     @classmethod
     def validate_options(cls, opts):
         super().validate_options(opts)
-        for key in ("n_train", "n_validation", "n_test"):
-            if not isinstance(opts[key], int) or opts[key] < 0:
-                raise TaskConfigError(f"specialist_world: {key} must be an int >= 0, got {opts[key]!r}")
+        require_counts(cls.TASK, opts, ("n_train", "n_validation", "n_test"))
 
     @classmethod
     def config_slug(cls, opts):
-        return f"{'+'.join(opts['task_types'])}-{opts['n_train']}-{opts['n_validation']}-{opts['n_test']}-s{opts['seed']}"
+        types = "+".join(opts["task_types"])
+        return f"{types}-{opts['n_train']}-{opts['n_validation']}-{opts['n_test']}-s{opts['seed']}"
 
     def build_splits(self, dl_manager):
-        from hrjax.tasks.datasets import TaskExample
         from hrjax.tasks.specialist_world import specialist_examples
 
         opts = self.options
         out = {}
         for split in SPLITS:
-            examples: list[TaskExample] = specialist_examples(
-                split, opts[f"n_{split}"], opts["seed"], opts["task_types"])
+            examples = specialist_examples(split, opts[f"n_{split}"], opts["seed"], opts["task_types"])
             out[split] = [make_example(e.id, e.task, e.question, e.answers, e.scorer, e.metadata)
                           for e in examples]
         return out

@@ -1,0 +1,177 @@
+"""The specialist world: tasks, hop prompts, the shared tokenizer, SFT from scratch, the cached builder."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrjax.env.cache import ResponseCache
+from hrjax.env.mdp import Context, EnvConfig, RoutingEnv, hop_prompt
+from hrjax.env.tree import build_tree
+from hrjax.models.encoder import load_encoder
+from hrjax.pool import Pool
+from hrjax.specialists.build import Member, Recipe, build_pool, is_built, recipe_hash, training_pairs
+from hrjax.specialists.sft import SFTConfig, TrainingDivergedError, encode_pairs, train
+from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
+from hrjax.tasks.builders import SPLITS
+from hrjax.tasks.datasets import load_task
+from hrjax.tasks.scorers import score_example
+from hrjax.tasks.specialist_world import (
+    ALPHABET, ECHO, HOP_TEMPLATE, MAX_NEW_TOKENS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
+
+# One paren expert, small enough to train in seconds: the rewrite `(a+b)*c` -> `s*c`, and echo.
+PAREN = Member("paren", ("paren", ECHO), 1.0, SFTConfig(steps=600, batch_size=64, learning_rate=5e-3))
+RECIPE = Recipe(members=(PAREN,), train_per_task=2000, echo_per_task=500)
+TINY = SFTConfig(hidden_size=16, intermediate_size=32, num_layers=1, steps=50, batch_size=8, warmup_steps=10)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("specialists")
+    return cache, build_pool(RECIPE, cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def env(built):
+    _, specs = built
+    return RoutingEnv(Pool.from_specs(specs), load_encoder(), score_example,
+                      EnvConfig(num_hops=2, template=HOP_TEMPLATE, max_new_tokens=MAX_NEW_TOKENS), ResponseCache())
+
+
+def solve(example) -> str:
+    """The answer, recomputed from the question text alone."""
+    if example.task == "rev":
+        return example.question[len("rev("):-1][::-1]
+    return str(eval(example.question))  # arithmetic over digits, + * ( ) only
+
+
+def test_examples_are_deterministic_correct_and_splits_disjoint(tmp_path):
+    splits = {s: specialist_examples(s, 60, seed=3) for s in SPLITS}
+    assert specialist_examples("test", 60, seed=3) == splits["test"]
+    assert specialist_examples("test", 60, seed=4) != splits["test"]
+    for task_type in TASK_TYPES:
+        questions = [{e.question for e in splits[s] if e.task == task_type} for s in SPLITS]
+        assert all(len(q) == 60 for q in questions)
+        assert not (questions[0] & questions[1] or questions[0] & questions[2] or questions[1] & questions[2])
+    for e in splits["train"]:
+        assert e.answers == (solve(e),) and set(e.question) <= set(ALPHABET) and len(e.answers[0]) <= 8
+        if e.task == "paren":  # two hops by two different skills; the rewrite is a mul question
+            assert e.metadata["route"] == ["paren", "mul"]
+            rewrite = e.metadata["steps"][0]
+            assert str(eval(rewrite)) == e.answers[0] and "(" not in rewrite
+        else:
+            assert e.metadata["route"] == [e.task]
+    via_tfds = load_task("specialist_world", "test", tmp_path, n_train=60, n_validation=60, n_test=60, seed=3)
+    assert sorted(via_tfds, key=lambda e: e.id) == sorted(splits["test"], key=lambda e: e.id)
+
+
+def test_exact_scorer_is_strict():
+    example = next(e for e in specialist_examples("validation", 5) if e.task == "mul")
+    answer = example.answers[0]
+    assert score_example(example, answer) == 1.0 and score_example(example, f" {answer}\n") == 1.0
+    assert score_example(example, answer + "0") == 0.0 and score_example(example, "") == 0.0
+    # SQuAD normalisation would drop the '*' and call this right
+    assert score_example(example, f"{answer[:1]}*{answer[1:]}") == 0.0
+
+
+def test_hop_prompts_are_what_the_env_writes():
+    example = next(e for e in specialist_examples("train", 5) if e.task == "paren")
+    rewrite, answer = example.metadata["steps"]
+    assert first_hop_pair(example) == ("paren", example.question + "=", rewrite)
+    assert HOP_TEMPLATE.message(example.question, [rewrite]) == rewrite + "="
+    assert HOP_TEMPLATE.message(example.question, ["junk", rewrite]) == rewrite + "="  # only the latest answer
+    assert echo_pair(example) == (ECHO, answer + "=", answer)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = char_tokenizer(ALPHABET)
+    text = "(12+3)*4=rev(xyz)"
+    ids = tok.encode(text)
+    assert ids[0] == BOS_ID and len(ids) == len(text) + 1 and UNK_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.encode("12+3", add_special_tokens=False) + tok.encode(")", add_special_tokens=False) == \
+        tok.encode("12+3)", add_special_tokens=False)  # per character: splicing ids equals re-tokenising
+    assert tok.encode("1 A", add_special_tokens=False)[1:] == [UNK_ID, UNK_ID]
+    assert len(tok) == 4 + len(ALPHABET) and tok.eos_token_id == EOS_ID
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.get_vocab() == tok.get_vocab() and again.encode(text) == ids
+
+
+def test_sft_lowers_the_masked_loss():
+    tok = char_tokenizer(ALPHABET)
+    tokens, mask = encode_pairs(tok, [("12+3=", "15"), ("rev(ab)=", "ba")], max_length=64)
+    assert tokens.shape == (2, 12) and tokens[0, :9].tolist() == tok.encode("12+3=15") + [EOS_ID]
+    assert mask[0].tolist() == [0] * 6 + [1, 1, 1] + [0] * 3  # the answer and EOS only
+    pairs = [p[1:] for p in map(first_hop_pair, specialist_examples("train", 200, task_types=("rev",)))]
+    tokens, mask = encode_pairs(tok, pairs, max_length=64)
+    config = dataclasses.replace(TINY, hidden_size=32, intermediate_size=64, steps=150, batch_size=32,
+                                 learning_rate=1e-2)
+    _, losses = train(config, tokens, mask, len(tok))
+    assert losses.shape == (150,) and np.all(np.isfinite(losses))
+    assert losses[:5].mean() > np.log(len(tok)) - 0.5  # starts near uniform
+    assert losses[-10:].mean() < 0.6 * losses[:5].mean()
+
+
+def test_expert_learns_its_skill_through_the_pool_and_env(built, env):
+    cache, specs = built
+    assert [s.name for s in specs] == ["paren"] and not specs[0].use_chat_template
+    metadata = json.loads((cache / recipe_hash(RECIPE) / "paren" / "config.json").read_text())["hrjax_specialist"]
+    assert metadata["pairs"] == len(training_pairs(RECIPE, PAREN))
+    val = specialist_examples("validation", 40)
+    paren = [e for e in val if e.task == "paren"]
+    hop = env.respond(0, [Context(e.question) for e in paren])
+    rewrites = [e.metadata["steps"][0] for e in paren]
+    accuracy = np.mean([a.text == r for a, r in zip(hop.responses, rewrites)])
+    assert accuracy >= 0.85, (accuracy, list(zip(rewrites, [a.text for a in hop.responses]))[:8])
+    # narrow: a plain sum is not its skill
+    adds = [e for e in val if e.task == "add"]
+    sums = env.respond(0, [Context(e.question) for e in adds]).responses
+    assert np.mean([score_example(e, a.text) for e, a in zip(adds, sums)]) <= 0.1
+    # echo keeps a final answer over a later hop: the path tree of number-answer questions
+    finals = [e for e in val if e.task in ("add", "mul")]
+    tree = build_tree(env, finals, [e.answers[0] for e in finals], progress=False)
+    assert tree.quality[:, tree.node_of_path([0, 0])].mean() >= 0.85
+
+
+def test_later_hops_splice_the_answer_ids(env):
+    model = env.pool.models[0]
+    example = next(e for e in specialist_examples("validation", 5) if e.task == "paren")
+    first = env.respond(0, [Context(example.question)]).responses[0]
+    assert first.tokens and model.tokenizer.decode(list(first.tokens)) == first.text
+    prompt = hop_prompt(model, HOP_TEMPLATE, Context(example.question, (first,)))
+    assert prompt == model.tokenizer.encode(first.text + "=")  # the ids the expert was trained on
+
+
+def test_cache_reuse_and_recipe_hash(built):
+    cache, specs = built
+    weights = [f"{s.checkpoint}/model.safetensors" for s in specs]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in map(Path, weights)]
+    again = build_pool(RECIPE, cache, progress=False)
+    assert again == specs
+    after = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in map(Path, weights)]
+    assert after == before  # nothing retrained or rewritten
+    digest = recipe_hash(RECIPE)
+    assert recipe_hash(dataclasses.replace(RECIPE)) == digest
+    assert recipe_hash(dataclasses.replace(RECIPE, seed=1)) != digest
+    assert recipe_hash(dataclasses.replace(RECIPE, echo_per_task=499)) != digest
+    changed = dataclasses.replace(PAREN, sft=dataclasses.replace(PAREN.sft, steps=601))
+    assert recipe_hash(dataclasses.replace(RECIPE, members=(changed,))) != digest
+    assert recipe_hash(dataclasses.replace(RECIPE, members=(dataclasses.replace(PAREN, base_rate=2.0),))) != digest
+
+
+def test_failed_build_leaves_nothing_reusable(tmp_path):
+    good = Member("good", (ECHO,), 1.0, TINY)
+    bad = Member("bad", (ECHO,), 1.0, dataclasses.replace(TINY, learning_rate=float("inf")))
+    recipe = Recipe(members=(good, bad), train_per_task=50, echo_per_task=50)
+    with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
+        build_pool(recipe, tmp_path, progress=False)
+    root = tmp_path / recipe_hash(recipe)
+    assert sorted(p.name for p in root.iterdir()) == ["good", "recipe.json"]  # no half-written member or temp dir
+    assert is_built(root / "good", recipe_hash(recipe)) and not is_built(root / "bad", recipe_hash(recipe))
+    fixed = Recipe(members=(good,), train_per_task=50, echo_per_task=50)
+    assert not is_built(root / "good", recipe_hash(fixed))  # another recipe never takes it
