@@ -1,5 +1,5 @@
-"""The `hrjax` console script: `hrjax train --config=... --workdir=...` (the absl flags of
-`python -m experiments.train`) and `hrjax bench sampler|rollout|learner`."""
+"""The `hrjax` console script: `hrjax train|evaluate --config=... --workdir=...` (the absl flags of
+`python -m experiments.train|evaluate`) and `hrjax bench sampler|rollout|learner`."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("name", choices=["sampler", "rollout", "learner"], help="which benchmark")
     commands.add_parser("train", help="train a router: --config=<file.py> --workdir=<dir> [--config.a.b=value]",
                         add_help=False)
+    commands.add_parser("evaluate", help="train over seeds and evaluate against the baselines (same flags)",
+                        add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        from hrjax.experiment import main as train_main
+    if argv[:1] in (["train"], ["evaluate"]):
+        from hrjax import experiment
 
-        train_main(["hrjax train", *argv[1:]])
+        job = experiment.main if argv[0] == "train" else experiment.evaluate_main
+        job([f"hrjax {argv[0]}", *argv[1:]])
         return 0
     args = parser.parse_args(argv)
     if args.command == "bench":

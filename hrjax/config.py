@@ -57,8 +57,23 @@ class LoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`hrjax evaluate`: routers trained over `seeds` seeds, scored against the baselines at the env's
+    cost_lambda and across `cost_lambdas` (the AIQ sweep; a lambda-conditioned router gives a curve)."""
+
+    seeds: int = 3
+    cost_lambdas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+    knn_k: int = 5
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.knn_k < 1:
+            raise ConfigError(f"config.evaluate.seeds and knn_k must be >= 1, got {self.seeds} and {self.knn_k}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    pool: tuple[ModelSpec, ...]
+    pool: tuple[ModelSpec, ...] = ()
+    specialists: str = ""  # a recipe of `hrjax.specialists.build.RECIPES`: the pool is built (or reused) from it
     seed: int = 0
     mode: str = "tree"  # 'tree': train on the path tree of the training prompts; 'online': through the pool
     encoder: str = ""  # a HF directory of the context encoder; '': the offline all-MiniLM-L6-v2 package
@@ -67,12 +82,14 @@ class RunConfig:
     network: NetworkConfig = NetworkConfig()
     ppo: PPOConfig = PPOConfig()
     train: LoopConfig = LoopConfig()
+    evaluate: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if self.mode not in ("tree", "online"):
             raise ConfigError(f"config.mode must be 'tree' or 'online', got '{self.mode}'.")
-        if not self.pool:
-            raise ConfigError("config.pool is empty: list at least one model (name, checkpoint, base_rate).")
+        if not self.pool and not self.specialists:
+            raise ConfigError("config.pool is empty: list at least one model (name, checkpoint, base_rate), or "
+                              "name a specialist recipe in config.specialists.")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""
@@ -148,7 +165,8 @@ def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any], igno
 def resumable_keys(config: Mapping[str, Any]) -> frozenset:
     """The config paths a resumed run may change: how long it runs (unless a linear learning-rate
     schedule is spread over that length) and how often it evaluates and checkpoints."""
-    keys = {"config.train.eval_every", "config.train.checkpoint_every", "config.train.max_to_keep"}
+    keys = {"config.train.eval_every", "config.train.checkpoint_every", "config.train.max_to_keep",
+            "config.evaluate"}
     if config["ppo"]["lr_schedule"] == "constant":
         keys.add("config.train.num_iterations")
     return frozenset(keys)

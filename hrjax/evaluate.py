@@ -201,7 +201,7 @@ def ppo_policy(learner, params, env_config: EnvConfig) -> Policy:
 
     def policy(tree: PathTree, rows: np.ndarray, cost_lambda: float) -> np.ndarray:
         seeds = params
-        if isinstance(params, Mapping):
+        if isinstance(params, Mapping) and all(isinstance(k, (int, float)) for k in params):
             if cost_lambda not in params:
                 raise EvaluationError(f"No router was trained at cost_lambda={cost_lambda} (trained at "
                                       f"{sorted(params)}): train one there or drop it from the sweep.")

@@ -43,6 +43,23 @@ class RunData:
     eval: list
 
 
+def resolve_pool(config: RunConfig, progress: bool = True) -> RunConfig:
+    """`config` with its pool spelled out: a `specialists` recipe is built (or reused from
+    `<train.cache_dir>/specialists`) and its members become the pool."""
+    if not config.specialists:
+        return config
+    from hrjax.config import ConfigError
+    from hrjax.specialists.build import RECIPES, build_pool
+
+    if config.specialists not in RECIPES:
+        raise ConfigError(f"config.specialists '{config.specialists}' is not a recipe; known: {sorted(RECIPES)}.")
+    if config.pool:
+        raise ConfigError("config.pool and config.specialists are both set: keep one (the recipe builds the pool).")
+    specs = build_pool(RECIPES[config.specialists], Path(config.train.cache_dir).expanduser() / "specialists",
+                       progress=progress)
+    return dataclasses.replace(config, pool=tuple(specs), specialists="")
+
+
 def load_data(config: RunConfig) -> RunData:
     from hrjax.tasks.datasets import load_task
 
@@ -71,7 +88,8 @@ def make_env(config: RunConfig):
 
 def tree_meta(config: RunConfig, examples: list) -> dict:
     """What a path tree depends on: the pool, the encoder, the generation settings and the prompts."""
-    generation = {k: v for k, v in config.to_dict()["env"].items() if k not in ("cost_lambda", "cost_timing")}
+    generation = {k: v for k, v in config.to_dict()["env"].items()
+                  if k not in ("cost_lambda", "cost_timing", "stop_action")}
     ids = hashlib.sha256(json.dumps([e.id for e in examples]).encode()).hexdigest()
     return {"pool": config.to_dict()["pool"], "encoder": config.encoder, "env": generation, "task": config.task.name,
             "examples": ids}
@@ -166,6 +184,7 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
     from hrjax.metrics import MetricsWriter
 
     workdir = Path(workdir).expanduser()
+    config = resolve_pool(config, progress)
     checkpoints = RunCheckpoints(workdir, config.to_dict(), config.train.max_to_keep, config.train.best_metric)
     try:
         with atomic_file(workdir / "config.json", "w") as f:

@@ -1,6 +1,6 @@
 """The real offline pool on a CPU machine: SmolLM2-135M-Instruct + Gemma-3-270M (both GGUF, installed
-from PyPI), L = 2 hops, over reasoning-gym's offline tasks. The path tree of 400 training and 100
-held-out prompts is generated once (and cached), then tree-mode PPO trains in seconds.
+from PyPI), L = 2 hops, over reasoning-gym's offline tasks. The path tree of 100 training and 50
+held-out prompts is generated once (900 answers, cached), then tree-mode PPO trains in seconds.
 
 Pass a task as the config argument, e.g. `--config=experiments/configs/cpu_pool.py:chain_sum`
 (default: basic_arithmetic; any name of `hrjax.tasks.datasets.TASKS` works).
@@ -17,7 +17,7 @@ def get_config(task: str = "basic_arithmetic"):
         dict(name="gemma3-270m", checkpoint=str(assets.gemma3_gguf_path()), base_rate=2.0),
     ]
     config.task.name = task
-    config.task.options = dict(n_train=400, n_validation=100, n_test=100, seed=0)
+    config.task.options = dict(n_train=100, n_validation=50, n_test=50, seed=0)
     config.env.num_hops = 2
     config.env.max_new_tokens = 32
     config.env.cost_lambda = 0.1

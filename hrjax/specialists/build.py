@@ -75,6 +75,12 @@ DEFAULT_RECIPE = Recipe(members=(
 ))
 
 
+# The reduced world CI trains in under 2 minutes: add and paren questions (paren needs paren then mul),
+# the default recipe's three experts for them and no generalist.
+REDUCED_RECIPE = Recipe(members=tuple(m for m in DEFAULT_RECIPE.members if m.name in ("add", "mul", "paren")))
+RECIPES = {"default": DEFAULT_RECIPE, "reduced": REDUCED_RECIPE}
+
+
 def default_cache_dir() -> Path:
     """`$HRJAX_SPECIALISTS` or `~/.cache/hrjax/specialists`."""
     return Path(os.environ.get("HRJAX_SPECIALISTS") or Path.home() / ".cache" / "hrjax" / "specialists")

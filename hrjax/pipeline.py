@@ -1,0 +1,74 @@
+"""`hrjax evaluate`: train the router over several seeds (or resume / reuse finished runs), then
+score it on held-out prompts against every baseline and write the report.
+
+Layout of the run directory: `seed_<s>/` (one `hrjax.train` workdir per seed), `summary.json`,
+`report.md` and its PNGs. Everything is read from the path tree of the training and held-out
+prompts (generated once, cached), so baselines and the oracle are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from hrjax.config import RunConfig
+from hrjax.train import load_data, load_or_build_tree, resolve_pool, train
+
+
+class EvaluationRun(NamedTuple):
+    summary: dict
+    table: str  # Markdown
+    report: Path
+
+
+def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int], progress: bool) -> dict:
+    """{cost_lambda: params stacked over seeds} for every lambda of the evaluation sweep but the run's
+    own: fixed-lambda routers trained like the seed runs (same keys), vmapped over seeds, in memory."""
+    from tqdm.auto import tqdm
+
+    from hrjax.agent.tree_mode import make_train
+
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
+    out = {}
+    for lam in tqdm([x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda], desc="lambda sweep",
+                    disable=not progress):
+        env = dataclasses.replace(config.env, cost_lambda=lam)
+        trainer = make_train(config.ppo, config.network, env, tree, train_rows, config.train.num_iterations)
+        out[lam] = jax.jit(jax.vmap(trainer.train))(keys)[0]
+    return out
+
+
+def evaluate_run(config: RunConfig, workdir: str | Path, progress: bool = True) -> EvaluationRun:
+    """Trains `config.evaluate.seeds` routers (tree mode; online runs are scored on the same tree),
+    and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep;
+    then scores everything on the held-out prompts and writes summary.json, report.md and PNGs."""
+    from hrjax.agent.tree_mode import make_train
+    from hrjax.evaluate import Split, evaluate, markdown_table, ppo_policy, summarize
+    from hrjax.metrics import read_metrics
+    from hrjax.report import write_report
+
+    workdir = Path(workdir).expanduser()
+    config = resolve_pool(config, progress)
+    seeds = [config.seed + s for s in range(config.evaluate.seeds)]
+    params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
+
+    data = load_data(config)
+    tree = load_or_build_tree(config, data.train + data.eval, progress)
+    train_rows = np.arange(len(data.train))
+    learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
+                         config.train.num_iterations).learner
+    if not config.ppo.conditioned:
+        stacked = {config.env.cost_lambda: stacked, **sweep_routers(config, tree, train_rows, seeds, progress)}
+    n = len(data.train)
+    result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
+                      Split(tree, np.arange(n, n + len(data.eval)), [e.task for e in data.eval]),
+                      config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
+                      min(config.evaluate.knn_k, n), [m.name for m in config.pool])
+    summary = summarize(result)
+    report = write_report(workdir, summary, read_metrics(workdir / f"seed_{seeds[0]}" / "metrics.jsonl"))
+    return EvaluationRun(summary, markdown_table(summary), report)
