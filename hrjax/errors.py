@@ -19,3 +19,7 @@ class PromptTooLongError(HrjaxError, ValueError):
 
 class OfflineError(HrjaxError, RuntimeError):
     """A hub download was needed but the network is unreachable."""
+
+
+class TrainingDivergedError(HrjaxError, FloatingPointError):
+    """A loss or parameter became NaN or infinite; training stopped without saving that state."""

@@ -21,12 +21,8 @@ import numpy as np
 
 from hrjax.checkpoint import RunCheckpoints
 from hrjax.config import RunConfig
-from hrjax.errors import HrjaxError
+from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.fsutil import atomic_file
-
-
-class TrainingDivergedError(HrjaxError, FloatingPointError):
-    """A loss or parameter went non-finite; the run stopped without checkpointing it."""
 
 
 class TrainResult(NamedTuple):

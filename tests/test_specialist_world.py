@@ -10,10 +10,11 @@ import pytest
 from hrjax.env.cache import ResponseCache
 from hrjax.env.mdp import Context, EnvConfig, RoutingEnv, hop_prompt
 from hrjax.env.tree import build_tree
+from hrjax.errors import TrainingDivergedError
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import Pool
 from hrjax.specialists.build import Member, Recipe, build_pool, is_built, recipe_hash, training_pairs
-from hrjax.specialists.sft import SFTConfig, TrainingDivergedError, encode_pairs, train
+from hrjax.specialists.sft import SFTConfig, encode_pairs, train
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
 from hrjax.tasks.builders import SPLITS
 from hrjax.tasks.datasets import load_task

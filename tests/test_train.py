@@ -18,8 +18,8 @@ import pytest
 
 from hrjax import assets
 from hrjax.config import ConfigError, base_config, run_config
-from hrjax.errors import CheckpointError
-from hrjax.train import TrainingDivergedError, load_data, train, tree_meta
+from hrjax.errors import CheckpointError, TrainingDivergedError
+from hrjax.train import load_data, train, tree_meta
 from tiny_models import make_tiny_pool_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,16 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hrjax.errors import HrjaxError
+from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.models.decoder import Decoder, DecoderConfig
 from hrjax.models.hf import LoadedLM
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 STEPS_PER_CALL = 50
-
-
-class TrainingDivergedError(HrjaxError, FloatingPointError):
-    """The SFT loss became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
