@@ -107,11 +107,6 @@ class Evaluation:
 
 # ---------------------------------------------------------------------------------------------- methods
 
-def node_value(tree: PathTree, rows: np.ndarray, cost_lambda: float) -> np.ndarray:
-    """[P, K] quality - lambda * cumulative cost of every node of rows `rows`."""
-    return tree.quality[rows] - cost_lambda * tree.path_cost()[rows]
-
-
 def method_eval(tree: PathTree, rows: np.ndarray, node_prob: np.ndarray, note: str = "") -> MethodEval:
     """Expected quality and cost [S, P] of terminal-node distributions `node_prob` [S, P, K] on `rows`."""
     node_prob = np.asarray(node_prob, np.float64)
@@ -144,7 +139,7 @@ def uniform_random_nodes(tree: PathTree, stop_action: bool) -> np.ndarray:
 def best_fixed_leaf(tree: PathTree, rows: np.ndarray, cost_lambda: float) -> int:
     """The full-length node with the best mean value over `rows`."""
     leaves = np.flatnonzero(tree.depth == tree.depth.max())
-    return int(leaves[np.argmax(node_value(tree, rows, cost_lambda)[:, leaves].mean(axis=0))])
+    return int(leaves[np.argmax(tree.value(cost_lambda)[rows][:, leaves].mean(axis=0))])
 
 
 def knn_one_shot_models(train: Split, test: Split, cost_lambda: float, k: int) -> np.ndarray:
@@ -157,7 +152,7 @@ def knn_one_shot_models(train: Split, test: Split, cost_lambda: float, k: int) -
     similarity = unit(test.tree.root_embedding[test.rows]) @ unit(train.tree.root_embedding[train.rows]).T  # [P, R]
     neighbours = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [P, k]
     m = train.tree.num_models
-    first_hop = node_value(train.tree, train.rows, cost_lambda)[:, :m]  # depth-0 nodes are models 0..M-1
+    first_hop = train.tree.value(cost_lambda)[train.rows][:, :m]  # depth-0 nodes are models 0..M-1
     return np.argmax(first_hop[neighbours].mean(axis=1), axis=1)
 
 

@@ -54,10 +54,14 @@ class PathTree(NamedTuple):
             total[:, k] += total[:, self.parent[k]]
         return total
 
+    def value(self, cost_lambda: float) -> np.ndarray:
+        """[N, K] quality - lambda * cumulative cost of ending at each node."""
+        return self.quality - cost_lambda * self.path_cost()
+
     def oracle(self, cost_lambda: float = 0.0, leaves_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Per prompt, the best value quality - lambda * cost over full-length paths (or over every
         node, i.e. with STOP) -> (value [N], node [N])."""
-        value = self.quality - cost_lambda * self.path_cost()
+        value = self.value(cost_lambda)
         if leaves_only:
             value = np.where(self.depth == self.depth.max(), value, -np.inf)
         best = np.argmax(value, axis=1)

@@ -246,13 +246,6 @@ def _entry_point_from_tests(tests: Sequence[str]) -> str | None:
     return None
 
 
-def require_counts(task: str, opts: Mapping, keys: Sequence[str]) -> None:
-    """Raises TaskConfigError unless every `opts[key]` is an int >= 0."""
-    for key in keys:
-        if not isinstance(opts[key], int) or opts[key] < 0:
-            raise TaskConfigError(f"{task}: {key} must be an int >= 0, got {opts[key]!r}")
-
-
 def _newlines(code: str) -> str:
     return code.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -276,6 +269,8 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     TASK: str = ""
     SCORER: str = ""
     DEFAULTS: dict = {}
+    CHOICES: Mapping[str, tuple] = {}  # option -> its allowed values
+    COUNTS: tuple[str, ...] = ()  # options that must be ints >= 0
 
     def __init__(self, *, config=None, file_format=None, **kwargs):
         if config is None:
@@ -308,6 +303,14 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     @classmethod
     def validate_options(cls, opts: dict) -> None:
+        """The checks every builder shares, driven by its `CHOICES` (option -> allowed values) and
+        `COUNTS` (options that must be ints >= 0); subclasses add their own after calling this."""
+        for key, allowed in cls.CHOICES.items():
+            if opts[key] not in allowed:
+                raise TaskConfigError(f"{cls.TASK}: {key} must be one of {list(allowed)}, got {opts[key]!r}")
+        for key in cls.COUNTS:
+            if not isinstance(opts[key], int) or opts[key] < 0:
+                raise TaskConfigError(f"{cls.TASK}: {key} must be an int >= 0, got {opts[key]!r}")
         for key in ("validation_fraction", "test_fraction"):
             if key in opts and not (0.0 <= float(opts[key]) < 1.0):
                 raise TaskConfigError(f"{cls.TASK}: {key} must be in [0, 1), got {opts[key]}")
@@ -600,17 +603,12 @@ class HrjaxMbpp(ManualTaskBuilder):
     name = "hrjax_mbpp"
     TASK, SCORER, DIRNAME = "mbpp", "code_pass", "mbpp"
     DEFAULTS = {"variant": "full", "validation_fraction": 0.1, "seed": 0}
+    CHOICES = {"variant": ("full", "sanitized")}
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (
         "https://github.com/google-research/google-research/tree/master/mbpp (mbpp.jsonl, "
         "sanitized-mbpp.json) or https://huggingface.co/datasets/google-research-datasets/mbpp "
         "(full/{train,validation,test}-00000-of-00001.parquet)"
     )
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        if opts["variant"] not in ("full", "sanitized"):
-            raise TaskConfigError(f"mbpp: variant must be 'full' or 'sanitized', got {opts['variant']!r}")
 
     @classmethod
     def config_slug(cls, opts):
@@ -687,6 +685,7 @@ class HrjaxHumaneval(ManualTaskBuilder):
     name = "hrjax_humaneval"
     TASK, SCORER, DIRNAME = "humaneval", "code_pass", "humaneval"
     DEFAULTS = {"source": "package", "validation_fraction": 0.2, "test_fraction": 0.2, "seed": 0}
+    CHOICES = {"source": ("package", "manual")}
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (
         "https://github.com/openai/human-eval (data/HumanEval.jsonl.gz) or "
         "https://huggingface.co/datasets/openai/openai_humaneval "
@@ -697,8 +696,6 @@ class HrjaxHumaneval(ManualTaskBuilder):
     @classmethod
     def validate_options(cls, opts):
         super().validate_options(opts)
-        if opts["source"] not in ("package", "manual"):
-            raise TaskConfigError(f"humaneval: source must be 'package' or 'manual', got {opts['source']!r}")
         if opts["validation_fraction"] + opts["test_fraction"] >= 1:
             raise TaskConfigError("humaneval: validation_fraction + test_fraction must be < 1")
 
@@ -783,6 +780,7 @@ class HrjaxTriviaqa(ManualTaskBuilder):
     name = "hrjax_triviaqa"
     TASK, SCORER, DIRNAME = "triviaqa", "exact_match", "triviaqa"
     DEFAULTS = {"subset": "rc", "validation_fraction": 0.1, "seed": 0}
+    CHOICES = {"subset": ("rc", "unfiltered")}
     COLUMNS = ("question", "question_id", "question_source", "answer")
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (
         "https://nlp.cs.washington.edu/triviaqa/ (triviaqa-rc.tar.gz: qa/*.json; "
@@ -790,12 +788,6 @@ class HrjaxTriviaqa(ManualTaskBuilder):
         "https://huggingface.co/datasets/mandarjoshi/trivia_qa "
         "(rc.nocontext/ or unfiltered.nocontext/ {train,validation}-*.parquet)"
     )
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        if opts["subset"] not in ("rc", "unfiltered"):
-            raise TaskConfigError(f"triviaqa: subset must be 'rc' or 'unfiltered', got {opts['subset']!r}")
 
     @classmethod
     def config_slug(cls, opts):
@@ -873,20 +865,13 @@ class HrjaxHotpotqa(ManualTaskBuilder):
     name = "hrjax_hotpotqa"
     TASK, SCORER, DIRNAME = "hotpotqa", "f1", "hotpotqa"
     DEFAULTS = {"setting": "distractor", "include_context": False, "validation_fraction": 0.1, "seed": 0}
+    CHOICES = {"setting": ("distractor", "fullwiki")}
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (
         "http://curtis.ml.cmu.edu/datasets/hotpot/ (hotpot_train_v1.1.json, "
         "hotpot_dev_distractor_v1.json, hotpot_dev_fullwiki_v1.json; see hotpotqa.github.io) or "
         "https://huggingface.co/datasets/hotpotqa/hotpot_qa "
         "(distractor/{train,validation}-*.parquet or fullwiki/...)"
     )
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        if opts["setting"] not in ("distractor", "fullwiki"):
-            raise TaskConfigError(
-                f"hotpotqa: setting must be 'distractor' or 'fullwiki', got {opts['setting']!r}"
-            )
 
     @classmethod
     def config_slug(cls, opts):
@@ -1030,6 +1015,7 @@ class HrjaxReasoningGym(TaskBuilder):
         "task_configs": {},
         "max_draws": 100_000,
     }
+    COUNTS = ("n_train", "n_validation", "n_test", "max_draws")
 
     @classmethod
     def validate_options(cls, opts):
@@ -1039,7 +1025,6 @@ class HrjaxReasoningGym(TaskBuilder):
             raise TaskConfigError(f"reasoning_gym: tasks must be a non-empty list of names, got {tasks!r}")
         if len(set(tasks)) != len(tasks):
             raise TaskConfigError(f"reasoning_gym: tasks has duplicates: {tasks}")
-        require_counts(cls.TASK, opts, ("n_train", "n_validation", "n_test", "max_draws"))
         extra = sorted(set(opts["task_configs"]) - set(tasks))
         if extra:
             raise TaskConfigError(f"reasoning_gym: task_configs names tasks not in `tasks`: {extra}")
@@ -1131,11 +1116,7 @@ class HrjaxSpecialistWorld(TaskBuilder):
     TASK, SCORER = "specialist_world", "exact"
     DEFAULTS = {"task_types": ["add", "mul", "rev", "paren"], "n_train": 2000, "n_validation": 64,
                 "n_test": 64, "seed": 0}
-
-    @classmethod
-    def validate_options(cls, opts):
-        super().validate_options(opts)
-        require_counts(cls.TASK, opts, ("n_train", "n_validation", "n_test"))
+    COUNTS = ("n_train", "n_validation", "n_test")
 
     @classmethod
     def config_slug(cls, opts):
