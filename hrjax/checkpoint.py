@@ -10,7 +10,6 @@ silent fresh start.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +28,6 @@ class RunCheckpoints:
     """The checkpoints of one run directory, for one config (a dict, as saved)."""
 
     def __init__(self, workdir: str | Path, config: dict, max_to_keep: int, best_metric: str):
-        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         self.workdir, self.config, self.best_metric = Path(workdir), config, best_metric
         self.latest = _manager(self.workdir / "checkpoints", max_to_keep=max_to_keep)
         self.best = _manager(self.workdir / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
@@ -86,6 +84,8 @@ class RunCheckpoints:
         if self.best_metric not in metrics:
             raise ConfigError(f"config.train.best_metric '{self.best_metric}' is not an evaluation metric; "
                               f"choose one of {sorted(metrics)}.")
+        if step in self.best.all_steps():  # offered before a kill that came ahead of this step's latest save
+            return
         self.best.save(step, args=self._args(state), metrics={k: float(v) for k, v in metrics.items()})
 
     def _args(self, state: Any) -> ocp.args.Composite:

@@ -26,16 +26,38 @@ class ConfigError(HrjaxError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """Which task the router trains and is evaluated on (see `hrjax.tasks.datasets.TASKS`)."""
+    """Which task the router trains and is evaluated on (see `hrjax.tasks.datasets.TASKS`), in three
+    disjoint parts: training prompts; selection prompts, which drive the training loop's eval/*
+    metrics and so the best/ checkpoint; and the reported held-out prompts `hrjax evaluate` scores.
+    A selection split equal to the training split takes the `num_select` examples that follow the
+    first `num_train` (for tasks with no spare split)."""
 
     name: str = "basic_arithmetic"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the builder's options
     train_split: str = "train"
-    eval_split: str = "validation"
+    select_split: str = "validation"
+    eval_split: str = "test"
     num_train: int = 0  # 0: every example of the split
+    num_select: int = 0
     num_eval: int = 0
     data_dir: str = "~/.cache/hrjax/data"
     manual_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.eval_split == self.train_split:
+            raise ConfigError(
+                f"config.task.eval_split and train_split are both '{self.train_split}': the report would score the "
+                "prompts the router trained on. Set eval_split to a held-out split (e.g. 'test' or 'validation').")
+        if self.select_split == self.eval_split:
+            raise ConfigError(
+                f"config.task.select_split and eval_split are both '{self.eval_split}': the best checkpoint would be "
+                "chosen on the prompts the report scores. Set select_split to another split (e.g. 'validation'), "
+                "or to train_split with num_train > 0 (it then takes the examples after the training ones).")
+        if self.select_split == self.train_split and self.num_train < 1:
+            raise ConfigError(
+                f"config.task.select_split is the training split '{self.train_split}' but num_train is "
+                f"{self.num_train} (every example): set num_train (the selection prompts are the num_select "
+                "examples after the first num_train) or pick another select_split.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,18 +9,24 @@ cumulative normalised cost. Methods (keys of `Evaluation.sweep`, in display orde
 - `single:<model>` one hop of the model, `repeat:<model>` the model for every hop (when L > 1);
 - `random`: a uniformly random valid action at every hop (STOP, when enabled, is one of M + 1
   actions from hop 1 on), as an exact expectation;
-- `best_fixed`: the full-length path with the best mean value quality - lambda * cost on the
-  training split, applied to every held-out prompt;
+- `best_fixed`: the path with the best mean value quality - lambda * cost on the training split,
+  applied to every held-out prompt: a full-length path, or with STOP any path (one that stops early
+  is shown as `model>STOP`);
 - `knn_one_shot`: one model, one hop, chosen per prompt as the best mean value over the k nearest
   training prompts (cosine on the question's embedding);
 - `router`: the trained router's greedy paths, one set per seed;
-- `oracle`: the per-prompt best value over full-length paths (over every node when STOP is on).
+- `oracle`: the per-prompt best value over every answer a method here can end with
+  (`answer_nodes`: every node with STOP; without it, full-length paths and the one-hop answers of the
+  single-model and one-shot baselines); ties go to the lower cost, then the higher quality
+  (`oracle_nodes`). Besides its points at the sweep's lambdas, its exact cost-quality curve
+  (`Evaluation.oracle_curve`) holds one point per distinct set of choices over all lambdas in
+  [0, +inf], so it bounds every method.
 
 `summarize` turns an `Evaluation` into the JSON-able summary (per task and overall: quality, cost,
-AIQ, the router's gains and APGR, 95% t-intervals over seeds) that `write_summary`,
+AIQ, APGR, the router's gains and gap recovered, 95% t-intervals over seeds) that `write_summary`,
 `markdown_table` and `hrjax.report` all read, so every number shown comes from one place.
 Shapes: S seeds (1 for deterministic methods), P held-out prompts, K tree nodes, L hops, M models,
-A actions (M, + STOP when enabled).
+A actions (M, + STOP when enabled), B points of the oracle's curve.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class Evaluation:
     num_hops: int
     stop_action: bool
     action_table: np.ndarray  # [K, L, A] the actions leading to (and stopping at) each node
+    oracle_curve: np.ndarray  # [B, P, 2] (cost, quality) per prompt at each lambda where the oracle's choices differ
 
     def at(self, method: str, cost_lambda: float | None = None) -> MethodEval:
         lam = self.cost_lambda if cost_lambda is None else float(cost_lambda)
@@ -136,10 +143,58 @@ def uniform_random_nodes(tree: PathTree, stop_action: bool) -> np.ndarray:
     return np.where(tree.depth == last, reach, reach / (m + 1))
 
 
-def best_fixed_leaf(tree: PathTree, rows: np.ndarray, cost_lambda: float) -> int:
-    """The full-length node with the best mean value over `rows`."""
-    leaves = np.flatnonzero(tree.depth == tree.depth.max())
-    return int(leaves[np.argmax(tree.value(cost_lambda)[rows][:, leaves].mean(axis=0))])
+def terminal_nodes(tree: PathTree, stop_action: bool) -> np.ndarray:
+    """[E] the nodes an episode can end at: every node with STOP, else the full-length ones."""
+    return np.arange(tree.quality.shape[1]) if stop_action else np.flatnonzero(tree.depth == tree.depth.max())
+
+
+def answer_nodes(tree: PathTree, stop_action: bool) -> np.ndarray:
+    """[E] the nodes some evaluated method can end at, the oracle's choices: the episode ends
+    (`terminal_nodes`) and the one-hop nodes (the single-model and one-shot baselines)."""
+    return np.flatnonzero(stop_action | (tree.depth == 0) | (tree.depth == tree.depth.max()))
+
+
+def _preferred(value: np.ndarray, cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """[...] index along the last axis of the preferred entry: the highest value, then the lowest cost,
+    then the highest quality (then the first)."""
+    best = value == value.max(axis=-1, keepdims=True)
+    best &= cost == np.where(best, cost, np.inf).min(axis=-1, keepdims=True)
+    return np.argmax(np.where(best, quality, -np.inf), axis=-1)
+
+
+def _end_costs_and_qualities(tree: PathTree, rows: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cumulative cost [P, E], quality [P, E]) of the nodes `ends` of the prompts `rows`, in float64."""
+    return (tree.path_cost()[rows][:, ends].astype(np.float64), tree.quality[rows][:, ends].astype(np.float64))
+
+
+def best_fixed_node(tree: PathTree, rows: np.ndarray, cost_lambda: float, stop_action: bool) -> int:
+    """The terminal node (`terminal_nodes`: with STOP a fixed path may stop early) with the best mean
+    value quality - lambda * cost over `rows`; ties as the oracle's (lower cost, then higher quality)."""
+    ends = terminal_nodes(tree, stop_action)
+    cost, quality = (x.mean(axis=0) for x in _end_costs_and_qualities(tree, rows, ends))
+    return int(ends[_preferred(quality - cost_lambda * cost, cost, quality)])
+
+
+def oracle_nodes(tree: PathTree, rows: np.ndarray, cost_lambdas: Sequence[float], stop_action: bool) -> np.ndarray:
+    """[B, P] per lambda of `cost_lambdas` and prompt of `rows`: the node (of `answer_nodes`) of the best
+    value quality - lambda * cost; ties: the lower cost, then the higher quality. lambda = +inf: the
+    cheapest node (ties: the higher quality)."""
+    ends = answer_nodes(tree, stop_action)
+    cost, quality = _end_costs_and_qualities(tree, rows, ends)
+    return np.stack([ends[_preferred(-cost if math.isinf(lam) else quality - lam * cost, cost, quality)]
+                     for lam in cost_lambdas])
+
+
+def oracle_curve_lambdas(tree: PathTree, rows: np.ndarray, stop_action: bool) -> np.ndarray:
+    """[B] lambdas at which the oracle takes each of its distinct sets of choices over [0, +inf].
+    A prompt's choice changes only at the slopes of the edges of its hull (`pareto_hull`) of its
+    candidates' (`answer_nodes`) (cost, quality), so the oracle is constant between consecutive
+    breakpoints: -> 0, the midpoint of each pair of consecutive breakpoints, and +inf (midpoints need
+    no floating-point tie at a breakpoint to land on the right side)."""
+    cost, quality = _end_costs_and_qualities(tree, rows, answer_nodes(tree, stop_action))
+    hulls = [pareto_hull(c, q) for c, q in zip(cost, quality)]
+    breakpoints = np.unique(np.concatenate([np.diff(h[:, 1]) / np.diff(h[:, 0]) for h in hulls]))
+    return np.concatenate([[0.0], (breakpoints[:-1] + breakpoints[1:]) / 2, [np.inf]])
 
 
 def knn_one_shot_models(train: Split, test: Split, cost_lambda: float, k: int) -> np.ndarray:
@@ -239,12 +294,13 @@ def evaluate(train: Split, test: Split, env: EnvConfig, router: Policy, cost_lam
     sweep = {name: (result,) * len(lambdas) for name, result in fixed.items()}
 
     def path_name(node: int) -> str:
-        return ">".join(names[int(tree.model[a])] for a in _ancestry(tree, node))
+        stop = ["STOP"] if tree.depth[node] < hops - 1 else []
+        return ">".join([names[int(tree.model[a])] for a in _ancestry(tree, node)] + stop)
 
     best, knn, routed, oracle = [], [], [], []
     for lam in lambdas:
-        leaf = best_fixed_leaf(train.tree, train.rows, lam)
-        best.append(method_eval(tree, rows, fixed_node(tree, rows, leaf), note=path_name(leaf)))
+        node = best_fixed_node(train.tree, train.rows, lam, env.stop_action)
+        best.append(method_eval(tree, rows, fixed_node(tree, rows, node), note=path_name(node)))
         knn.append(method_eval(tree, rows, one_hot_nodes(knn_one_shot_models(train, test, lam, knn_k)[None], k)))
         nodes = np.asarray(router(tree, rows, lam))
         if nodes.ndim != 2 or nodes.shape[1] != rows.size or nodes.min() < 0 or nodes.max() >= k:
@@ -252,12 +308,14 @@ def evaluate(train: Split, test: Split, env: EnvConfig, router: Policy, cost_lam
                                   f"{nodes.max()}]; it must return [seeds, {rows.size}] terminal nodes in [0, {k}) "
                                   "(one per held-out prompt and seed).")
         routed.append(method_eval(tree, rows, one_hot_nodes(nodes, k)))
-        _, best_nodes = tree.oracle(lam, leaves_only=not env.stop_action)
-        oracle.append(method_eval(tree, rows, one_hot_nodes(best_nodes[rows][None], k)))
+        oracle.append(method_eval(tree, rows, one_hot_nodes(oracle_nodes(tree, rows, [lam], env.stop_action), k)))
     sweep |= {"best_fixed": tuple(best), "knn_one_shot": tuple(knn), ROUTER: tuple(routed), ORACLE: tuple(oracle)}
     groups = {OVERALL: np.ones(rows.size, bool)} | {t: np.asarray(test.tasks) == t for t in dict.fromkeys(test.tasks)}
+    curve = oracle_nodes(tree, rows, oracle_curve_lambdas(tree, rows, env.stop_action), env.stop_action)  # [B, P]
+    prompts = np.arange(rows.size)
+    oracle_curve = np.stack([tree.path_cost()[rows][prompts, curve], tree.quality[rows][prompts, curve]], -1)
     return Evaluation(float(env.cost_lambda), lambdas, sweep, groups, names, hops, env.stop_action,
-                      action_table(tree, env.stop_action))
+                      action_table(tree, env.stop_action), oracle_curve.astype(np.float64))
 
 
 def _ancestry(tree: PathTree, node: int) -> list[int]:
@@ -334,61 +392,110 @@ def _ratio(a: np.ndarray, b: float) -> np.ndarray:
         return np.where(b > 0, a / b, np.nan)
 
 
+def apgr_anchors(single_points: Mapping[str, Sequence[float]]) -> dict:
+    """RouteLLM's weak and strong model among the single-model methods {name: (cost, quality)}: weak =
+    the cheapest (ties: the better), strong = the best (ties: the cheaper), i.e. the two ends of the
+    single models' hull (the zero router). `reason` says why APGR is undefined (else None): the best
+    is also the cheapest, so there is no cost range to average over (equal costs end there too: the
+    weak model is the best of the cheapest)."""
+    weak = min(single_points, key=lambda n: (single_points[n][0], -single_points[n][1]))
+    strong = max(single_points, key=lambda n: (single_points[n][1], -single_points[n][0]))
+    (weak_cost, weak_quality), (strong_cost, strong_quality) = single_points[weak], single_points[strong]
+    reason = None
+    if strong_quality <= weak_quality:
+        reason = (f"the best single model, {strong} (quality {fmt(strong_quality)} at cost {fmt(strong_cost)}), is "
+                  "also the cheapest: there is no cost range between a weak and a strong model to average over")
+    return {"weak": weak, "weak_cost": float(weak_cost), "weak_quality": float(weak_quality), "strong": strong,
+            "strong_cost": float(strong_cost), "strong_quality": float(strong_quality), "reason": reason}
+
+
+def apgr(hull: np.ndarray, anchors: dict) -> float:
+    """RouteLLM's APGR of one hull [H, 2]: the mean over cost c in [weak cost, strong cost] of
+    PGR(c) = (f(c) - weak quality) / (strong quality - weak quality), f as in `hull_area` (0 left of
+    the hull's cheapest point); NaN when `anchors` (`apgr_anchors`) give a reason."""
+    if anchors["reason"]:
+        return math.nan
+    mean_quality = hull_area(hull, anchors["weak_cost"], anchors["strong_cost"])
+    return (mean_quality - anchors["weak_quality"]) / (anchors["strong_quality"] - anchors["weak_quality"])
+
+
 def summarize(ev: Evaluation) -> dict:
     """The JSON-able summary every report reads. Per group ('overall' and each task):
 
-    - `methods[name][group]`: quality, cost, aiq as {"mean", "low", "high"} (95% t over seeds;
+    - `methods[name][group]`: quality, cost, aiq, apgr as {"mean", "low", "high"} (95% t over seeds;
       zero width for deterministic methods), the points [[lambda, cost, quality], ...] of the sweep
-      (seed means), the action shares [L][A] at `cost_lambda` and, for best_fixed, the path;
-      `methods["zero_router"][group]["aiq"]`: the hull of every single-model point.
+      (seed means), the action shares [L][A] at `cost_lambda`, for best_fixed the path and for the
+      oracle its exact `frontier` [[cost, quality], ...] (the hull of `Evaluation.oracle_curve`);
+      `methods["zero_router"][group]`: aiq and apgr of the hull of every single-model point.
     - `router[group]`: quality, cost, gain_over_best_single = router / best single quality,
-      gain_over_average_single = router / mean quality of the single-model methods, apgr =
-      (router - best single) / (oracle - best single) (null when the oracle is no better), aiq;
-      `best_single` (the single-model method of highest mean quality in that group), its quality,
-      and the oracle's quality.
+      gain_over_average_single = router / mean quality of the single-model methods, gap_recovered,
+      apgr, aiq, `apgr_anchors` (`apgr_anchors`); `best_single` (the single-model method of highest
+      mean quality in that group, ties: the first listed), its quality, and the oracle's quality.
 
+    gap_recovered (a point ratio at the reported lambda) = (router - best single) / (oracle - best
+    single) qualities, the oracle maximising quality - lambda * cost per prompt and the best single
+    chosen on these held-out prompts' quality; null when the oracle is no better.
+    APGR (RouteLLM's average performance gap recovered, `apgr`): with weak = the cheapest single
+    model and strong = the best one (`apgr_anchors`), the mean over normalised cost c in [weak cost,
+    strong cost] of PGR(c) = (q(c) - weak quality) / (strong quality - weak quality), where q(c) is
+    the method's hull over the lambda sweep (per seed for the router, then the t-interval), read as
+    for AIQ; null with a stated `apgr_anchors.reason` when the best single model is also the cheapest.
+    RouteLLM's cost axis is the share of calls to the strong model; ours is normalised cost, so a
+    router cheaper or better than the strong model can score above 1.
     AIQ (RouterBench's average improvement in quality): each method's (cost, quality) points over the
-    lambda sweep (per seed for the router) give a non-decreasing upper convex hull (`pareto_hull`);
-    AIQ = (1 / (c_max - c_min)) * integral over [c_min, c_max] of f(c) (`hull_area`), with f = 0 left
-    of the hull's cheapest point, linear between hull points and flat to the right of its last; the
-    range is shared by every method in a group: the min and max cost of all points of all methods
-    (every seed, every lambda). Single models and random routing are one point each.
-    Top level: cost_lambda(s), num_seeds, router_quality / apgr / aiq (overall means),
-    best_single_quality, oracle_quality and aiq_by_method (overall means)."""
+    lambda sweep (per seed for the router; the oracle's exact curve) give a non-decreasing upper
+    convex hull (`pareto_hull`); AIQ = (1 / (c_max - c_min)) * integral over [c_min, c_max] of f(c)
+    (`hull_area`), with f = 0 left of the hull's cheapest point, linear between hull points and flat
+    to the right of its last; the range `aiq_cost_range[group]` is shared by every method in a group:
+    the min and max cost of all points of all methods (every seed, every lambda, the oracle's curve).
+    Single models and random routing are one point each. The oracle's curve starts at every prompt's
+    cheapest node, so its AIQ and its quality at every cost bound every method's.
+    Top level: cost_lambda(s), num_seeds, router_quality / gap_recovered / apgr / aiq (overall
+    means), apgr_anchors, best_single_quality, oracle_quality, aiq_by_method (overall means) and
+    aiq_cost_range."""
     methods = {name: {} for name in ev.sweep} | {"zero_router": {}}
-    router = {}
+    router, cost_range = {}, {}
     shares = {name: np.einsum("spk,kla->spla", ev.at(name).node_prob, ev.action_table) for name in ev.sweep}
     for group, mask in ev.groups.items():
         # points[name]: [S, lambdas, 2] (cost, quality), seeds of a deterministic method are 1
         points = {name: np.stack([np.stack([_group_mean(r.cost, mask), _group_mean(r.quality, mask)], -1)
                                   for r in results], axis=1) for name, results in ev.sweep.items()}
-        every = np.concatenate([p.reshape(-1, 2) for p in points.values()])
+        curves = points | {ORACLE: ev.oracle_curve[:, mask].mean(axis=1)[None]}  # the oracle's exact curve
+        every = np.concatenate([p.reshape(-1, 2) for p in curves.values()])
         c_min, c_max = float(every[:, 0].min()), float(every[:, 0].max())
-        aiq = {name: np.array([hull_area(pareto_hull(*seed.T), c_min, c_max) for seed in p])
-               for name, p in points.items()}
+        cost_range[group] = [c_min, c_max]
         singles = np.concatenate([points[name][0] for name in ev.single_methods])
-        aiq["zero_router"] = np.array([hull_area(pareto_hull(*singles.T), c_min, c_max)])
+        hulls = {name: [pareto_hull(*seed.T) for seed in p] for name, p in curves.items()}
+        hulls["zero_router"] = [pareto_hull(*singles.T)]
+        anchors = apgr_anchors({name: points[name][0, 0] for name in ev.single_methods})
+        aiq = {name: np.array([hull_area(h, c_min, c_max) for h in hs]) for name, hs in hulls.items()}
+        recovered = {name: np.array([apgr(h, anchors) for h in hs]) for name, hs in hulls.items()}
         for name in ev.sweep:
             at = ev.at(name)
             entry = {"quality": t_interval(_group_mean(at.quality, mask)),
                      "cost": t_interval(_group_mean(at.cost, mask)), "aiq": t_interval(aiq[name]),
+                     "apgr": t_interval(recovered[name]),
                      "points": [[lam, *map(float, p)] for lam, p in zip(ev.cost_lambdas, points[name].mean(axis=0))],
                      "action_share": shares[name][:, mask].mean(axis=(0, 1)).tolist()}
             if at.note:
                 entry["path"] = at.note
+            if name == ORACLE:
+                entry["frontier"] = hulls[ORACLE][0].tolist()
             methods[name][group] = entry
-        methods["zero_router"][group] = {"aiq": t_interval(aiq["zero_router"])}
+        methods["zero_router"][group] = {"aiq": t_interval(aiq["zero_router"]),
+                                         "apgr": t_interval(recovered["zero_router"])}
         single_quality = {name: float(_group_mean(ev.at(name).quality, mask)[0]) for name in ev.single_methods}
         best_single = max(single_quality, key=single_quality.get)
         best, average = single_quality[best_single], float(np.mean(list(single_quality.values())))
         oracle = float(_group_mean(ev.at(ORACLE).quality, mask)[0])
         quality = _group_mean(ev.at(ROUTER).quality, mask)
         with np.errstate(divide="ignore", invalid="ignore"):
-            apgr = np.where(oracle > best, (quality - best) / (oracle - best), np.nan)
+            gap = np.where(oracle > best, (quality - best) / (oracle - best), np.nan)
         router[group] = {"quality": t_interval(quality), "cost": t_interval(_group_mean(ev.at(ROUTER).cost, mask)),
                          "gain_over_best_single": t_interval(_ratio(quality, best)),
                          "gain_over_average_single": t_interval(_ratio(quality, average)),
-                         "apgr": t_interval(apgr), "aiq": t_interval(aiq[ROUTER]),
+                         "gap_recovered": t_interval(gap), "apgr": t_interval(recovered[ROUTER]),
+                         "aiq": t_interval(aiq[ROUTER]), "apgr_anchors": anchors,
                          "best_single": best_single, "best_single_quality": best,
                          "average_single_quality": average, "oracle_quality": oracle}
     overall = router[OVERALL]
@@ -398,9 +505,10 @@ def summarize(ev: Evaluation) -> dict:
         "num_hops": ev.num_hops, "stop_action": ev.stop_action,
         "router_quality": overall["quality"][0], "best_single": overall["best_single"],
         "best_single_quality": overall["best_single_quality"], "oracle_quality": overall["oracle_quality"],
-        "apgr": overall["apgr"][0], "aiq": overall["aiq"][0],
+        "gap_recovered": overall["gap_recovered"][0], "apgr": overall["apgr"][0],
+        "apgr_anchors": overall["apgr_anchors"], "aiq": overall["aiq"][0],
         "aiq_by_method": {name: groups[OVERALL]["aiq"][0] for name, groups in methods.items()},
-        "methods": methods, "router": router,
+        "aiq_cost_range": cost_range, "methods": methods, "router": router,
     }
     return _jsonable(summary)
 
@@ -447,26 +555,37 @@ def method_label(summary: dict, name: str) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """Two Markdown tables: every method's quality and cost per group and its AIQ (95% intervals
-    over seeds in brackets); then the router's gains, APGR and AIQ per group."""
+    """Two Markdown tables: every method's quality and cost per group, its AIQ and APGR (overall; 95%
+    intervals over seeds in brackets); then per group the router's gains, gap recovered at lambda,
+    APGR with its weak and strong model (or why it is undefined) and AIQ."""
     groups = list(summary["num_prompts"])
-    head = ["method"] + [f"{col} ({g})" for g in groups for col in ("quality", "cost")] + ["AIQ"]
+    head = ["method"] + [f"{col} ({g})" for g in groups for col in ("quality", "cost")] + ["AIQ", "APGR"]
     lines = [_row(head), _row(["---"] * len(head))]
     for name, entry in summary["methods"].items():
         if name == "zero_router":
             cells = ["", ""] * len(groups)
         else:
             cells = [fmt_interval(entry[g][col]) for g in groups for col in ("quality", "cost")]
-        lines.append(_row([method_label(summary, name)] + cells + [fmt_interval(entry[OVERALL]["aiq"])]))
+        lines.append(_row([method_label(summary, name)] + cells + [fmt_interval(entry[OVERALL]["aiq"]),
+                                                                   fmt_interval(entry[OVERALL]["apgr"])]))
     lines += ["", _row(["group", "router quality", "best single", "oracle", "gain vs best single",
-                        "gain vs average single", "APGR", "AIQ"]), _row(["---"] * 8)]
+                        "gain vs average single", f"gap recovered at lambda = {summary['cost_lambda']:g}", "APGR",
+                        "APGR weak -> strong (cost)", "AIQ"]), _row(["---"] * 10)]
     for g in groups:
         r = summary["router"][g]
         lines.append(_row([g, fmt_interval(r["quality"]), f"{fmt(r['best_single_quality'])} ({r['best_single']})",
                            fmt(r["oracle_quality"]), fmt_interval(r["gain_over_best_single"]),
-                           fmt_interval(r["gain_over_average_single"]), fmt_interval(r["apgr"]),
-                           fmt_interval(r["aiq"])]))
+                           fmt_interval(r["gain_over_average_single"]), fmt_interval(r["gap_recovered"]),
+                           fmt_interval(r["apgr"]), anchors_label(r["apgr_anchors"]), fmt_interval(r["aiq"])]))
     return "\n".join(lines) + "\n"
+
+
+def anchors_label(anchors: dict) -> str:
+    """'weak (cost) -> strong (cost)', or why APGR is undefined."""
+    if anchors["reason"]:
+        return f"n/a: {anchors['reason']}"
+    return (f"{anchors['weak']} ({fmt(anchors['weak_cost'])}) -> {anchors['strong']} "
+            f"({fmt(anchors['strong_cost'])})")
 
 
 def _row(cells: Sequence[str]) -> str:

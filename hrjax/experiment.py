@@ -13,15 +13,24 @@ overridden from the command line, and the result is checked and frozen into a `R
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path to an ml_collections config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard events")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "an ml_collections config file, optionally with its argument: FILE.py[:ARG] "
+    "(e.g. experiments/configs/specialist_world.py:reduced)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; a local path): checkpoints, metrics, "
+                               "TensorBoard events; a finished or interrupted run in it is resumed")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
+_JOBS = {"train": "Train one router in --workdir (resumes the run found there).",
+         "evaluate": "Train config.evaluate.seeds routers (or reuse finished ones) and evaluate them against every "
+                     "baseline: summary.json, report.md and plots in --workdir."}
+_HELP = ("--help", "-h", "--helpshort", "-?")
 
 
 def _train(config, workdir, progress) -> None:
@@ -46,11 +55,44 @@ def _main(job, argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (flags take the form --name=value).")
     from hrjax.config import run_config
     from hrjax.errors import HrjaxError
+    from hrjax.rundir import local_dir
 
     try:
-        job(run_config(_CONFIG.value.to_dict()), _WORKDIR.value, _PROGRESS.value)
+        config = run_config(_CONFIG.value.to_dict())
+        local_dir(_WORKDIR.value, "--workdir")
+        local_dir(config.train.cache_dir, "config.train.cache_dir")
+        job(config, _WORKDIR.value, _PROGRESS.value)
     except HrjaxError as e:
         sys.exit(f"error: {e}")
+
+
+def usage(command: str, job: str) -> str:
+    """The help text of `command` (`hrjax train`, `python -m experiments.evaluate`, ...)."""
+    from hrjax.config import RunConfig
+
+    sections = ", ".join(f.name for f in dataclasses.fields(RunConfig))
+    lines = [f"usage: {command} --config=FILE.py[:ARG] --workdir=DIR [--config.SECTION.KEY=VALUE ...] [--noprogress]",
+             "", _JOBS[job], "", "flags:"]
+    for flag in sorted(flags.FLAGS.get_flags_for_module(sys.modules[__name__]), key=lambda f: f.name):
+        name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+        lines.append(f"  {name}: {flag.help}" + (f" (default: {flag.default})" if flag.default is not None else ""))
+    lines += ["  --config.SECTION.KEY=VALUE: override any config field, e.g. --config.ppo.learning_rate=3e-4 or "
+              "--config.train.num_iterations=50", f"      (sections: {sections}; see hrjax/config.py)",
+              "", "Config files: experiments/configs/ (tiny.py, specialist_world.py[:reduced], cpu_pool.py[:TASK], "
+              "qwen25_paper.py:FAMILY)."]
+    return "\n".join(lines)
+
+
+def _check_config_file(argv: Sequence[str]) -> None:
+    """A --config that names no file gets one line (ml_collections would end in a long traceback)."""
+    for arg in argv[1:]:
+        if arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+            path = Path(value if Path(value).is_file() else value.rsplit(":", 1)[0]).expanduser()
+            if not path.is_file():
+                problem = "is a directory" if path.is_dir() else "does not exist"
+                sys.exit(f"error: --config={value}: {path} {problem}; pass a config file such as "
+                         "experiments/configs/tiny.py (run from the repository root, or give its full path).")
 
 
 def _check_overrides(argv: Sequence[str]) -> None:
@@ -64,18 +106,23 @@ def _check_overrides(argv: Sequence[str]) -> None:
                 sys.exit(f"error: bad override {arg}: {problem}")
 
 
-def _launch(job, argv: Optional[Sequence[str]]) -> None:
+def _launch(job, name: str, argv: Optional[Sequence[str]]) -> None:
     argv = list(argv) if argv is not None else sys.argv
+    if any(arg in _HELP for arg in argv[1:]):
+        command = argv[0] if argv[0].startswith("hrjax ") else f"python -m experiments.{name}"
+        print(usage(command, name))
+        sys.exit(0)
     _check_overrides(argv)
+    _check_config_file(argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(lambda args: _main(job, args), argv=argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Train one router (`python -m experiments.train`, `hrjax train`)."""
-    _launch(_train, argv)
+    _launch(_train, "train", argv)
 
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> None:
     """Train over seeds and evaluate (`python -m experiments.evaluate`, `hrjax evaluate`)."""
-    _launch(_evaluate, argv)
+    _launch(_evaluate, "evaluate", argv)

@@ -1,7 +1,8 @@
 """Training metrics to a JSONL file and TensorBoard event files (tensorboardX, no TensorFlow).
 
-One JSONL row per logged step: {"step": iteration, <name>: value, ...}; per-hop action shares go in
-as `action_histogram` ([L][A] nested list) and to TensorBoard as `actions/hop<l>/<action name>`.
+One JSONL row per logged step: {"step": iteration, <name>: value, ...} (a fresh run's first row is
+step 0, the untrained router's eval/* only); per-hop action shares go in as `action_histogram`
+([L][A] nested list) and to TensorBoard as `actions/hop<l>/<action name>`.
 A resumed run first drops the rows past the checkpoint it resumed from (they are logged again).
 """
 

@@ -2,8 +2,9 @@
 score it on held-out prompts against every baseline and write the report.
 
 Layout of the run directory: `seed_<s>/` (one `hrjax.train` workdir per seed), `summary.json`,
-`report.md` and its PNGs. Everything is read from the path tree of the training and held-out
-prompts (generated once, cached), so baselines and the oracle are exact.
+`report.md` and its PNGs. Everything is read from the one path tree of the training, selection
+and held-out prompts (generated once, cached; the seed runs train on it), so baselines and the
+oracle are exact. The held-out prompts are scored here only: the seed runs select on the others.
 """
 
 from __future__ import annotations
@@ -45,30 +46,37 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
 def evaluate_run(config: RunConfig, workdir: str | Path, progress: bool = True) -> EvaluationRun:
     """Trains `config.evaluate.seeds` routers (tree mode; online runs are scored on the same tree),
     and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep;
-    then scores everything on the held-out prompts and writes summary.json, report.md and PNGs."""
+    then scores everything on the held-out prompts and writes summary.json, report.md and PNGs.
+    The workdir is held exclusively while the evaluation runs (each seed's run dir too)."""
+    from hrjax.rundir import local_dir, locked_run_dir
+
+    local_dir(config.train.cache_dir, "config.train.cache_dir")
+    with locked_run_dir(workdir) as workdir:
+        return _evaluate_in(config, workdir, progress)
+
+
+def _evaluate_in(config: RunConfig, workdir: Path, progress: bool) -> EvaluationRun:
     from hrjax.agent.tree_mode import make_train
     from hrjax.evaluate import Split, evaluate, markdown_table, ppo_policy, summarize
     from hrjax.metrics import read_metrics
     from hrjax.report import write_report
 
-    workdir = Path(workdir).expanduser()
     config = resolve_pool(config, progress)
     seeds = [config.seed + s for s in range(config.evaluate.seeds)]
     params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
 
     data = load_data(config)
-    tree = load_or_build_tree(config, data.train + data.eval, progress)
-    train_rows = np.arange(len(data.train))
+    tree = load_or_build_tree(config, data.examples, progress)  # the seed runs' tree: train, select, eval
+    train_rows = data.rows("train")
     learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
                          config.train.num_iterations).learner
     if not config.ppo.conditioned:
         stacked = {config.env.cost_lambda: stacked, **sweep_routers(config, tree, train_rows, seeds, progress)}
-    n = len(data.train)
     result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
-                      Split(tree, np.arange(n, n + len(data.eval)), [e.task for e in data.eval]),
+                      Split(tree, data.rows("eval"), [e.task for e in data.eval]),
                       config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
-                      min(config.evaluate.knn_k, n), [m.name for m in config.pool])
+                      min(config.evaluate.knn_k, len(data.train)), [m.name for m in config.pool])
     summary = summarize(result)
-    report = write_report(workdir, summary, read_metrics(workdir / f"seed_{seeds[0]}" / "metrics.jsonl"))
+    report = write_report(workdir, summary, [read_metrics(workdir / f"seed_{s}" / "metrics.jsonl") for s in seeds])
     return EvaluationRun(summary, markdown_table(summary), report)

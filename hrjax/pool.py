@@ -2,6 +2,12 @@
 
 Models whose vocabularies are identical share a `tokenizer_id`: the env then hands one model's
 answer to the next as the answer's own token ids instead of re-tokenising its text.
+
+A model's `fingerprint` keys its cached answers, so it identifies what the answers depend on, not
+the checkpoint's name: the files' content (a hub checkpoint's resolved commit; else the sha256 of the
+GGUF file or of the directory's files), the config, the dtype, and the tokenizer as it behaves (its
+full serialisation, chat template and special tokens, however it was given). File digests are
+memoised by (size, mtime, ctime, inode) in `FileDigests`' index, so only a new or changed file is read.
 """
 
 from __future__ import annotations
@@ -10,10 +16,17 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 from hrjax.errors import HrjaxError
+from hrjax.fsutil import atomic_file
 from hrjax.generate.sampler import Sampler
+
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt")  # what the HF loaders read
+_HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +88,80 @@ class PoolModel:
         return frozenset(self.tokenizer.all_special_ids)
 
 
-def load_model(spec: ModelSpec) -> PoolModel:
-    """Loads one pool member through the HF or GGUF loader."""
+class FileDigests:
+    """sha256 of files' contents, memoised in a JSON index (None: for this process only) under the
+    file's real path and its (size, mtime_ns, ctime_ns, inode): a file rewritten in place or replaced
+    is read again. Call `save` to keep what was computed."""
+
+    def __init__(self, index: Optional[str | os.PathLike] = None):
+        self.index = None if index is None else Path(index).expanduser()
+        self.known: dict[str, list] = {}
+        if self.index is not None and self.index.exists():
+            try:
+                self.known = json.loads(self.index.read_text())
+            except (OSError, ValueError):
+                self.known = {}  # a damaged index only costs hashing again
+        self.changed = False
+
+    def digest(self, path: str | os.PathLike) -> str:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        known = self.known.get(real)
+        if known is not None and known[:4] == stamp:
+            return known[4]
+        with open(real, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.known[real], self.changed = stamp + [digest], True
+        return digest
+
+    def save(self) -> None:
+        if self.index is not None and self.changed:
+            with atomic_file(self.index, "w") as f:
+                json.dump(self.known, f)
+            self.changed = False
+
+
+def checkpoint_fingerprint(source: str | os.PathLike, digests: FileDigests) -> str:
+    """What identifies a checkpoint's (or a tokenizer's) files: `hub:<repo>@<commit>` for a hub snapshot
+    directory (immutable per commit), the content digest of a file (GGUF) or of a directory's
+    `CHECKPOINT_FILES`; `id:<source>` for a hub id that names no local path."""
+    path = Path(source)
+    if path.is_file():
+        return f"sha256:{digests.digest(path)}"
+    if path.parent.name == "snapshots" and _HUB_SNAPSHOT.fullmatch(path.name):
+        return f"hub:{path.parent.parent.name}@{path.name}"
+    if path.is_dir():
+        files = sorted({f for pattern in CHECKPOINT_FILES for f in path.glob(pattern) if f.is_file()})
+        listing = [[f.name, digests.digest(f)] for f in files]
+        return "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return f"id:{source}"
+
+
+def spec_fingerprint(spec: ModelSpec, digests: FileDigests) -> dict:
+    """The content of a spec's files without loading the model: its checkpoint (a hub id resolved as
+    `load_hf` resolves it) and its tokenizer override."""
+    checkpoint = spec.checkpoint
+    if not Path(checkpoint).exists() and not checkpoint.startswith((".", "/")) and checkpoint.count("/") == 1:
+        from hrjax.models.hf import resolve_hub
+
+        checkpoint = resolve_hub(checkpoint)
+    return {"checkpoint": checkpoint_fingerprint(checkpoint, digests),
+            "tokenizer": None if spec.tokenizer is None else checkpoint_fingerprint(spec.tokenizer, digests)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of how a tokenizer behaves: its full serialisation (fast tokenizers: normaliser,
+    pre-tokeniser, model, added tokens, post-processor; else its vocabulary), chat template and
+    special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [type(tokenizer).__name__, getattr(tokenizer, "chat_template", None), tokenizer.special_tokens_map]
+    return hashlib.sha256((body + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
+
+
+def load_model(spec: ModelSpec, digests: Optional[FileDigests] = None) -> PoolModel:
+    """Loads one pool member through the HF or GGUF loader; `digests` memoises file digests."""
     from hrjax.models.gguf import load_gguf
     from hrjax.models.hf import load_hf
 
@@ -90,9 +175,10 @@ def load_model(spec: ModelSpec) -> PoolModel:
     if lm.tokenizer is None:
         raise HrjaxError(f"Model '{spec.name}' ({spec.checkpoint}) has no tokenizer: set `tokenizer` to a "
                          "HF tokenizer directory in its ModelSpec.")
-    fingerprint = hashlib.sha256(json.dumps(
-        [spec.name, spec.checkpoint, spec.dtype, spec.use_chat_template, lm.hf_config], sort_keys=True,
-        default=str).encode()).hexdigest()[:16]
+    identity = {"weights": checkpoint_fingerprint(lm.source, digests or FileDigests()), "config": lm.hf_config,
+                "dtype": spec.dtype, "tokenizer": tokenizer_fingerprint(lm.tokenizer),
+                "use_chat_template": spec.use_chat_template}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     vocabulary = sorted(lm.tokenizer.get_vocab().items())
     tokenizer_id = hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()[:16]
     return PoolModel(spec, Sampler.from_loaded(lm), fingerprint, tokenizer_id)
@@ -110,8 +196,12 @@ class Pool:
         self.models = list(models)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[ModelSpec]) -> "Pool":
-        return cls([load_model(s) for s in specs])
+    def from_specs(cls, specs: Sequence[ModelSpec], digest_index: Optional[str | os.PathLike] = None) -> "Pool":
+        """Loads every spec; `digest_index`: a file memoising weight-file digests across runs (see `FileDigests`)."""
+        digests = FileDigests(digest_index)
+        pool = cls([load_model(s, digests) for s in specs])
+        digests.save()
+        return pool
 
     def __len__(self) -> int:
         return len(self.models)

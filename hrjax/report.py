@@ -2,8 +2,8 @@
 
 Figures are plain `matplotlib.figure.Figure`s rendered with Agg (no pyplot, no display), and every
 number drawn on them is formatted by `hrjax.evaluate.fmt` from the same summary the tables use.
-`write_report(run_dir, summary, metrics_rows)` writes summary.json, pareto.png, paths.png,
-learning_curves.png (when metrics rows are given) and report.md, each atomically.
+`write_report(run_dir, summary, runs)` writes summary.json, pareto.png, paths.png,
+learning_curves.png (when the seeds' metrics rows are given) and report.md, each atomically.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from hrjax.evaluate import (ROUTER, EvaluationError, fmt, markdown_table, method_label, pareto_hull,
-                            write_summary)
+from hrjax.evaluate import (OVERALL, ROUTER, EvaluationError, anchors_label, fmt, markdown_table, method_label,
+                            pareto_hull, write_summary)
 from hrjax.fsutil import atomic_file
 
 LEARNING_CURVE_KEYS = ("return", "quality", "cost", "eval/quality", "eval/cost", "eval/value")
@@ -31,9 +31,9 @@ MARKERS = {ROUTER: dict(marker="*", ms=13), "oracle": dict(marker="D", ms=9, mfc
 
 def pareto_figure(summary: dict) -> Figure:
     """Cost-quality plane, one panel per group: every method's points across the lambda sweep with
-    their non-decreasing hull (one point for single models and random routing), the single models'
-    hull (RouterBench's zero router) dashed, and each method's point at the reported lambda
-    annotated with its quality."""
+    their non-decreasing hull (one point for single models and random routing; for the oracle its
+    exact frontier), the single models' hull (RouterBench's zero router) dashed, and each method's
+    point at the reported lambda annotated with its quality."""
     groups = list(summary["num_prompts"])
     fig = _figure(len(groups), width=6.0, height=4.5)
     colors = _colors(len(summary["methods"]))
@@ -48,7 +48,7 @@ def pareto_figure(summary: dict) -> Figure:
                 singles.append(points[0])
             label = f"{method_label(summary, name)}, AIQ {fmt(data['aiq']['mean'])}"
             if name in SWEPT:
-                hull = pareto_hull(points[:, 0], points[:, 1])
+                hull = np.array(data["frontier"]) if "frontier" in data else pareto_hull(points[:, 0], points[:, 1])
                 ax.plot(hull[:, 0], hull[:, 1], "-", color=color, lw=1.5 if name == ROUTER else 1.0, alpha=0.8)
                 ax.plot(points[:, 0], points[:, 1], ".", color=color, alpha=0.5)
             cost, quality = data["cost"]["mean"], data["quality"]["mean"]
@@ -84,42 +84,78 @@ def paths_figure(summary: dict, method: str = ROUTER) -> Figure:
     return fig
 
 
-def learning_curves_figure(rows: Sequence[Mapping], keys: Sequence[str] = LEARNING_CURVE_KEYS) -> Figure:
-    """One panel per metric of `keys` that the rows (metrics.jsonl rows: {"step": int, name: value})
-    hold, against step; a row without a metric (e.g. no eval that step) is skipped for it."""
-    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    if not present:
-        raise EvaluationError(f"No metrics row holds any of {list(keys)}: pass the rows of a run's metrics.jsonl "
-                              "(hrjax.metrics.read_metrics) or name the keys to plot.")
-    fig = _figure(len(present), width=4.0, height=3.0)
-    for ax, key in zip(fig.axes, present):
-        steps, values = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
-        ax.plot(steps, values, ".-" if len(steps) < 30 else "-", lw=1.0)
+def learning_curves_figure(runs: Sequence[Sequence[Mapping]], keys: Sequence[str] = LEARNING_CURVE_KEYS) -> Figure:
+    """One panel per metric of `keys` that the runs hold, against step: the mean over the runs (one
+    per seed; each the rows of its metrics.jsonl, {"step": int, name: value}) and a band from their
+    min to their max, at the steps where every run logged the metric (eval/* from step 0, the
+    untrained router; training metrics from the first Python step)."""
+    def series(rows, key) -> dict:
+        return {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+
+    curves = {}
+    for key in keys:
+        per_run = [series(rows, key) for rows in runs]
+        steps = sorted(set.intersection(*(set(s) for s in per_run))) if per_run else []
+        if steps:
+            curves[key] = (np.array(steps), np.array([[s[step] for step in steps] for s in per_run]))  # [R, T]
+    if not curves:
+        raise EvaluationError(f"No step of the metrics rows holds any of {list(keys)} in every run: pass each seed's "
+                              "metrics.jsonl rows (hrjax.metrics.read_metrics) or name the keys to plot.")
+    fig = _figure(len(curves), width=4.0, height=3.0)
+    fig.suptitle(f"mean over {len(runs)} seed(s); band: min to max", fontsize=9)
+    for ax, (key, (steps, values)) in zip(fig.axes, curves.items()):
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.25, lw=0)
+        ax.plot(steps, values.mean(axis=0), ".-" if len(steps) < 30 else "-", lw=1.0)
         ax.set(title=key, xlabel="iteration")
         ax.grid(alpha=0.3)
     return fig
 
 
-def write_report(run_dir: str | os.PathLike, summary: dict, metrics_rows: Sequence[Mapping] | None = None) -> Path:
-    """Writes summary.json, the PNGs and report.md (the tables with the PNGs embedded) into
-    `run_dir` -> the report.md path."""
+def write_report(run_dir: str | os.PathLike, summary: dict, runs: Sequence[Sequence[Mapping]] | None = None) -> Path:
+    """Writes summary.json, the PNGs and report.md (the tables, how their metrics are computed and
+    the PNGs) into `run_dir` -> the report.md path. `runs`: each seed's metrics.jsonl rows."""
     run_dir = Path(run_dir)
     write_summary(run_dir / "summary.json", summary)
     figures = {"pareto.png": ("Cost-quality trade-off", pareto_figure(summary)),
                "paths.png": ("Routing paths of the held-out prompts", paths_figure(summary))}
-    if metrics_rows:
-        figures["learning_curves.png"] = ("Learning curves", learning_curves_figure(metrics_rows))
+    if runs:
+        figures["learning_curves.png"] = ("Learning curves (selection prompts for eval/*)",
+                                          learning_curves_figure(runs))
     for name, (_, fig) in figures.items():
         save_png(fig, run_dir / name)
     lines = [f"# Router evaluation (lambda = {summary['cost_lambda']:g}, {summary['num_seeds']} seeds)", "",
              f"Held-out prompts: {', '.join(f'{g} {n}' for g, n in summary['num_prompts'].items())}. "
-             "Intervals in brackets are 95% t-intervals over seeds.", "", markdown_table(summary)]
+             "Intervals in brackets are 95% t-intervals over seeds.", "", markdown_table(summary),
+             *metric_definitions(summary), ""]
     for name, (title, _) in figures.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     path = run_dir / "report.md"
     with atomic_file(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def metric_definitions(summary: dict) -> list[str]:
+    """report.md's lines saying how the gap recovered, APGR and AIQ are computed (`summarize`)."""
+    lam = f"{summary['cost_lambda']:g}"
+    return [
+        f"- **gap recovered at lambda = {lam}**: (router - best single) / (oracle - best single) mean quality at "
+        f"lambda = {lam}; the oracle maximises quality - lambda * cost per prompt, the best single model is chosen "
+        "on these held-out prompts' quality.",
+        "- **APGR** (RouteLLM's average performance gap recovered): the mean over normalised cost c from the weak "
+        "to the strong model's cost of (q(c) - weak quality) / (strong quality - weak quality), q(c) read off the "
+        "method's hull over the lambda sweep (0 left of its cheapest point; per seed, then the t-interval). Weak = "
+        "the cheapest single model, strong = the best one (the two ends of the single models' hull); overall: "
+        f"{anchors_label(summary['apgr_anchors'])}. A method whose curve rises above the strong model's quality "
+        "scores above 1.",
+        "- **AIQ** (RouterBench): the mean quality of a method's hull over the lambda sweep across the cost range "
+        "of all methods' points in the group (overall: "
+        f"{fmt(summary['aiq_cost_range'][OVERALL][0])} to {fmt(summary['aiq_cost_range'][OVERALL][1])}), 0 left of "
+        "its cheapest point. The oracle's curve is exact (every lambda in [0, +inf], from each prompt's cheapest "
+        "answer), so it bounds every method.",
+        "- **eval/* learning curves**: the greedy router on the selection prompts (which also choose each seed's "
+        "best/ checkpoint), never on the held-out prompts scored here; the routers scored here are the final ones.",
+    ]
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:

@@ -1,7 +1,8 @@
 """The training loop: `train(config, workdir)` runs `iterations_per_step` jitted PPO iterations per
 Python step, then logs (JSONL + TensorBoard + a progress bar with ETA), evaluates the greedy router
-on held-out prompts and checkpoints. A run restarted on the same workdir resumes from its latest
-checkpoint and ends with the same parameters, bit for bit, as a run never interrupted.
+on the selection prompts (also at iteration 0, before any update) and checkpoints. A run restarted
+on the same workdir resumes from its latest checkpoint and ends with the same parameters, bit for
+bit, as a run never interrupted.
 
 Data flows one way: task examples -> pool + encoder -> env (or its path tree) -> PPO -> checkpoints.
 """
@@ -33,10 +34,22 @@ class TrainResult(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
-    """The task's examples: training prompts first, then the held-out ones."""
+    """The task's examples in three disjoint parts (`config.task`): training prompts, selection
+    prompts (the loop's eval/* metrics and best/ checkpoint) and the reported held-out ones."""
 
     train: list
+    select: list
     eval: list
+
+    @property
+    def examples(self) -> list:
+        """Every example, in the order of the path tree's rows: train, select, eval."""
+        return self.train + self.select + self.eval
+
+    def rows(self, part: str) -> np.ndarray:
+        """[n] int: the rows of `examples` (and of the path tree) holding part 'train', 'select' or 'eval'."""
+        start = {"train": 0, "select": len(self.train), "eval": len(self.train) + len(self.select)}[part]
+        return np.arange(start, start + len(getattr(self, part)))
 
 
 def resolve_pool(config: RunConfig, progress: bool = True) -> RunConfig:
@@ -61,16 +74,30 @@ def load_data(config: RunConfig) -> RunData:
 
     task = config.task
     kw = dict(data_dir=task.data_dir, manual_dir=task.manual_dir, **task.options)
-    train = load_task(task.name, task.train_split, **kw)[:task.num_train or None]
+    train_split = load_task(task.name, task.train_split, **kw)
+    train = train_split[:task.num_train or None]
+    if task.select_split == task.train_split:  # no spare split: the examples after the training ones
+        select = train_split[task.num_train:][:task.num_select or None]
+    else:
+        select = load_task(task.name, task.select_split, **kw)[:task.num_select or None]
     held_out = load_task(task.name, task.eval_split, **kw)[:task.num_eval or None]
-    if not train or not held_out:
-        raise HrjaxError(f"Task '{task.name}' gave {len(train)} training and {len(held_out)} evaluation examples: "
-                         "both splits need at least one (check config.task.options and num_train/num_eval).")
-    return RunData(train, held_out)
+    if not train or not select or not held_out:
+        raise HrjaxError(f"Task '{task.name}' gave {len(train)} training, {len(select)} selection and {len(held_out)} "
+                         "evaluation examples: each part needs at least one (check config.task.options and "
+                         "num_train / num_select / num_eval).")
+    return RunData(train, select, held_out)
 
 
-def make_env(config: RunConfig):
-    """The routing env over the configured pool, encoder and the shared response cache."""
+def _digest_index(config: RunConfig) -> Path:
+    """The memo of weight-file digests, shared by every run on the cache dir (see `hrjax.pool.FileDigests`)."""
+    return Path(config.train.cache_dir).expanduser() / "file_digests.json"
+
+
+def make_env(config: RunConfig, examples: Optional[list] = None):
+    """The routing env over the configured pool, encoder and the shared response cache. With `examples`,
+    first checks that each of their prompts fits every pool model's context at every hop (one
+    `PromptTooLongError` naming those that do not)."""
+    from hrjax.env.budget import check_prompt_budgets
     from hrjax.env.cache import ResponseCache
     from hrjax.env.mdp import RoutingEnv
     from hrjax.models.encoder import load_encoder
@@ -78,47 +105,62 @@ def make_env(config: RunConfig):
     from hrjax.tasks.scorers import score_example
 
     cache = ResponseCache(Path(config.train.cache_dir).expanduser() / "responses")
-    return RoutingEnv(Pool.from_specs(config.pool), load_encoder(config.encoder or None), score_example, config.env,
-                      cache)
+    pool = Pool.from_specs(config.pool, digest_index=_digest_index(config))
+    env = RoutingEnv(pool, load_encoder(config.encoder or None), score_example, config.env, cache)
+    if examples is not None:
+        check_prompt_budgets(env, [e.id for e in examples], [e.question for e in examples])
+    return env
 
 
 def tree_meta(config: RunConfig, examples: list) -> dict:
-    """What a path tree depends on: the pool, the encoder, the generation settings and the prompts."""
+    """What a path tree depends on: the tree format, the pool (its specs and their files' content), the
+    encoder, the generation settings, and every example's content with the versions of their scorers."""
+    from hrjax.env.tree import FORMAT_VERSION
+    from hrjax.pool import FileDigests, spec_fingerprint
+    from hrjax.tasks.datasets import examples_fingerprint
+
     generation = {k: v for k, v in config.to_dict()["env"].items()
                   if k not in ("cost_lambda", "cost_timing", "stop_action")}
-    ids = hashlib.sha256(json.dumps([e.id for e in examples]).encode()).hexdigest()
-    return {"pool": config.to_dict()["pool"], "encoder": config.encoder, "env": generation, "task": config.task.name,
-            "examples": ids}
+    digests = FileDigests(_digest_index(config))
+    files = [spec_fingerprint(spec, digests) for spec in config.pool]
+    digests.save()
+    return {"format": FORMAT_VERSION, "pool": config.to_dict()["pool"], "pool_files": files, "encoder": config.encoder,
+            "env": generation, "task": config.task.name, **examples_fingerprint(examples)}
 
 
 def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
-    """The path tree of `examples`, from the cache dir when one was built before, else built (and saved)."""
+    """The path tree of `examples`, from the cache dir when one was built before, else built (and saved).
+    One process builds a given tree at a time; another that needs it waits, then reads it."""
     from hrjax.env.tree import build_tree, load_tree, save_tree
+    from hrjax.locking import exclusive
 
     meta = tree_meta(config, examples)
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(config.train.cache_dir).expanduser() / "trees" / f"{digest}.npz"
-    if path.exists():
-        return load_tree(path, meta)
-    tree = build_tree(make_env(config), examples, [e.question for e in examples], progress=progress)
-    save_tree(tree, path, meta)
-    return tree
+    if not path.exists():
+        with exclusive(path.with_suffix(".lock"), f"the path tree build {path}", wait=True):
+            if not path.exists():  # else built by the process this one waited for
+                tree = build_tree(make_env(config, examples), examples, [e.question for e in examples],
+                                  progress=progress)
+                save_tree(tree, path, meta)
+                return tree
+    return load_tree(path, meta)
 
 
 class _TreeRun:
-    """Tree mode: the path tree of train + eval prompts; one jitted scan per Python step."""
+    """Tree mode: the path tree of every prompt (train, select, eval: the one tree `hrjax evaluate`
+    reads too); one jitted scan per Python step; evaluation on the selection prompts."""
 
     def __init__(self, config: RunConfig, data: RunData, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
 
-        tree = load_or_build_tree(config, data.train + data.eval, progress)
-        n = len(data.train)
-        self.trainer = make_train(config.ppo, config.network, config.env, tree, np.arange(n),
+        tree = load_or_build_tree(config, data.examples, progress)
+        self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
                                   config.train.num_iterations)
         self._run = jax.jit(self.trainer.run, static_argnums=1)
-        eval_rows, lam = np.arange(n, n + len(data.eval)), config.env.cost_lambda
-        self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env, eval_rows,
-                                                           lam))
+        select_rows, lam = data.rows("select"), config.env.cost_lambda
+        self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env,
+                                                           select_rows, lam))
 
     def init(self, rng):
         return self.trainer.init(rng)
@@ -143,7 +185,7 @@ class _OnlineRun:
         from hrjax.agent.online import OnlineTrainer
 
         self.config, self.data = config, data
-        self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config), data.train,
+        self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config, data.examples), data.train,
                                      [e.question for e in data.train], config.train.num_iterations, config.seed)
 
     def init(self, rng):
@@ -159,9 +201,10 @@ class _OnlineRun:
                        for k in rows[0]}
 
     def evaluate(self, params):
-        lam = np.full(len(self.data.eval), self.config.env.cost_lambda, np.float32)
-        episode = self.trainer.play(params, jax.random.PRNGKey(0), self.data.eval, [e.question for e in self.data.eval],
-                                    lam, greedy=True)
+        select = self.data.select
+        lam = np.full(len(select), self.config.env.cost_lambda, np.float32)
+        episode = self.trainer.play(params, jax.random.PRNGKey(0), select, [e.question for e in select], lam,
+                                    greedy=True)
         self.trainer.env.cache.flush()
         return float(episode.quality.mean()), float(episode.total_cost.mean())
 
@@ -176,10 +219,18 @@ def _first_non_finite(metrics: dict, params) -> Optional[str]:
 
 
 def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
-    """Trains (or resumes) the router of `config` in `workdir`; -> final params and the logged rows."""
+    """Trains (or resumes) the router of `config` in `workdir`; -> final params and the logged rows.
+    The workdir is held exclusively while the run lasts."""
+    from hrjax.rundir import local_dir, locked_run_dir
+
+    local_dir(config.train.cache_dir, "config.train.cache_dir")
+    with locked_run_dir(workdir) as workdir:
+        return _train_in(config, workdir, progress)
+
+
+def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
     from hrjax.metrics import MetricsWriter
 
-    workdir = Path(workdir).expanduser()
     config = resolve_pool(config, progress)
     checkpoints = RunCheckpoints(workdir, config.to_dict(), config.train.max_to_keep, config.train.best_metric)
     try:
@@ -199,11 +250,21 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
         checkpoints.close()
 
 
+def _evaluation(config: RunConfig, run, params) -> dict:
+    """The eval/* metrics: the greedy router's mean quality, cost and value on the selection prompts."""
+    quality, cost = run.evaluate(params)
+    return {"eval/quality": quality, "eval/cost": cost, "eval/value": quality - config.env.cost_lambda * cost}
+
+
 def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writer, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
     loop, carry, iteration = config.train, state["carry"], int(state["iteration"])
     history, python_step = [], iteration // loop.iterations_per_step
+    if iteration == 0:  # a fresh run: the learning curves start at the untrained router (never offered to best/)
+        evaluation = _evaluation(config, run, carry.params)
+        writer.write(0, evaluation)
+        history.append({"step": 0, **evaluation})
     with tqdm(total=loop.num_iterations, initial=iteration, desc=f"train ({config.mode})", unit="it",
               disable=not progress) as bar:
         while iteration < loop.num_iterations:
@@ -225,9 +286,7 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
             state = {"carry": carry, "iteration": jnp.asarray(iteration, jnp.int32)}
             last = iteration >= loop.num_iterations
             if python_step % loop.eval_every == 0 or last:
-                quality, cost = run.evaluate(carry.params)
-                evaluation = {"eval/quality": quality, "eval/cost": cost,
-                              "eval/value": quality - config.env.cost_lambda * cost}
+                evaluation = _evaluation(config, run, carry.params)
                 metrics.update(evaluation)
                 checkpoints.save_best(iteration, state, evaluation)
             writer.write(iteration, metrics)

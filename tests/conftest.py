@@ -11,7 +11,7 @@ from hrjax.runtime import use_precise_cpu_matmuls
 use_precise_cpu_matmuls()
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import DECODER_ARCHS, make_tiny_decoder  # noqa: E402
+from tiny_models import DECODER_ARCHS, make_tiny_decoder, make_tiny_pool_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,15 @@ def tiny_decoder(tmp_path_factory):
 def pytest_generate_tests(metafunc):
     if "decoder_arch" in metafunc.fixturenames:
         metafunc.parametrize("decoder_arch", DECODER_ARCHS)
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory):
+    """A pool of two tiny random Llamas over MiniLM's vocabulary, plus the data and cache dirs the
+    training runs of the tests share (see tests/runs.py)."""
+    from hrjax import assets
+
+    root = tmp_path_factory.mktemp("tiny_pool")
+    pool = [dict(name=f"tiny-{i}", checkpoint=str(make_tiny_pool_model(root / f"tiny-{i}", assets.minilm_path(), i)),
+                 base_rate=float(i + 1), use_chat_template=False) for i in range(2)]
+    return dict(pool=pool, data_dir=str(root / "data"), cache_dir=str(root / "cache"))

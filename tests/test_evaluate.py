@@ -1,5 +1,6 @@
 """Held-out evaluation and reports: hand-worked trees where every metric is known, and a short PPO run."""
 
+import dataclasses
 import json
 import math
 
@@ -15,8 +16,8 @@ from hrjax.agent.tree_mode import make_train
 from hrjax.env.mdp import EnvConfig
 from hrjax.env.tree import PathTree, tree_structure
 from hrjax.evaluate import (EvaluationError, Split, action_table, evaluate, fmt, fmt_interval, hull_area,
-                            knn_one_shot_models, markdown_table, nodes_of_actions, pareto_hull, ppo_policy, summarize,
-                            t_interval, uniform_random_nodes, write_summary)
+                            knn_one_shot_models, markdown_table, method_eval, nodes_of_actions, pareto_hull,
+                            ppo_policy, summarize, t_interval, uniform_random_nodes, write_summary)
 from hrjax.report import learning_curves_figure, paths_figure, pareto_figure, write_report
 from test_tree_learning import N, synthetic_tree
 
@@ -62,7 +63,8 @@ def test_baselines_on_a_hand_worked_tree(hand_summary):
     np.testing.assert_allclose(quality["random"], (0.25 + 0.5 + 0.5 + 0.25) / 4)  # the mean over the 4 leaves
     np.testing.assert_allclose(ev.at("random").cost, [[0.4] * 4], rtol=1e-6)  # (.2 + .4 + .4 + .6) / 4
     assert quality["oracle"] == 1.0
-    np.testing.assert_allclose(ev.at("oracle").cost.mean(), (0.2 + 0.4 + 0.4 + 0.4) / 4, rtol=1e-6)
+    # over every answer a method here gives: [m0] (one hop, as single:m0 does), [m1], [m0 m1], [m0 m1]
+    np.testing.assert_allclose(ev.at("oracle").cost.mean(), (0.1 + 0.3 + 0.4 + 0.4) / 4, rtol=1e-6)
     # chosen on the training split ([m1 m0]), scored on the held-out one, where it is worse than [m0 m1]
     assert summary["methods"]["best_fixed"]["overall"]["path"] == "m1>m0"
     assert quality["best_fixed"] == 0.25
@@ -71,18 +73,46 @@ def test_baselines_on_a_hand_worked_tree(hand_summary):
     assert summary["oracle_quality"] == 1.0
 
 
-def test_router_gains_and_apgr_per_seed(hand_summary):
+def test_router_gains_and_gap_recovered_per_seed(hand_summary):
     _, summary = hand_summary
     r = summary["router"]["overall"]
     assert r["quality"]["mean"] == pytest.approx(0.875)
     assert r["gain_over_best_single"]["mean"] == pytest.approx((0.75 / 0.5 + 1.0 / 0.5) / 2)
     assert r["gain_over_average_single"]["mean"] == pytest.approx((0.75 + 1.0) / 2 / 0.3125)  # singles average .3125
-    assert r["apgr"]["mean"] == pytest.approx(0.75)  # seeds: (.75 - .5) / (1 - .5) = .5 and (1 - .5) / .5 = 1
+    # seeds: (.75 - .5) / (1 - .5) = .5 and (1 - .5) / .5 = 1
+    assert r["gap_recovered"]["mean"] == pytest.approx(0.75)
     half = stats.t.ppf(0.975, 1) * np.std([0.5, 1.0], ddof=1) / math.sqrt(2)
-    assert (r["apgr"]["low"], r["apgr"]["high"]) == pytest.approx((0.75 - half, 0.75 + half))
-    assert summary["apgr"] == pytest.approx(0.75) and summary["router_quality"] == pytest.approx(0.875)
+    assert (r["gap_recovered"]["low"], r["gap_recovered"]["high"]) == pytest.approx((0.75 - half, 0.75 + half))
+    assert summary["gap_recovered"] == pytest.approx(0.75) and summary["router_quality"] == pytest.approx(0.875)
     # task b: best single [m1 m1] 0.5, oracle 1, router 0.5 then 1
-    assert summary["router"]["b"]["apgr"]["mean"] == pytest.approx(0.5)
+    assert summary["router"]["b"]["gap_recovered"]["mean"] == pytest.approx(0.5)
+
+
+def test_apgr_is_routellms_area_between_the_cheapest_and_the_best_single_model(hand_summary):
+    _, summary = hand_summary
+    r = summary["router"]["overall"]
+    # weak = the cheapest single model (single:m0: cost .1, quality .25), strong = the best (repeat:m1: .6, .5).
+    # Each router seed is one point (one lambda): seed 0 (.4, .75), seed 1 (.45, 1.0); its quality over
+    # [.1, .6] is 0 left of the point, flat right of it: mean .75 * .2 / .5 = .3 and 1 * .15 / .5 = .3,
+    # so PGR averages to (.3 - .25) / (.5 - .25) = .2 for both seeds.
+    anchors = r["apgr_anchors"]
+    assert (anchors["weak"], anchors["strong"], anchors["reason"]) == ("single:m0", "repeat:m1", None)
+    assert (anchors["weak_cost"], anchors["weak_quality"]) == pytest.approx((0.1, 0.25))
+    assert (anchors["strong_cost"], anchors["strong_quality"]) == pytest.approx((0.6, 0.5))
+    assert r["apgr"]["mean"] == pytest.approx(0.2) and r["apgr"]["low"] == pytest.approx(0.2)
+    assert summary["apgr"] == pytest.approx(0.2) and summary["apgr_anchors"] == anchors
+    # the weak model itself recovers nothing; the oracle's exact curve (AIQ .8625 on the same range) the most
+    methods = summary["methods"]
+    assert methods["single:m0"]["overall"]["apgr"]["mean"] == pytest.approx(0.0)
+    assert methods["oracle"]["overall"]["apgr"]["mean"] == pytest.approx((0.8625 - 0.25) / 0.25)
+    # task b: weak single:m0 (.1, 0), strong repeat:m1 (.6, .5); router seeds (.5, .5) and (.5, 1) average
+    # .5 * .1 / .5 and 1 * .1 / .5 over [.1, .6]: PGR .1 / .5 and .2 / .5
+    assert summary["router"]["b"]["apgr"]["mean"] == pytest.approx((0.2 + 0.4) / 2)
+    # task a: every single model scores .5, so the best one is also the cheapest: no range to average over
+    a = summary["router"]["a"]
+    assert a["apgr"]["mean"] is None and a["apgr_anchors"]["weak"] == a["apgr_anchors"]["strong"] == "single:m0"
+    assert "also the cheapest" in a["apgr_anchors"]["reason"]
+    assert "also the cheapest" in markdown_table(summary)
     # a deterministic method has a zero-width interval
     q = summary["methods"]["repeat:m1"]["overall"]["quality"]
     assert q["low"] == q["mean"] == q["high"] == 0.5
@@ -94,7 +124,12 @@ def test_aiq_on_the_hand_worked_tree(hand_summary):
     # shared cost range [0.1 (single m0), 0.6 (repeat m1)]; a single point (c, q) scores q * (0.6 - c) / 0.5
     assert aiq["single:m0"] == pytest.approx(0.25)
     assert aiq["single:m1"] == pytest.approx(0.25 * 0.3 / 0.5)
-    assert aiq["oracle"] == pytest.approx(1.0 * (0.6 - 0.35) / 0.5)
+    # the oracle's exact curve: every prompt's cheapest answer [m0] (.1, .25); below lambda 5 prompt 1 takes [m1]
+    # (.15, .5); below 1 / .3 prompts 2 and 3 take [m0 m1] (.3, 1): .05 * .375 + .15 * .75 + .3 * 1 over [.1, .6]
+    assert aiq["oracle"] == pytest.approx((0.05 * 0.375 + 0.15 * 0.75 + 0.3) / 0.5)
+    np.testing.assert_allclose(summary["methods"]["oracle"]["overall"]["frontier"],
+                               [[0.1, 0.25], [0.15, 0.5], [0.3, 1.0]], rtol=1e-6)
+    assert summary["aiq_cost_range"]["overall"] == pytest.approx([0.1, 0.6])
     # zero router: the hull of (.1, .25) and (.6, .5) (the other single points lie below it)
     assert aiq["zero_router"] == pytest.approx((0.25 + 0.5) / 2)
     assert aiq["router"] == pytest.approx(0.3)  # seeds (.4, .75) and (.45, 1.0): .75 * .2 / .5 and 1 * .15 / .5
@@ -133,6 +168,83 @@ def test_uniform_random_with_stop_is_the_policy_expectation():
     np.testing.assert_allclose(ev.at("random").quality[0], HELD_OUT.quality.sum(axis=1) / 6)
     # with STOP the oracle picks among every node: prompt 0 stops after [m0] (quality 1, cost .1)
     np.testing.assert_allclose(ev.at("oracle").cost[0, 0], 0.1, rtol=1e-6)
+
+
+def test_best_fixed_path_may_stop_early_with_stop():
+    # on both splits [m0] then STOP (quality 1, cost .1) beats every full-length path
+    tree = explicit_tree([[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 1]], [0.1, 0.3])
+    split = Split(tree, [0, 1], ["a", "a"])
+    for stop, path, quality, cost in ((True, "m0>STOP", 1.0, 0.1), (False, "m0>m1", 0.5, 0.4)):
+        ev = evaluate(split, split, EnvConfig(num_hops=2, stop_action=stop), lambda t, r, lam: np.full((1, 2), 3),
+                      knn_k=1)
+        assert summarize(ev)["methods"]["best_fixed"]["overall"]["path"] == path
+        assert (ev.at("best_fixed").quality.mean(), ev.at("best_fixed").cost.mean()) == pytest.approx((quality, cost))
+
+
+def test_oracle_breaks_ties_by_cost_then_quality():
+    # one hop: m0 costs .3, m1 .1 and both answer right, so at lambda 0 the oracle takes the cheaper m1
+    tree = explicit_tree([[1, 1], [1, 1], [0, 0]], [0.3, 0.1], num_hops=1)
+    split = Split(tree, [0, 1, 2], ["a"] * 3)
+    ev = evaluate(split, split, EnvConfig(num_hops=1), lambda t, r, lam: np.zeros((1, 3), int), knn_k=1)
+    np.testing.assert_allclose(ev.at("oracle").cost, [[0.1] * 3], rtol=1e-6)
+    # the curve's cheap end (lambda = +inf) is each prompt's cheapest node, between cost ties the better one:
+    # prompt 0 takes [m1] (quality 1, not [m0]), prompt 1 either; at lambda 0 they take [m1] and [m0 m1]
+    tree = explicit_tree([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]], [0.1, 0.1])
+    split = Split(tree, [0, 1], ["a", "a"])
+    ev = evaluate(split, split, EnvConfig(num_hops=2, stop_action=True), lambda t, r, lam: np.zeros((1, 2), int),
+                  knn_k=1)
+    np.testing.assert_allclose(summarize(ev)["methods"]["oracle"]["overall"]["frontier"], [[0.1, 0.5], [0.15, 1.0]],
+                               rtol=1e-6)
+
+
+def random_tree(rng, num_models, num_hops, n):
+    """A PathTree with random qualities in {0, .5, 1} and random cumulative costs for `n` prompts."""
+    model, parent, depth = tree_structure(num_models, num_hops)
+    k = len(model)
+    quality = rng.choice([0.0, 0.5, 1.0], size=(n, k)).astype(np.float32)
+    cost = rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32)
+    root = rng.normal(size=(n, 3)).astype(np.float32)
+    zeros = np.zeros((n, k), np.int32)
+    return PathTree(root, np.repeat(root[:, None], k, axis=1), zeros, zeros, cost, quality, model, parent, depth)
+
+
+def test_the_oracle_bounds_every_method_on_random_trees():
+    """Property: on random trees, with random routers (deterministic per seed) and a randomised method
+    (a random distribution over ends), the oracle's AIQ and its exact curve bound every method."""
+    cases = []
+    for trial in range(12):
+        rng = np.random.default_rng(trial)
+        m, hops, stop = int(rng.integers(2, 4)), int(rng.integers(1, 3)), bool(rng.integers(2))
+        tree, n = random_tree(rng, m, hops, 10), 10
+        ends = np.flatnonzero(tree.depth == hops - 1) if not stop else np.arange(tree.quality.shape[1])
+        tasks = ["a" if i % 3 else "b" for i in range(n)]
+        ev = evaluate(Split(tree, np.arange(n), tasks), Split(tree, np.arange(n), tasks),
+                      EnvConfig(num_hops=hops, stop_action=stop, cost_lambda=0.3),
+                      lambda t, rows, lam: rng.choice(ends, size=(3, len(rows))), (0.0, 1.0), knn_k=2)
+        mixed = np.zeros((1, n, tree.quality.shape[1]))
+        mixed[..., ends] = rng.dirichlet(np.ones(len(ends)), size=(1, n))
+        ev = dataclasses.replace(ev, sweep=ev.sweep | {"mixed": (method_eval(tree, np.arange(n), mixed),) * 3})
+        cases.append((trial, ev, summarize(ev)))
+    for trial, ev, summary in cases:
+        for group in ev.groups:
+            aiq = {name: entry[group]["aiq"]["mean"] for name, entry in summary["methods"].items()}
+            assert aiq["oracle"] >= max(aiq.values()) - 1e-9, (trial, group, aiq)
+    for trial, ev, summary in cases:
+        for group, mask in ev.groups.items():
+            frontier = np.array(summary["methods"]["oracle"][group]["frontier"])
+            for name, results in ev.sweep.items():
+                for r in results:
+                    cost, quality = r.cost[:, mask].mean(axis=1), r.quality[:, mask].mean(axis=1)  # [S]
+                    bound = np.where(cost < frontier[0, 0], 0.0, np.interp(cost, *frontier.T))
+                    assert np.all(quality <= bound + 1e-9), (trial, group, name, cost, quality, frontier)
+            # one cost range for every method: the cheapest and dearest point of any method (the oracle's included)
+            c_min, c_max = summary["aiq_cost_range"][group]
+            every = np.concatenate([frontier[:, 0]] + [r.cost[:, mask].mean(axis=1) for rs in ev.sweep.values()
+                                                       for r in rs])
+            assert (c_min, c_max) == pytest.approx((every.min(), every.max()))
+            for name in ev.single_methods:
+                point = np.array(summary["methods"][name][group]["points"])[:1, 1:]
+                assert summary["methods"][name][group]["aiq"]["mean"] == pytest.approx(hull_area(point, c_min, c_max))
 
 
 def test_nodes_of_actions_and_action_table_with_stop():
@@ -195,10 +307,10 @@ def trained(tmp_path_factory):
     ev = evaluate(Split(tree, TRAIN_ROWS, tasks(TRAIN_ROWS)), Split(tree, TEST_ROWS, tasks(TEST_ROWS)),
                   EnvConfig(num_hops=1, cost_lambda=0.0), policy, LAMBDAS, model_names=["math", "code", "tiny"])
     first = metrics[LAMBDAS[0]]
-    rows = [{"step": i, "return": float(first["return"][0, i]), "quality": float(first["quality"][0, i])}
-            for i in range(100)] + [{"step": 99, "eval/quality": 0.9}]
+    runs = [[{"step": i, "return": float(first["return"][s, i]), "quality": float(first["quality"][s, i])}
+             for i in range(100)] + [{"step": 99, "eval/quality": 0.9}] for s in range(3)]
     run_dir = tmp_path_factory.mktemp("run")
-    return ev, summarize(ev), rows, run_dir
+    return ev, summarize(ev), runs, run_dir
 
 
 def test_trained_router_recovers_the_gap(trained):
@@ -206,7 +318,11 @@ def test_trained_router_recovers_the_gap(trained):
     assert summary["num_seeds"] == 3 and ev.at("router").quality.shape == (3, len(TEST_ROWS))
     assert summary["best_single_quality"] == pytest.approx(0.65)  # models 0 and 1 solve half the prompts
     assert summary["oracle_quality"] == pytest.approx(1.0)
-    assert summary["apgr"] > 0.9 and summary["router"]["overall"]["apgr"]["low"] > 0.5
+    assert summary["gap_recovered"] > 0.9 and summary["router"]["overall"]["gap_recovered"]["low"] > 0.5
+    # APGR between tiny (cost .05, quality .3) and math (.5, .65): the router's hull runs from tiny's point at
+    # lambda 2 to (.5, 1) at lambda 0, so PGR averages (.65 - .3) / (.65 - .3) = 1
+    assert summary["apgr_anchors"]["weak"] == "single:tiny" and summary["apgr_anchors"]["strong"] == "single:math"
+    assert summary["apgr"] > 0.9
     assert summary["router"]["overall"]["gain_over_best_single"]["mean"] > 1.45
     # at lambda 2 every seed routes to the cheap model; its hull beats the single models'
     np.testing.assert_allclose(ev.at("router", 2.0).cost, 0.05, rtol=1e-5)
@@ -218,7 +334,7 @@ def test_trained_router_recovers_the_gap(trained):
 def test_summary_json_and_markdown(trained, tmp_path):
     _, summary, _, _ = trained
     loaded = json.loads(write_summary(tmp_path / "summary.json", summary).read_text())
-    for key in ("router_quality", "best_single_quality", "oracle_quality", "apgr", "aiq"):
+    for key in ("router_quality", "best_single_quality", "oracle_quality", "gap_recovered", "apgr", "aiq"):
         assert isinstance(loaded[key], float)
     assert set(loaded["aiq_by_method"]) == {"single:math", "single:code", "single:tiny", "random", "best_fixed",
                                             "knn_one_shot", "router", "oracle", "zero_router"}
@@ -229,8 +345,8 @@ def test_summary_json_and_markdown(trained, tmp_path):
 
 
 def test_report_files_and_plot_numbers_match_the_table(trained):
-    _, summary, rows, run_dir = trained
-    report = write_report(run_dir, summary, rows)
+    _, summary, runs, run_dir = trained
+    report = write_report(run_dir, summary, runs)
     text = report.read_text()
     for png in ("pareto.png", "paths.png", "learning_curves.png"):
         assert f"]({png})" in text
@@ -244,6 +360,22 @@ def test_report_files_and_plot_numbers_match_the_table(trained):
     assert annotated == table_quality and len(annotated) == 8
     heat = [t.get_text() for t in paths_figure(summary).axes[1].texts]  # 'even': hop 1 x (math, code, tiny)
     assert heat == [fmt(x) for x in summary["methods"]["router"]["even"]["action_share"][0]]
-    assert [ax.get_title() for ax in learning_curves_figure(rows).axes] == ["return", "quality", "eval/quality"]
+    assert [ax.get_title() for ax in learning_curves_figure(runs).axes] == ["return", "quality", "eval/quality"]
     with pytest.raises(EvaluationError, match="metrics.jsonl"):
-        learning_curves_figure([{"step": 0, "loss": 1.0}])
+        learning_curves_figure([[{"step": 0, "loss": 1.0}]])
+
+
+def test_learning_curves_draw_the_seed_mean_and_its_min_max_band():
+    # three seeds; eval/* from step 0 (before any update), training metrics from step 10
+    runs = [[{"step": 0, "eval/quality": 0.2 + 0.1 * s}, {"step": 10, "return": 1.0 + s, "eval/quality": 0.5 + 0.1 * s},
+             {"step": 20, "return": 2.0 + s}] for s in range(3)]
+    fig = learning_curves_figure(runs)
+    assert [ax.get_title() for ax in fig.axes] == ["return", "eval/quality"]
+    ax = fig.axes[1]
+    (line,) = ax.lines
+    np.testing.assert_allclose(line.get_xdata(), [0, 10])
+    np.testing.assert_allclose(line.get_ydata(), [0.3, 0.6])  # the mean over seeds
+    (band,) = ax.collections
+    corners = {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
+    assert {(0, 0.2), (0, 0.4), (10, 0.5), (10, 0.7)} <= corners  # min and max over seeds
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 3.0])

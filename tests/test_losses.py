@@ -118,3 +118,32 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
                                     jnp.array([[0, 3, 3], [1, 1, 2]]), zeros, zeros, valid)
         hist = self.variant(ppo.action_histogram, static_argnums=1)(trajectory, 4)
         np.testing.assert_allclose(hist, [[1 / 3, 0, 0, 2 / 3], [0, 0.5, 0.5, 0]], rtol=1e-6)
+
+    @chex.all_variants
+    def test_approx_kl_is_the_non_negative_k3_estimator(self):
+        # r = log(p / p_old) = log 2, log 1/2, 0 (the fourth step is invalid): k3 = mean(expm1(r) - r)
+        log_prob = jnp.log(jnp.array([2.0, 0.5, 1.0, 30.0]))
+        valid = jnp.array([True, True, True, False])
+        kl = self.variant(losses.approx_kl)(log_prob, jnp.zeros(4), valid)
+        np.testing.assert_allclose(kl, ((1 - np.log(2)) + (np.log(2) - 0.5)) / 3, rtol=1e-6)
+        # a policy that raised every taken action's probability: the signed mean(old - new) is < 0, k3 is not
+        rng = np.random.default_rng(2)
+        old_log_prob = np.log(rng.uniform(0.1, 0.5, size=(3, 8))).astype(np.float32)
+        log_prob = old_log_prob + rng.uniform(0.01, 0.3, size=(3, 8)).astype(np.float32)
+        valid = rng.random((3, 8)) < 0.8
+        assert float(np.mean((old_log_prob - log_prob)[valid])) < 0
+        kl = self.variant(losses.approx_kl)(log_prob, old_log_prob, valid)
+        r = (log_prob - old_log_prob)[valid]
+        np.testing.assert_allclose(kl, np.mean(np.expm1(r) - r), rtol=1e-5)
+        assert float(kl) > 0
+
+    @chex.all_variants
+    def test_models_called_counts_hops_without_stop(self):
+        # 2 models, STOP = action 2; episodes: [0, 1], [1, STOP], [0, STOP], [1] cut short (invalid step 2)
+        action = jnp.array([[0, 1, 0, 1], [1, 2, 2, 0]])
+        valid = jnp.array([[True, True, True, True], [True, True, True, False]])
+        zeros = jnp.zeros((2, 4))
+        trajectory = ppo.Trajectory(zeros[..., None], zeros, zeros, zeros, jnp.ones((2, 4, 3), bool), action, zeros,
+                                    zeros, valid)
+        calls = self.variant(ppo.models_called, static_argnums=1)(trajectory, 2)
+        np.testing.assert_array_equal(calls, [2, 1, 1, 1])

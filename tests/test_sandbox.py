@@ -1,5 +1,6 @@
 """The code-execution sandbox against hostile programs: each is contained, leaves nothing behind."""
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -85,6 +86,13 @@ def test_syntax_error_is_an_error():
     result = run("def f(:\n    return 1\n")
     assert (result.status, result.returncode) == ("error", None)
     assert "SyntaxError" in result.stderr
+
+
+def test_stdin_reaches_the_program():
+    data = secrets.token_bytes(200_000)  # more than a pipe holds
+    result = run("import hashlib, sys\nprint(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())\n", stdin=data)
+    assert (result.status, result.stdout) == ("passed", hashlib.sha256(data).hexdigest() + "\n"), result
+    assert run("import sys\nprint(repr(sys.stdin.read()))\n").stdout == "''\n"  # none: /dev/null
 
 
 def test_start_up_overhead_is_small():

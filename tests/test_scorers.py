@@ -2,7 +2,9 @@
 
 import json
 import math
+import secrets
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -25,15 +27,15 @@ def humaneval():
 
 
 def passes(programs):
-    """code_pass over (task_id, completion_program, test, entry_point), two sandboxes at a time."""
+    """code_pass over (task_id, prompt, completion, test, entry_point), two sandboxes at a time."""
     with ThreadPoolExecutor(2) as pool:
-        scores = pool.map(lambda p: code_pass(*p[1:], timeout_s=30.0), programs)
+        scores = pool.map(lambda p: code_pass(p[1] + p[2], *p[3:], prompt=p[1], timeout_s=30.0), programs)
         return {task_id: score for (task_id, *_), score in zip(programs, scores)}
 
 
 def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail(humaneval):
-    canonical = [(t, p["prompt"] + p["canonical_solution"], p["test"], p["entry_point"]) for t, p in humaneval.items()]
-    empty = [(t, p["prompt"] + "    pass\n", p["test"], p["entry_point"]) for t, p in humaneval.items()]
+    canonical = [(t, p["prompt"], p["canonical_solution"], p["test"], p["entry_point"]) for t, p in humaneval.items()]
+    empty = [(t, p["prompt"], "    pass\n", p["test"], p["entry_point"]) for t, p in humaneval.items()]
     assert [t for t, score in passes(canonical).items() if score != 1.0] == []
     assert [t for t, score in passes(empty).items() if score != 0.0] == []
 
@@ -57,6 +59,222 @@ def test_extract_code():
     assert extract_code("```\nprint(3)\n```") == "print(3)\n"
     assert extract_code("```Python\nprint(4)") == "print(4)"
     assert extract_code("    return 5\n") == "    return 5\n"
+
+
+# --- code_pass against forged passes: only the tests' own success scores -------------------------
+
+ADD_CHECK = ("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+             "    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n")
+STYLES = {  # the same problem as a HumanEval item (prompt, check(candidate)) and as an MBPP item (asserts)
+    "humaneval": {"prompt": 'def add(a, b):\n    """The sum of a and b."""\n', "entry_point": "add",
+                  "test_program": f"{ADD_CHECK}\n\ncheck(add)\n"},
+    "mbpp": {"entry_point": "add", "test_program": ("import math\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+                                                    "assert math.isclose(add(0.5, 0.25), 0.75)\n")},
+}
+WRONG_ADD = "def add(a, b):\n    return a - b\n"
+STEAL_THE_NONCE = r"""
+import os, re
+judge = os.getppid()
+found = set()
+try:
+    with open(f"/proc/{judge}/maps") as maps, open(f"/proc/{judge}/mem", "rb", 0) as memory:
+        for line in maps:
+            span, permissions = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if permissions.startswith("rw"):
+                try:
+                    memory.seek(start)
+                    found.update(re.findall(rb'"nonce": "([0-9a-f]{32})"', memory.read(end - start)))
+                except (OSError, OverflowError, ValueError):
+                    pass
+except OSError:
+    pass
+for nonce in found:
+    print("hrjax-code-pass", nonce.decode(), flush=True)
+os._exit(0)
+"""
+# name -> (response, styles). Every response's `add` is wrong; each passed when the exit status was the verdict.
+FORGERIES = {
+    "sys_exit_at_import": (WRONG_ADD + "import sys\nsys.exit(0)\n", STYLES),
+    "os_exit_at_import": (WRONG_ADD + "import os\nos._exit(0)\n", STYLES),
+    "system_exit_in_the_function": ("def add(a, b):\n    raise SystemExit(0)\n", STYLES),
+    "os_exit_in_the_function": ("import os\ndef add(a, b):\n    os._exit(0)\n", STYLES),
+    "atexit_hook": (WRONG_ADD + "import atexit, os\natexit.register(lambda: os._exit(0))\n", STYLES),
+    "exception_hook": (WRONG_ADD + "import os, sys\nsys.excepthook = lambda *exc: os._exit(0)\n", STYLES),
+    "finalizer_at_shutdown": (WRONG_ADD + "import os\nclass ExitWhenCollected:\n    def __del__(self):\n"
+                              "        os._exit(0)\nkeeper = ExitWhenCollected()\n", STYLES),
+    "thread_exits_while_the_tests_fail": (WRONG_ADD + "import os, threading, time\n"
+                                          "threading.Thread(target=lambda: (time.sleep(1), os._exit(0))).start()\n",
+                                          STYLES),
+    "alarm_signal_exits": ("import os, signal, time\nsignal.signal(signal.SIGALRM, lambda *args: os._exit(0))\n"
+                           "signal.setitimer(signal.ITIMER_REAL, 0.1)\ndef add(a, b):\n    time.sleep(5)\n"
+                           "    return a - b\n", STYLES),
+    "kills_its_parent": (WRONG_ADD + "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                         "except OSError:\n    pass\nos._exit(0)\n", STYLES),
+    "prints_the_verdict_line": (WRONG_ADD + 'import os\nprint("hrjax-code-pass", "0" * 32, flush=True)\nos._exit(0)\n',
+                                STYLES),
+    "writes_every_descriptor": (WRONG_ADD + "import os\nfor fd in range(256):\n    try:\n"
+                                "        os.write(fd, b'returncode 0\\nhrjax-code-pass ' + b'0' * 32 + b'\\n')\n"
+                                "    except OSError:\n        pass\nos._exit(0)\n", STYLES),
+    "reads_the_judges_memory": (WRONG_ADD + STEAL_THE_NONCE, STYLES),
+    "patches_print_stdout_and_exit": (WRONG_ADD + "import builtins, os, sys\nbuiltins.print = lambda *a, **k: None\n"
+                                      "sys.stdout = sys.stderr = open(os.devnull, 'w')\n"
+                                      "sys.exit = lambda *a: os._exit(0)\n"
+                                      "sys.excepthook = lambda *exc: sys.exit(1)\n", STYLES),
+    "patches_builtins_and_modules": ("import builtins, math\nbuiltins.abs = lambda x: 0\n"
+                                     "math.isclose = lambda *a, **k: True\n"
+                                     "def add(a, b):\n    return {(2, 3): 5, (-1, 1): 0}.get((a, b), 1.0)\n", STYLES),
+    "poisons_sys_modules": ("import sys, types\n"
+                            "sys.modules['math'] = types.SimpleNamespace(isclose=lambda *a, **k: True)\n"
+                            "def add(a, b):\n    return {(2, 3): 5, (-1, 1): 0}.get((a, b), 1.0)\n",
+                            {"mbpp": STYLES["mbpp"]}),
+    "always_equal_result": ("class AlwaysEqual:\n    def __eq__(self, other):\n        return True\n"
+                            "    def __sub__(self, other):\n        return self\n"
+                            "    def __abs__(self):\n        return 0.0\n"
+                            "def add(a, b):\n    return AlwaysEqual()\n", {"humaneval": STYLES["humaneval"]}),
+    "trace_rebinds_check": ("import linecache, sys\n" + WRONG_ADD +
+                            "def rebind_check(frame, event, arg):\n    if event == 'line' and linecache.getline("
+                            "frame.f_code.co_filename, frame.f_lineno).startswith('check('):\n"
+                            "        frame.f_globals['check'] = lambda candidate: None\n    return rebind_check\n"
+                            "sys.settrace(rebind_check)\nsys._getframe().f_trace = rebind_check\n",
+                            {"humaneval": STYLES["humaneval"]}),
+    "reads_the_answer_from_the_callers_frame": (
+        "import dis, sys\ndef add(a, b):\n    caller = sys._getframe(1)\n"
+        "    after = [i for i in dis.get_instructions(caller.f_code) if i.offset > caller.f_lasti]\n"
+        "    return next(i.argval for i in after if i.opname == 'LOAD_CONST')\n", STYLES),
+    "forks_to_search_the_answers": (
+        "import os\ndef add(a, b):\n    for guess in (0, 5, 0.75):\n        child = os.fork()\n        if child == 0:\n"
+        "            return guess\n        if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0:\n"
+        "            os._exit(0)\n    os._exit(1)\n", STYLES),
+}
+
+
+@pytest.mark.parametrize("forgery, style", [(f, s) for f, (_, styles) in FORGERIES.items() for s in styles])
+def test_code_pass_cannot_be_forged(forgery, style):
+    response, styles = FORGERIES[forgery]
+    assert SCORERS["code_pass"](response, [], styles[style]) == 0.0
+
+
+def test_the_judge_is_closed_to_the_completion():
+    """The nonce, in the judge's stdin and memory, is out of the completion's reach (it runs the same
+    memory scan as `reads_the_judges_memory`, and prints what it finds)."""
+    from hrjax.tasks import code_harness
+    from hrjax.tasks.sandbox import run_python
+
+    nonce = secrets.token_hex(16)
+    payload = json.dumps({"nonce": nonce, "completion": STEAL_THE_NONCE, "tests": "", "prompt": ""})
+    result = run_python(Path(code_harness.__file__).read_text(), stdin=payload.encode(), timeout_s=20.0,
+                        memory_mb=1024, cpu_s=10.0)
+    if "net" not in result.isolation:
+        pytest.skip("the sandbox's 'audit' fallback refuses ctypes: the judge stays dumpable (documented)")
+    assert "the completion's process ended" in result.stderr, result  # the scan ran, then exited
+    assert nonce not in result.stdout + result.stderr
+
+
+def test_the_forgeries_imitate_the_verdict_line():
+    from hrjax.tasks.code_harness import PASSED
+
+    assert all(PASSED in FORGERIES[name][0] for name in ("prints_the_verdict_line", "writes_every_descriptor",
+                                                          "reads_the_judges_memory"))
+
+
+def test_a_completion_raising_stop_iteration_does_not_end_the_tests():
+    tests = {"test_program": "assert all(map(lambda case: add(*case[0]) == case[1], [((2, 3), 5), ((-1, 1), 0)]))\n"}
+    assert SCORERS["code_pass"]("def add(a, b):\n    raise StopIteration\n", [], tests) == 0.0
+    assert SCORERS["code_pass"]("def add(a, b):\n    return a + b\n", [], tests) == 1.0
+
+
+def test_the_tests_use_the_prompts_own_helpers(humaneval):
+    problem = humaneval["HumanEval/32"]  # its test checks find_zero's root with the prompt's `poly`
+    metadata = {"prompt": problem["prompt"], "test_program": f"{problem['test']}\n\ncheck(find_zero)\n"}
+    assert SCORERS["code_pass"](problem["canonical_solution"], [], metadata) == 1.0
+    assert SCORERS["code_pass"]("    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n", [], metadata) == 0.0
+
+
+HONEST_ADDS = {
+    "plain": "def add(a, b):\n    return a + b\n",
+    "prints_reads_stdin_and_has_a_main_block": (
+        "import sys\ndef add(a, b):\n    print('adding', a, b)\n    sys.stdin.read()\n    return a + b\n"
+        "if __name__ == '__main__':\n    print(add(1, 2))\n"),
+    "recursive_with_a_helper_class": (
+        "class Adder:\n    def __init__(self, a):\n        self.a = a\n"
+        "    def plus(self, b):\n        return self.a + b\n"
+        "def add(a, b, depth=3):\n    return Adder(a).plus(b) if depth == 0 else add(a, b, depth - 1)\n"),
+    "float_and_int_subclasses": ("class Number(float):\n    pass\nclass Whole(int):\n    pass\n"
+                                 "def add(a, b):\n    s = a + b\n    return Whole(s) if s == int(s) else Number(s)\n"),
+}
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", HONEST_ADDS)
+def test_code_pass_scores_honest_passes(name, style):
+    assert SCORERS["code_pass"](HONEST_ADDS[name], [], STYLES[style]) == 1.0
+
+
+HONEST_FAILURES = {
+    "wrong": WRONG_ADD,
+    "raises": "def add(a, b):\n    raise ValueError('no')\n",
+    "syntax_error": "def add(a, b):\n    return a +\n",
+    "fails_at_import": "def add(a, b):\n    return a + b\nundefined_name\n",
+    "exits_1_at_import": "import sys\ndef add(a, b):\n    return a + b\nsys.exit(1)\n",
+    "returns_nothing": "def add(a, b):\n    a + b\n",
+    "wrong_name": "def plus(a, b):\n    return a + b\n",
+    "loops_forever": "def add(a, b):\n    while True:\n        pass\n",
+}
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", HONEST_FAILURES)
+def test_code_pass_scores_honest_failures(name, style):
+    metadata = STYLES[style]
+    program = metadata.get("prompt", "") + HONEST_FAILURES[name]
+    assert code_pass(program, metadata["test_program"], None, timeout_s=3.0, cpu_s=2.0) == 0.0
+
+
+# (completion, tests): what honest tests do with an honest completion's values still works.
+HONEST_USES = {
+    "instances_of_the_completions_class_as_arguments": (
+        "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+        "def max_chain_length(pairs, n):\n    pairs = sorted(pairs, key=lambda p: p.b)\n    length, end = 0, None\n"
+        "    for p in pairs:\n        if end is None or p.a > end:\n            length, end = length + 1, p.b\n"
+        "    return length\n",
+        "assert max_chain_length([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3\n"),
+    "a_generator_the_tests_consume": (
+        "def evens(n):\n    return (i for i in range(n) if i % 2 == 0)\n",
+        "assert list(evens(7)) == [0, 2, 4, 6]\nassert sorted(evens(3), reverse=True) == [2, 0]\n"
+        "assert 4 in evens(5)\n"),
+    "an_object_with_a_method": (
+        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+        "        self.items.append(x)\n        return len(self.items)\n",
+        "s = Stack()\nassert s.push(3) == 1 and s.push(4) == 2 and s.items == [3, 4] and len(s.items) == 2\n"),
+    "subclasses_of_plain_types_compare_as_their_base": (
+        "import collections\ndef count(s):\n    return collections.Counter(s)\n"
+        "Point = collections.namedtuple('Point', 'x y')\ndef point():\n    return Point(1, 2)\n",
+        "assert count('abca') == {'a': 2, 'b': 1, 'c': 1}\nassert point() == (1, 2)\n"),
+    "plain_values_of_every_kind": (
+        "def values():\n    return [None, True, 2**100, -0.0, float('inf'), 1 + 2j, 'x\\udcff', b'\\x00\\xff',"
+        " (1, (2,)), {(1, 2): {'k': [3]}}, {4, 5}, frozenset({6}), bytearray(b'ab')]\n",
+        "v = values()\nassert v == [None, True, 2**100, 0.0, float('inf'), 1 + 2j, 'x\\udcff', b'\\x00\\xff',"
+        " (1, (2,)), {(1, 2): {'k': [3]}}, {4, 5}, frozenset({6}), b'ab']\n"
+        "assert v[1] is True and type(v[8]) is tuple\n"),
+    "an_expected_exception": (
+        "def root(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x ** 0.5\n",
+        "try:\n    root(-1)\nexcept ValueError as e:\n    assert 'negative' in str(e)\nelse:\n    assert False\n"
+        "assert root(4) == 2.0\n"),
+    "a_module_the_completion_imported": (
+        "import math\ndef area(r):\n    return math.pi * r * r\n",
+        "assert math.isclose(area(1), math.pi)\n"),
+    "the_function_under_its_global_name": (
+        "def sort_third(l):\n    l = list(l)\n    l[::3] = sorted(l[::3])\n    return l\n",
+        "def check(candidate):\n    assert tuple(candidate([3, 1, 2, 0])) == tuple(sort_third([3, 1, 2, 0]))\n"
+        "    assert candidate([3, 1, 2, 0]) == [0, 1, 2, 3]\ncheck(sort_third)\n"),
+}
+
+
+@pytest.mark.parametrize("name", HONEST_USES)
+def test_code_pass_keeps_what_honest_tests_do(name):
+    completion, tests = HONEST_USES[name]
+    assert code_pass(completion, tests, None) == 1.0
 
 
 # --- reasoning-gym -------------------------------------------------------------------------------

@@ -16,73 +16,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hrjax import assets
 from hrjax.config import ConfigError, base_config, run_config
 from hrjax.errors import CheckpointError, TrainingDivergedError
 from hrjax.train import load_data, train, tree_meta
-from tiny_models import make_tiny_pool_model
+from runs import CONFIG_FILE, config_file, finish, launch
 
-REPO = Path(__file__).resolve().parents[1]
 TIMING = ("learner_seconds", "rollout_seconds", "episodes_per_s", "learner_fraction")
 
-CONFIG_FILE = '''
-from hrjax.config import base_config
 
-
-def get_config():
-    config = base_config()
-    config.pool = {pool!r}
-    config.mode = {mode!r}
-    config.task.name = "basic_arithmetic"
-    config.task.options = dict(n_train=8, n_validation=4, n_test=4, seed=0)
-    config.task.data_dir = {data_dir!r}
-    config.train.cache_dir = {cache_dir!r}
-    config.env.max_new_tokens = 4
-    config.env.cost_lambda = 0.5
-    config.network.hidden = 16
-    config.ppo.num_envs = 8
-    config.ppo.minibatches = 2
-    config.train.num_iterations = {iterations}
-    config.train.iterations_per_step = 1
-    config.train.eval_every = 3
-    return config
-'''
-
-
-@pytest.fixture(scope="session")
-def shared(tmp_path_factory):
-    """A pool of two tiny random Llamas over MiniLM's vocabulary, plus the data and cache dirs runs share."""
-    root = tmp_path_factory.mktemp("train")
-    pool = [dict(name=f"tiny-{i}", checkpoint=str(make_tiny_pool_model(root / f"tiny-{i}", assets.minilm_path(), i)),
-                 base_rate=float(i + 1), use_chat_template=False) for i in range(2)]
-    return dict(pool=pool, data_dir=str(root / "data"), cache_dir=str(root / "cache"))
-
-
-def config_file(path: Path, shared: dict, mode: str = "tree", iterations: int = 12) -> Path:
-    path.write_text(CONFIG_FILE.format(mode=mode, iterations=iterations, **shared))
-    return path
-
-
-def config_of(shared: dict, mode: str = "tree", iterations: int = 6, **changes):
+def config_of(tiny_pool: dict, mode: str = "tree", iterations: int = 6, **changes):
     namespace = {}
-    exec(CONFIG_FILE.format(mode=mode, iterations=iterations, **shared), namespace)
+    exec(CONFIG_FILE.format(mode=mode, iterations=iterations, **tiny_pool), namespace)
     config = namespace["get_config"]()
     for path, value in changes.items():
         section, key = path.split(".")
         config[section][key] = value
     return run_config(config.to_dict())
-
-
-def launch(config: Path, workdir: Path, *extra: str, entry=("experiments.train",)) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *entry, f"--config={config}", f"--workdir={workdir}",
-                             "--noprogress", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-    out, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, out[-3000:]
-    return out
 
 
 def saved_steps(workdir: Path) -> list[int]:
@@ -116,9 +65,11 @@ def metric_rows(workdir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["tree", "online"])
-def test_sigkill_then_resume_equals_an_unbroken_run_bit_for_bit(mode, shared, tmp_path):
-    config = config_file(tmp_path / "config.py", shared, mode)
-    finish(launch(config, tmp_path / "unbroken"))  # also warms the response cache (online) / builds the tree
+def test_sigkill_then_resume_equals_an_unbroken_run_bit_for_bit(mode, tiny_pool, tmp_path):
+    config = config_file(tmp_path / "config.py", tiny_pool, mode)
+    if mode == "online":  # resumed and unbroken runs must both see a warm cache, whatever ran before this test
+        finish(launch(config, tmp_path / "warm-up"))
+    finish(launch(config, tmp_path / "unbroken"))  # tree mode: builds the tree (or reuses it)
 
     kill_after = random.Random(f"{mode}-{os.getpid()}").randint(2, 8)  # a random point among 12 iterations
     broken = tmp_path / "broken"
@@ -141,22 +92,22 @@ def test_sigkill_then_resume_equals_an_unbroken_run_bit_for_bit(mode, shared, tm
     assert metric_rows(tmp_path / "unbroken") == metric_rows(broken)  # rows past the kill were logged once
 
 
-def test_metrics_checkpoints_and_tensorboard(shared, tmp_path):
+def test_metrics_checkpoints_and_tensorboard(tiny_pool, tmp_path):
     from tensorboardX.proto import event_pb2
 
-    config = config_of(shared, iterations=6, **{"env.stop_action": True})
+    config = config_of(tiny_pool, iterations=6, **{"env.stop_action": True})
     result = train(config, tmp_path, progress=False)
-    assert result.iteration == 6 and len(result.history) == 6
+    assert result.iteration == 6 and len(result.history) == 7
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    for key in ("return", "quality", "cost", "entropy", "approx_kl", "clip_fraction", "value_loss",
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # step 0: the untrained router's evaluation
+    for key in ("return", "quality", "cost", "entropy", "approx_kl", "clip_fraction", "value_loss", "learning_rate",
                 "explained_variance", "episodes_per_s", "learner_seconds", "hops"):
-        assert all(np.isfinite(r[key]) for r in rows), key
+        assert all(np.isfinite(r[key]) for r in rows[1:]), key
     histogram = np.array(rows[-1]["action_histogram"])
     assert histogram.shape == (2, 3)  # 2 hops x (2 models + STOP)
     np.testing.assert_allclose(histogram[0].sum(), 1.0, rtol=1e-5)
     assert histogram[0, 2] == 0.0  # no STOP before the first answer
-    assert "eval/value" in rows[2] and "eval/value" in rows[5] and "eval/value" not in rows[0]
+    assert [r["step"] for r in rows if "eval/value" in r] == [0, 3, 6]
     assert saved_steps(tmp_path) == [4, 5, 6]  # max_to_keep = 3
     assert len([p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]) == 1
     assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
@@ -173,34 +124,41 @@ def test_metrics_checkpoints_and_tensorboard(shared, tmp_path):
     assert {"return", "eval/quality", "actions/hop0/tiny-0", "actions/hop1/STOP"} <= tags
 
     # the same workdir with a longer run resumes (num_iterations may grow) and goes on from step 6
-    longer = train(config_of(shared, iterations=8, **{"env.stop_action": True}), tmp_path, progress=False)
+    longer = train(config_of(tiny_pool, iterations=8, **{"env.stop_action": True}), tmp_path, progress=False)
     assert [r["step"] for r in longer.history] == [7, 8]
 
 
-def test_workdir_of_another_config_is_refused(shared, tmp_path):
-    train(config_of(shared, iterations=2), tmp_path, progress=False)
+def test_workdir_of_another_config_is_refused(tiny_pool, tmp_path):
+    train(config_of(tiny_pool, iterations=2), tmp_path, progress=False)
     with pytest.raises(ConfigError, match=r"config.ppo.learning_rate: 0.001 vs 0.01.*new --workdir"):
-        train(config_of(shared, iterations=2, **{"ppo.learning_rate": 0.01}), tmp_path, progress=False)
+        train(config_of(tiny_pool, iterations=2, **{"ppo.learning_rate": 0.01}), tmp_path, progress=False)
 
 
-def test_damaged_checkpoint_is_an_error_not_a_fresh_start(shared, tmp_path):
-    train(config_of(shared, iterations=2), tmp_path, progress=False)
+def test_a_kill_between_the_best_and_the_latest_save_resumes(tiny_pool, tmp_path):
+    train(config_of(tiny_pool, iterations=3), tmp_path, progress=False)  # step 3: best/3, then checkpoints/3
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed between the two saves
+    assert train(config_of(tiny_pool, iterations=3), tmp_path, progress=False).iteration == 3
+    assert saved_steps(tmp_path)[-1] == 3
+
+
+def test_damaged_checkpoint_is_an_error_not_a_fresh_start(tiny_pool, tmp_path):
+    train(config_of(tiny_pool, iterations=2), tmp_path, progress=False)
     for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f.parent):
             f.write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError, match=r"checkpoints/2: the checkpoint cannot be read.*delete"):
-        train(config_of(shared, iterations=3), tmp_path, progress=False)
+        train(config_of(tiny_pool, iterations=3), tmp_path, progress=False)
 
 
-def test_nan_stops_naming_the_iteration_and_metric_and_keeps_the_last_good_checkpoint(shared, tmp_path):
+def test_nan_stops_naming_the_iteration_and_metric_and_keeps_the_last_good_checkpoint(tiny_pool, tmp_path):
     from hrjax.env.tree import load_tree, save_tree
 
-    config = config_of(shared, iterations=4)
+    config = config_of(tiny_pool, iterations=4)
     train(config, tmp_path, progress=False)
     # the tree gets rebuilt with a scorer that returns NaN for one prompt
     data = load_data(config)
-    meta = tree_meta(config, data.train + data.eval)
-    (tree_file,) = [p for p in (Path(shared["cache_dir"]) / "trees").glob("*.npz")
+    meta = tree_meta(config, data.examples)
+    (tree_file,) = [p for p in (Path(tiny_pool["cache_dir"]) / "trees").glob("*.npz")
                     if _meta_of(p) == json.loads(json.dumps(meta, sort_keys=True))]
     backup = tmp_path / "tree.npz"
     shutil.copy(tree_file, backup)
@@ -209,11 +167,11 @@ def test_nan_stops_naming_the_iteration_and_metric_and_keeps_the_last_good_check
     save_tree(tree, tree_file, meta)
     try:
         with pytest.raises(TrainingDivergedError, match=r"Iterations 5-5: metric '\w+' is nan.*iteration 4"):
-            train(config_of(shared, iterations=8), tmp_path, progress=False)
+            train(config_of(tiny_pool, iterations=8), tmp_path, progress=False)
     finally:
         shutil.copy(backup, tree_file)
     assert saved_steps(tmp_path)[-1] == 4
-    assert train(config_of(shared, iterations=5), tmp_path, progress=False).iteration == 5  # 4 still restores
+    assert train(config_of(tiny_pool, iterations=5), tmp_path, progress=False).iteration == 5  # 4 still restores
 
 
 def _meta_of(path: Path) -> dict:
@@ -247,8 +205,8 @@ def test_unknown_keys_and_bad_values_name_the_path():
     ("--config.ppo.lrr=0.1", "config.ppo.lrr: unknown key", ("experiments.train",)),
     ("--config.ppo.learning_rate=abc", "could not convert string to float: 'abc'", ("hrjax.cli", "train")),
 ])
-def test_bad_command_line_overrides_exit_with_a_clear_message(override, message, entry, shared, tmp_path):
-    process = launch(config_file(tmp_path / "config.py", shared), tmp_path / "run", override, entry=entry)
+def test_bad_command_line_overrides_exit_with_a_clear_message(override, message, entry, tiny_pool, tmp_path):
+    process = launch(config_file(tmp_path / "config.py", tiny_pool), tmp_path / "run", override, entry=entry)
     out, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and message in out
     assert not (tmp_path / "run" / "checkpoints").exists()

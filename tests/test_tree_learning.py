@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hrjax.agent.networks import NetworkConfig
-from hrjax.agent.ppo import PPOConfig
+from hrjax.agent.ppo import Learner, PPOConfig, Trajectory
 from hrjax.agent.tree_mode import TreeEnv, greedy_paths, make_train
 from hrjax.env.mdp import EnvConfig
 from hrjax.env.tree import PathTree, tree_structure
@@ -109,7 +110,8 @@ def test_tree_env_rewards_match_the_tree_with_stop(cost_timing):
     state, r0, f0, _ = env.step(state, jnp.array([0, 1, 2, 2]))
     assert np.asarray(env.observe(state)[3]).all()
     state, r1, f1, v1 = env.step(state, jnp.array([3, 0, 3, 1]))  # rows 0 and 2 stop
-    np.testing.assert_array_equal(f1, [True, True, True, True]) and np.testing.assert_array_equal(v1, True)
+    np.testing.assert_array_equal(np.asarray(f1), [True, True, True, True])
+    np.testing.assert_array_equal(np.asarray(v1), [True, True, True, True])
     nodes = [tree.node_of_path(p) for p in ([0], [1, 0], [2], [2, 1])]
     total = tree.path_cost()[np.arange(4), nodes]
     expected = tree.quality[np.arange(4), nodes] - 0.5 * total
@@ -130,9 +132,62 @@ def test_stop_ends_episodes_once_more_hops_only_cost():
     assert float(metrics["hops"][-10:].mean()) < 1.1
 
 
-def test_kl_early_stop_skips_the_remaining_minibatches():
-    tree = synthetic_tree(lambda c, p: [0.2, 0.4, 0.9][p[-1]], [1.0, 1.0, 1.0])
-    _, _, metrics = train(tree, num_iterations=5, learning_rate=0.05)
-    assert float(metrics["kl_stop"].max()) == 0.0
-    _, _, metrics = train(tree, num_iterations=5, learning_rate=0.05, target_kl=1e-7)
-    assert float(metrics["kl_stop"].mean()) > 0.5  # most minibatches skipped once KL passes 1.5x target
+def rewarded_action_zero(**overrides):
+    """A Learner and a trajectory of one-hop episodes that all took action 0 and earned reward 10.
+    Without advantage normalisation every update raises log p(0) (the value head is off), so the
+    signed KL estimate mean(old_logp - logp) is negative however far the policy moves."""
+    config = PPOConfig(**{"num_envs": 64, "epochs": 2, "minibatches": 4, "learning_rate": 0.01,
+                          "normalize_advantages": False, "value_coef": 0.0, "entropy_coef": 0.0, **overrides})
+    learner = Learner(config, NetworkConfig(hidden=16), num_actions=3, num_hops=1, num_iterations=10)
+    b = config.num_envs
+    ones, zeros = jnp.ones((1, b), bool), jnp.zeros((1, b))
+    embedding = jnp.asarray(np.random.default_rng(0).normal(size=(1, b, E)), jnp.float32)
+    trajectory = Trajectory(embedding, jnp.zeros((1, b), jnp.int32), jnp.zeros((1, b, 2)), zeros,
+                            jnp.ones((1, b, 3), bool), jnp.zeros((1, b), jnp.int32), zeros + 10.0, ones, ones)
+    return learner, trajectory, *learner.init(jax.random.PRNGKey(0), E)
+
+
+def taken_log_prob(learner, params, trajectory):
+    log_probs, _ = learner.apply(params, trajectory.embedding, trajectory.hop, trajectory.cost_features,
+                                 trajectory.cost_lambda, trajectory.action_mask)
+    return jnp.take_along_axis(log_probs, trajectory.action[..., None], axis=-1)[..., 0]
+
+
+def largest_change(params, before) -> float:
+    """max |params - before| over every parameter."""
+    return max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                           jax.tree_util.tree_leaves(before)))
+
+
+def test_kl_early_stop_fires_on_a_negative_signed_estimate_and_applies_only_the_minibatches_before_it():
+    learner, trajectory, params, opt_state = rewarded_action_zero(target_kl=1e-6)
+    new_params, new_opt_state, metrics = jax.jit(learner.update)(params, opt_state, trajectory,
+                                                                 jax.random.PRNGKey(1), 0)
+    moved = taken_log_prob(learner, new_params, trajectory) - taken_log_prob(learner, params, trajectory)
+    assert float(jnp.mean(-moved)) < 0  # the old signed estimator could never have stopped this update
+    assert float(metrics["approx_kl"]) >= 0
+    # KL is 0 on the first minibatch (nothing moved yet) and above 1.5e-6 after it: 7 of 8 skipped
+    np.testing.assert_allclose(metrics["kl_stop"], 7 / 8)
+    # exactly one Adam step: its moments are those of one gradient g (mu = 0.1 g, nu = 0.001 g^2),
+    # and each parameter moved by lr * g / (|g| + eps), at most the learning rate
+    assert int(optax.tree_utils.tree_get(new_opt_state, "count")) == 1
+    mu, nu = optax.tree_utils.tree_get(new_opt_state, "mu"), optax.tree_utils.tree_get(new_opt_state, "nu")
+    for m, v in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(nu)):
+        np.testing.assert_allclose(v, 0.1 * np.square(m), rtol=1e-4, atol=1e-20)
+    step = largest_change(new_params, params)
+    assert 0.99 * 0.01 <= step <= 0.01 * (1 + 1e-5)
+
+
+def test_linear_schedule_reaches_zero_when_kl_stops_skip_minibatches():
+    # every model equally good: the policy keeps moving, so the KL stop skips 3 of 4 minibatches to the end
+    tree = synthetic_tree(lambda c, p: 0.5, [1.0, 1.0, 1.0])
+    ppo = PPOConfig(num_envs=64, epochs=1, minibatches=4, learning_rate=0.01, lr_schedule="linear", target_kl=1e-9)
+    trainer = make_train(ppo, NetworkConfig(hidden=16), EnvConfig(num_hops=1), tree, np.arange(N), 80)
+    run = jax.jit(trainer.run, static_argnums=1)
+    carry, metrics = run(trainer.init(jax.random.PRNGKey(0)), 79)
+    last, last_metrics = run(carry, 1)
+    step = largest_change(last.params, carry.params)
+    assert step < 0.05 * 0.01  # the last of 80 updates runs at <= 4/320 of the initial rate
+    assert float(metrics["kl_stop"].mean()) > 0.5  # ... although most minibatches were skipped
+    # the schedule's rate over the last update's 4 steps: 0.01 * (4, 3, 2, 1) / 320
+    np.testing.assert_allclose(last_metrics["learning_rate"], [0.01 * 2.5 / 320], rtol=1e-5)

@@ -8,24 +8,30 @@ hotpotqa. The models load from the Hugging Face hub (or a local mirror: set each
 directory); every task but humaneval reads its upstream files from `task.manual_dir` (the error
 names the files and where to download them). base_rate is each model's size in billions of
 parameters, a proxy for its serving price per token.
+
+Splits: the router trains on `train`, its eval/* metrics and best/ checkpoint use the selection
+split, and `hrjax evaluate` reports the eval split. gsm8k and math have no upstream validation split:
+their builders carve one out of train (`validation_fraction`). triviaqa and hotpotqa publish no test
+answers, so their validation split is the reported one and the selection prompts are the
+`num_select` training examples after the first `num_train`.
 """
 
 from hrjax.config import base_config
 
-FAMILIES = {  # task name -> (train split, eval split, answer budget in tokens)
-    "gsm8k": ("train", "test", 384),
-    "math": ("train", "test", 512),
-    "mbpp": ("train", "test", 384),
-    "humaneval": ("train", "test", 384),  # 164 problems carved 60/20/20 by the builder
-    "triviaqa": ("train", "validation", 64),
-    "hotpotqa": ("train", "validation", 64),
+FAMILIES = {  # task name -> (train split, selection split, eval split, answer budget in tokens)
+    "gsm8k": ("train", "validation", "test", 384),
+    "math": ("train", "validation", "test", 512),
+    "mbpp": ("train", "validation", "test", 384),
+    "humaneval": ("train", "validation", "test", 384),  # 164 problems carved 60/20/20 by the builder
+    "triviaqa": ("train", "train", "validation", 64),
+    "hotpotqa": ("train", "train", "validation", 64),
 }
 
 
 def get_config(family: str = "gsm8k"):
     if family not in FAMILIES:
         raise ValueError(f"Unknown benchmark family '{family}'; choose one of {sorted(FAMILIES)}.")
-    train_split, eval_split, budget = FAMILIES[family]
+    train_split, select_split, eval_split, budget = FAMILIES[family]
     config = base_config()
     config.pool = [
         dict(name="qwen2.5-0.5b-instruct", checkpoint="Qwen/Qwen2.5-0.5B-Instruct", base_rate=0.5, dtype="bfloat16"),
@@ -35,8 +41,9 @@ def get_config(family: str = "gsm8k"):
              dtype="bfloat16"),
     ]
     config.task.name = family
-    config.task.train_split, config.task.eval_split = train_split, eval_split
+    config.task.train_split, config.task.select_split, config.task.eval_split = train_split, select_split, eval_split
     config.task.num_train = 1000
+    config.task.num_select = 100
     config.task.num_eval = 200
     config.task.manual_dir = "~/hrjax_downloads"
     config.env.num_hops = 3

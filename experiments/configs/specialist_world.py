@@ -4,7 +4,9 @@ Four task types (add, mul, rev, paren; paren needs the paren expert's rewrite, t
 expert), four cheap narrow experts and a 3.5x-cost generalist (`hrjax.specialists.build`,
 recipe 'default', built once in about 4 minutes on 2 CPU cores, then cached). L = 2 hops with
 STOP; routers trained over 3 seeds at lambda = 0.05 and, for the AIQ sweep, at each lambda of
-`evaluate.cost_lambdas`; evaluated on 64 held-out prompts per task type.
+`evaluate.cost_lambdas`; evaluated on 64 held-out ('test') prompts per task type. The training loop's
+eval/* metrics and best/ checkpoint use 16 'validation' prompts per type (8 when reduced): small, so
+the path tree grows by a tenth.
 `--config=experiments/configs/specialist_world.py:reduced` is the small world CI trains (add and
 paren only, three experts).
 """
@@ -21,7 +23,8 @@ def get_config(recipe: str = "default"):
     config.task.name = "specialist_world"
     reduced = recipe == "reduced"
     config.task.options = dict(task_types=["add", "paren"] if reduced else ["add", "mul", "rev", "paren"],
-                               n_train=40 if reduced else 100, n_validation=32 if reduced else 64, n_test=0, seed=0)
+                               n_train=40 if reduced else 100, n_validation=8 if reduced else 16,
+                               n_test=32 if reduced else 64, seed=0)
     config.env.num_hops = 2
     config.env.template = dataclasses.asdict(HOP_TEMPLATE)
     config.env.max_new_tokens = MAX_NEW_TOKENS

@@ -1,5 +1,6 @@
-"""A tiny run on the real offline pool (SmolLM2-135M-Instruct + Gemma-3-270M): 8 training and 4
-held-out reasoning-gym prompts, 8-token answers, 20 iterations. For tests and smoke checks."""
+"""A tiny run on the real offline pool (SmolLM2-135M-Instruct + Gemma-3-270M): 8 training, 4 selection
+('validation': eval/* and best/) and 4 held-out ('test') reasoning-gym prompts, 8-token answers, 20
+iterations. For tests and smoke checks."""
 
 from hrjax import assets
 from hrjax.config import base_config

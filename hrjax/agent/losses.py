@@ -67,6 +67,15 @@ def clipped_surrogate_loss(log_prob: chex.Array, old_log_prob: chex.Array, advan
     return loss, clip_fraction
 
 
+def approx_kl(log_prob: chex.Array, old_log_prob: chex.Array, valid: chex.Array) -> chex.Array:
+    """KL(old || new) estimated from the taken actions' log-probs [T, B] (or any equal shape):
+    mean(expm1(r) - r), r = log_prob - old_log_prob (Schulman's k3: unbiased and, unlike the
+    signed mean(-r), never negative, so a threshold on it fires once the policy has moved)."""
+    chex.assert_equal_shape([log_prob, old_log_prob, valid])
+    log_ratio = jnp.where(valid, log_prob - old_log_prob, 0.0)
+    return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
+
+
 def clipped_value_loss(values: chex.Array, old_values: chex.Array, returns: chex.Array,
                        valid: chex.Array, clip_epsilon: float) -> chex.Array:
     """0.5 * max((v - R)^2, (v_old + clip(v - v_old, ±eps) - R)^2), averaged over valid steps."""

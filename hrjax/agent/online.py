@@ -1,9 +1,9 @@
 """Online mode: each iteration rolls out a batch of training prompts through the real pool and
 response cache (Python orchestration, `hrjax.env.mdp.rollout`), then runs the jitted PPO update.
 
-The carry (params, optimiser state, RNG key, data position) is everything a checkpoint needs: the
-prompts come from a seeded, epoch-shuffled stream indexed by the position, so a resumed run draws
-the same batches, samples the same actions and, over a warm cache, sees the same responses.
+The carry (params, optimiser state, RNG key, data position, iteration) is everything a checkpoint
+needs: the prompts come from a seeded, epoch-shuffled stream indexed by the position, so a resumed
+run draws the same batches, samples the same actions and, over a warm cache, sees the same responses.
 Shapes: B episodes per iteration, L hops, A actions.
 """
 
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrjax.agent.networks import NetworkConfig
-from hrjax.agent.ppo import Learner, PPOConfig, Trajectory, action_histogram, sample_cost_lambda
+from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
+                             sample_cost_lambda)
 from hrjax.env.mdp import Episode, RoutingEnv, rollout, routing_reward
 
 
@@ -47,6 +48,7 @@ class OnlineCarry(NamedTuple):
     opt_state: chex.ArrayTree
     rng: chex.PRNGKey
     data_position: chex.Array  # [] int: training prompts consumed so far
+    iteration: chex.Array  # [] int32: updates done so far (the learning-rate schedule reads it)
 
 
 def episode_trajectory(episode: Episode, cost_lambda: np.ndarray, cost_timing: str) -> Trajectory:
@@ -76,7 +78,7 @@ class OnlineTrainer:
     def init(self, rng: chex.PRNGKey) -> OnlineCarry:
         rng, init_key = jax.random.split(rng)
         params, opt_state = self.learner.init(init_key, self.env.encoder.dim)
-        return OnlineCarry(params, opt_state, rng, jnp.zeros((), jnp.int32))
+        return OnlineCarry(params, opt_state, rng, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def play(self, params, key, examples: Sequence[Any], questions: Sequence[str], cost_lambda: np.ndarray,
              greedy: bool = False) -> Episode:
@@ -101,15 +103,16 @@ class OnlineTrainer:
                             [self.questions[i] for i in index], cost_lambda)
         trajectory = episode_trajectory(episode, cost_lambda, self.env.config.cost_timing)
         rollout_seconds = time.perf_counter() - start
-        params, opt_state, metrics = self._update(carry.params, carry.opt_state, trajectory, update_key)
+        params, opt_state, metrics = self._update(carry.params, carry.opt_state, trajectory, update_key,
+                                                  carry.iteration)
         jax.block_until_ready(params)
         learner_seconds = time.perf_counter() - start - rollout_seconds
         after = vars(self.env.cache.stats)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         metrics.update(quality=episode.quality.mean(), cost=episode.total_cost.mean(),
-                       hops=episode.valid.sum(0).mean(),
+                       hops=np.asarray(jnp.mean(models_called(trajectory, len(self.env.pool)))),
                        action_histogram=np.asarray(action_histogram(trajectory, self.learner.num_actions)),
                        cache_hits=after["hits"] - stats["hits"], cache_misses=after["misses"] - stats["misses"],
                        generated_tokens=after["generated_tokens"] - stats["generated_tokens"],
                        rollout_seconds=rollout_seconds, learner_seconds=learner_seconds)
-        return OnlineCarry(params, opt_state, rng, jnp.asarray(position + b, jnp.int32)), metrics
+        return OnlineCarry(params, opt_state, rng, jnp.asarray(position + b, jnp.int32), carry.iteration + 1), metrics

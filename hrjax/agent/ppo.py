@@ -1,10 +1,12 @@
 """The PPO learner both training modes share: one jit-compiled update over a fixed-shape trajectory.
 
 `Learner.update` runs GAE, advantage normalisation and `epochs` x shuffled `minibatches` of the
-clipped PPO loss (with gradient clipping, an optax schedule and an optional approx-KL early stop)
-as nested `lax.scan`s, so the whole update is one XLA program. Old log-probabilities and values are
+clipped PPO loss (with gradient clipping, Adam and an optional approx-KL early stop) as nested
+`lax.scan`s, so the whole update is one XLA program. Old log-probabilities and values are
 recomputed from the trajectory with the parameters that sampled it, so a rollout only has to
-record observations, actions and rewards.
+record observations, actions and rewards. The learning rate is read from the schedule at each
+minibatch's place in the run (iteration x epochs x minibatches), not from the optimiser's step
+count: minibatches skipped by the KL stop still advance it, so a linear schedule ends at 0.
 
 Shapes: T = num_hops steps, B episodes, E embedding width, A actions (M models, + STOP if enabled).
 """
@@ -29,7 +31,7 @@ class PPOConfig:
     epochs: int = 2
     minibatches: int = 4
     learning_rate: float = 1e-3
-    lr_schedule: str = "constant"  # 'constant' or 'linear' (decays to 0 over the run)
+    lr_schedule: str = "constant"  # 'constant' or 'linear' (decays to 0 over the run's minibatch steps)
     gamma: float = 1.0
     gae_lambda: float = 0.95
     clip_epsilon: float = 0.2
@@ -87,6 +89,11 @@ def action_histogram(trajectory: Trajectory, num_actions: int) -> chex.Array:
     return counts / jnp.maximum(jnp.sum(trajectory.valid, axis=1), 1)[:, None]
 
 
+def models_called(trajectory: Trajectory, num_models: int) -> chex.Array:
+    """[B] pool models each episode called: its valid steps that were not STOP (action `num_models`)."""
+    return jnp.sum(trajectory.valid & (trajectory.action < num_models), axis=0)
+
+
 def explained_variance(values: chex.Array, returns: chex.Array, valid: chex.Array) -> chex.Array:
     """1 - Var[returns - values] / Var[returns] over valid steps (1: perfect; <= 0: no better than a constant)."""
     def variance(x):
@@ -107,10 +114,14 @@ class Learner:
             raise ValueError(f"num_envs * num_hops ({batch}) must divide into ppo.minibatches "
                              f"({config.minibatches}): change ppo.num_envs or ppo.minibatches.")
         self.minibatch_size = batch // config.minibatches
-        lr = config.learning_rate
+        self.steps_per_update = config.epochs * config.minibatches
         if config.lr_schedule == "linear":
-            lr = optax.linear_schedule(lr, 0.0, num_iterations * config.epochs * config.minibatches)
-        self.optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(lr))
+            self.learning_rate = optax.linear_schedule(config.learning_rate, 0.0,
+                                                       num_iterations * self.steps_per_update)
+        else:
+            self.learning_rate = optax.constant_schedule(config.learning_rate)
+        # Adam's moments only: the rate is applied in `update`, from the schedule (see the module docstring)
+        self.optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.scale_by_adam())
 
     def init(self, key: chex.PRNGKey, embedding_dim: int):
         """-> (params, opt_state)."""
@@ -142,12 +153,13 @@ class Learner:
         value_loss = losses.clipped_value_loss(value, old_value, returns, step.valid, cfg.clip_epsilon)
         entropy = losses.masked_mean(losses.entropy(log_probs, step.action_mask), step.valid)
         total = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
-        approx_kl = losses.masked_mean(old_log_prob - log_prob, step.valid)
+        approx_kl = losses.approx_kl(log_prob, old_log_prob, step.valid)
         return total, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
                            clip_fraction=clip_fraction, approx_kl=approx_kl)
 
-    def update(self, params, opt_state, trajectory: Trajectory, key: chex.PRNGKey):
-        """One PPO update on a trajectory [T, B, ...] sampled with `params`.
+    def update(self, params, opt_state, trajectory: Trajectory, key: chex.PRNGKey, iteration: chex.Array):
+        """One PPO update on a trajectory [T, B, ...] sampled with `params`; `iteration` [] int is
+        this update's 0-based index in the run (the learning-rate schedule reads it).
         -> (params, opt_state, metrics: dict of scalars)."""
         cfg = self.config
         t, b = trajectory.reward.shape
@@ -164,24 +176,30 @@ class Learner:
                                       (trajectory, old_log_prob, values, advantages, returns))
         threshold = jnp.inf if cfg.target_kl is None else 1.5 * cfg.target_kl
 
-        def minibatch(carry, index):
+        def minibatch(carry, index_and_step):
             params, opt_state, stopped = carry
+            index, step = index_and_step
             (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(
                 params, jax.tree_util.tree_map(lambda x: x[index], flat))
             stopped = stopped | (info["approx_kl"] > threshold)
+            learning_rate = self.learning_rate(step)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            new_params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -learning_rate * u, updates))
             keep = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
             params = jax.tree_util.tree_map(keep, new_params, params)
             opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
-            return (params, opt_state, stopped), dict(info, kl_stop=stopped.astype(jnp.float32))
+            return (params, opt_state, stopped), dict(info, kl_stop=stopped.astype(jnp.float32),
+                                                      learning_rate=learning_rate)
 
-        def epoch(carry, epoch_key):
+        def epoch(carry, key_and_steps):
+            epoch_key, steps = key_and_steps
             order = jax.random.permutation(epoch_key, t * b).reshape(cfg.minibatches, self.minibatch_size)
-            return jax.lax.scan(minibatch, carry, order)
+            return jax.lax.scan(minibatch, carry, (order, steps))
 
+        steps = iteration * self.steps_per_update + jnp.arange(self.steps_per_update).reshape(cfg.epochs,
+                                                                                             cfg.minibatches)
         (params, opt_state, _), info = jax.lax.scan(epoch, (params, opt_state, jnp.array(False)),
-                                                    jax.random.split(key, cfg.epochs))
+                                                    (jax.random.split(key, cfg.epochs), steps))
         metrics = jax.tree_util.tree_map(jnp.mean, info)
         metrics["explained_variance"] = explained_variance(values, returns, trajectory.valid)
         metrics["return"] = jnp.mean(jnp.sum(trajectory.reward * trajectory.valid, axis=0))

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from hrjax.agent.networks import NetworkConfig
-from hrjax.agent.ppo import Learner, PPOConfig, Trajectory, action_histogram, sample_cost_lambda
+from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
+                             sample_cost_lambda)
 from hrjax.env.mdp import EnvConfig, routing_reward
 from hrjax.env.tree import PathTree, level_offset
 
@@ -115,6 +116,7 @@ class TrainCarry(NamedTuple):
     params: chex.ArrayTree
     opt_state: chex.ArrayTree
     rng: chex.PRNGKey
+    iteration: chex.Array  # [] int32: updates done so far (the learning-rate schedule reads it)
 
 
 class TreeTrainer(NamedTuple):
@@ -152,17 +154,18 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
     def iteration(carry: TrainCarry, _):
         rng, rollout_key, update_key = jax.random.split(carry.rng, 3)
         trajectory, final = rollout(carry.params, rollout_key)
-        params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key)
+        params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key,
+                                                    carry.iteration)
         quality = env.arrays.quality[final.prompt, final.node]
         metrics.update(quality=jnp.mean(quality), cost=jnp.mean(final.cost),
-                       hops=jnp.mean(final.hop.astype(jnp.float32)),
+                       hops=jnp.mean(models_called(trajectory, env.num_models)),
                        action_histogram=action_histogram(trajectory, env.num_actions))
-        return TrainCarry(params, opt_state, rng), metrics
+        return TrainCarry(params, opt_state, rng, carry.iteration + 1), metrics
 
     def init(rng) -> TrainCarry:
         rng, init_key = jax.random.split(rng)
         params, opt_state = learner.init(init_key, tree.root_embedding.shape[-1])
-        return TrainCarry(params, opt_state, rng)
+        return TrainCarry(params, opt_state, rng, jnp.zeros((), jnp.int32))
 
     def run(carry: TrainCarry, n: int):
         return jax.lax.scan(iteration, carry, None, n)

@@ -5,8 +5,8 @@ A prompt's tree holds K = M + M^2 + ... + M^L nodes in breadth-first order; node
 same for every prompt and `child(k, m)` is arithmetic. With the tree, the environment becomes array
 look-ups (exact oracle, jit-speed training). STOP needs no nodes of its own: stopping at node k
 scores k's response, which `quality[:, k]` already holds. Generation goes through the env's
-response cache, so an interrupted build resumes where it stopped and paths that rollouts already
-took are not generated again.
+response cache, flushed every `chunk_size` answers, so an interrupted build resumes where it stopped
+(losing at most one chunk) and paths that rollouts already took are not generated again.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import numpy as np
 
 from hrjax.env.mdp import Context, RoutingEnv
 from hrjax.fsutil import atomic_file
+
+FORMAT_VERSION = 2  # part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
+DEFAULT_CHUNK_SIZE = 256  # answers generated between two flushes of the response cache
 
 
 class PathTree(NamedTuple):
@@ -84,12 +87,15 @@ def tree_structure(num_models: int, num_hops: int) -> tuple[np.ndarray, np.ndarr
     return np.array(model, np.int32), np.array(parent, np.int32), np.array(depth, np.int32)
 
 
-def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
-               progress: bool = True) -> PathTree:
-    """Enumerates every path of every prompt, depth by depth, each model answering all of its
-    nodes in one batched (cached) call."""
+def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str], progress: bool = True,
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> PathTree:
+    """Enumerates every path of every prompt, depth by depth, each model answering its nodes in
+    batched (cached) calls of at most `chunk_size` answers, each chunk flushed to the response cache
+    as soon as it is generated: a killed build loses at most one chunk, and a rerun resumes there."""
     from tqdm.auto import tqdm
 
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     m, hops, n = len(env.pool), env.config.num_hops, len(examples)
     model, parent, depth = tree_structure(m, hops)
     k = len(model)
@@ -104,19 +110,21 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
         for action in range(m):
             nodes = level[model[level] == action]
             pairs = [(i, node) for i in range(n) for node in nodes]
-            before = [Context(questions[i]) if parent[node] < 0 else contexts[i][parent[node]] for i, node in pairs]
-            hop = env.respond(action, before)
-            after = [c.then(a) for c, a in zip(before, hop.responses)]
-            new_embeddings = np.asarray(env.encoder.encode([c.text() for c in after]), np.float32)
-            if embedding is None:
-                embedding = np.zeros((n, k, new_embeddings.shape[-1]), np.float32)
-            for j, (i, node) in enumerate(pairs):
-                contexts[i][node] = after[j]
-                tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
-                cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
-                quality[i, node] = env.quality_fn(examples[i], after[j].responses[-1].text)
-            env.cache.flush()
-            bar.update(len(pairs))
+            for start in range(0, len(pairs), chunk_size):
+                chunk = pairs[start:start + chunk_size]
+                before = [Context(questions[i]) if parent[node] < 0 else contexts[i][parent[node]] for i, node in chunk]
+                hop = env.respond(action, before)
+                env.cache.flush()
+                after = [c.then(a) for c, a in zip(before, hop.responses)]
+                new_embeddings = np.asarray(env.encoder.encode([c.text() for c in after]), np.float32)
+                if embedding is None:
+                    embedding = np.zeros((n, k, new_embeddings.shape[-1]), np.float32)
+                for j, (i, node) in enumerate(chunk):
+                    contexts[i][node] = after[j]
+                    tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
+                    cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
+                    quality[i, node] = env.quality_fn(examples[i], after[j].responses[-1].text)
+                bar.update(len(chunk))
     bar.close()
     return PathTree(root_embedding, embedding, tokens_in, tokens_out, cost, quality, model, parent, depth)
 

@@ -122,35 +122,46 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
     """Trains the members not cached yet (one tqdm bar over all their steps) and returns the pool's
     specs in recipe order. Each member is written atomically when its training ends, so an
     interrupted build leaves only complete members, which a later build reuses."""
+    from hrjax.locking import exclusive
+
+    digest = recipe_hash(recipe)
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / digest
+    paths = {m.name: root / m.name for m in recipe.members}
+    if any(not is_built(paths[m.name], digest) for m in recipe.members):
+        # one builder at a time: a process that waited for another finds its members built
+        with exclusive(root.parent / f".{digest}.lock", f"the specialist pool build {root}", wait=True):
+            todo = [m for m in recipe.members if not is_built(paths[m.name], digest)]
+            if todo:
+                _train_members(recipe, todo, root, digest, progress)
+    return [ModelSpec(m.name, str(paths[m.name]), m.base_rate, use_chat_template=False) for m in recipe.members]
+
+
+def _train_members(recipe: Recipe, todo: list, root: Path, digest: str, progress: bool) -> None:
+    """Trains the `todo` members of `recipe` (one tqdm bar over all their steps), each saved
+    atomically under `root` when its training ends."""
     from tqdm.auto import tqdm
 
     from hrjax.models.hf import save_hf
     from hrjax.specialists.sft import encode_pairs, loaded_lm, train
     from hrjax.specialists.tokenizer import char_tokenizer
 
-    digest = recipe_hash(recipe)
-    root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / digest
-    paths = {m.name: root / m.name for m in recipe.members}
-    todo = [m for m in recipe.members if not is_built(paths[m.name], digest)]
-    if todo:
-        with atomic_file(root / "recipe.json", "w") as f:
-            json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
-        tokenizer = char_tokenizer(ALPHABET)
-        bar = tqdm(total=sum(m.sft.steps for m in todo), desc="specialists", unit="step", disable=not progress)
-        for member in todo:
-            bar.set_description(f"specialist {member.name}")
-            tokens, mask = encode_pairs(tokenizer, training_pairs(recipe, member), member.sft.max_position_embeddings)
-            start = bar.n
+    with atomic_file(root / "recipe.json", "w") as f:
+        json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
+    tokenizer = char_tokenizer(ALPHABET)
+    bar = tqdm(total=sum(m.sft.steps for m in todo), desc="specialists", unit="step", disable=not progress)
+    for member in todo:
+        bar.set_description(f"specialist {member.name}")
+        tokens, mask = encode_pairs(tokenizer, training_pairs(recipe, member), member.sft.max_position_embeddings)
+        start = bar.n
 
-            def advance(steps_done: int, loss: float):
-                bar.update(start + steps_done - bar.n)
-                bar.set_postfix(loss=f"{loss:.4f}")
+        def advance(steps_done: int, loss: float):
+            bar.update(start + steps_done - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}")
 
-            params, losses = train(member.sft, tokens, mask, len(tokenizer), advance)
-            metadata = {"recipe": digest, "member": dataclasses.asdict(member), "pairs": len(tokens),
-                        "final_loss": float(losses[-20:].mean())}
-            config = member.sft.decoder_config(len(tokenizer))
-            save_hf(loaded_lm(config, params, tokenizer, str(paths[member.name]), **{METADATA_KEY: metadata}),
-                    paths[member.name])
-        bar.close()
-    return [ModelSpec(m.name, str(paths[m.name]), m.base_rate, use_chat_template=False) for m in recipe.members]
+        params, losses = train(member.sft, tokens, mask, len(tokenizer), advance)
+        metadata = {"recipe": digest, "member": dataclasses.asdict(member), "pairs": len(tokens),
+                    "final_loss": float(losses[-20:].mean())}
+        config = member.sft.decoder_config(len(tokenizer))
+        save_hf(loaded_lm(config, params, tokenizer, str(root / member.name), **{METADATA_KEY: metadata}),
+                root / member.name)
+    bar.close()

@@ -262,7 +262,13 @@ class TaskBuilderConfig(tfds.core.BuilderConfig):
 
 
 class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base class: one task family, configured by `options` (see `DEFAULTS` of each subclass)."""
+    """Base class: one task family, configured by `options` (see `DEFAULTS` of each subclass).
+
+    Each build lives under its `VERSION`. Bump a builder's VERSION (with a `RELEASE_NOTES` line)
+    whenever what it writes can change, its helpers and the scorer code it calls included: TFDS then
+    builds the new version beside the old instead of serving it. tests/test_versions.py pins each
+    version to a digest of that code and fails on a change without a bump.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release: id/task/question/answers/scorer/metadata."}
@@ -534,6 +540,11 @@ class HrjaxMath(ManualTaskBuilder):
     """
 
     name = "hrjax_math"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        **TaskBuilder.RELEASE_NOTES,
+        "1.1.0": "Scorer 'math' (was 'exact_match'); answers from the shared `last_boxed`, stripped.",
+    }
     TASK, SCORER, DIRNAME = "math", "math", "math"
     DEFAULTS = {"validation_fraction": 0.1, "seed": 0}
     MANUAL_DOWNLOAD_INSTRUCTIONS = DOWNLOAD = (

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -40,6 +42,7 @@ from hrjax.tasks.builders import (
     TaskConfigError,
     TaskDataError,
 )
+from hrjax.tasks.scorers import SCORER_VERSIONS
 
 __all__ = [
     "TASKS",
@@ -50,6 +53,7 @@ __all__ = [
     "TaskConfigError",
     "TaskDataError",
     "decode_example",
+    "examples_fingerprint",
     "load_task",
     "prepare_task",
     "task_builder",
@@ -119,13 +123,15 @@ def task_builder(
 
 @contextlib.contextmanager
 def _quiet_tfds():
-    """TFDS's progress bars off for the block (restored afterwards)."""
+    """TFDS's progress bars and its 'Downloading and preparing dataset' lines (a local build
+    downloads nothing) off for the block (restored afterwards)."""
     from tensorflow_datasets.core.utils import tqdm_utils
 
     was = getattr(tqdm_utils, "_active", True)
     tfds.display_progress_bar(False)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         tfds.display_progress_bar(was)
 
@@ -178,6 +184,17 @@ def decode_example(raw: Mapping[str, Any]) -> TaskExample:
         scorer=fields["scorer"],
         metadata=json.loads(fields["metadata"]),
     )
+
+
+def examples_fingerprint(examples: Sequence[TaskExample]) -> dict:
+    """What scores of `examples` depend on: {"examples": sha256 over each example's id, task, question,
+    answers, scorer and metadata, in order; "scorers": the version of each scorer they name}."""
+    digest = hashlib.sha256()
+    for e in examples:
+        row = [e.id, e.task, e.question, list(e.answers), e.scorer, e.metadata]
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    scorers = sorted({e.scorer for e in examples})
+    return {"examples": digest.hexdigest(), "scorers": {s: SCORER_VERSIONS[s] for s in scorers}}
 
 
 def load_task(

@@ -1,7 +1,9 @@
 """Runs model-written Python in a throw-away, isolated process: the code-execution sandbox.
 
 `run_python(program, timeout_s=..., memory_mb=..., cpu_s=...)` never raises for anything the
-program does: every outcome is a `SandboxResult.status`. The program runs as
+program does: every outcome is a `SandboxResult.status`. The status is the program's exit status, which
+the program itself chooses: it is no evidence of anything the program claims (`hrjax.tasks.code_harness`
+is how `code_pass` gets a verdict the program under test cannot forge). The program runs as
 `python -I -S program.py` (isolated mode, no site-packages: the standard library only), three
 processes down from the caller:
 
@@ -28,11 +30,12 @@ Isolation; each named part is listed in `SandboxResult.isolation` when it took e
   exec and ctypes. Best effort, not a security boundary (native code can get past it).
 
 Always: rlimits (address space `memory_mb`, CPU `cpu_s`, `max_processes` tasks for the uid,
-`disk_mb` per written file, 256 open files, no core dumps), stdin from /dev/null, an environment of
-PATH, LANG, HOME and TMPDIR only (the caller's secrets never reach it), its own session, killed
-whole on timeout. Without root (or CAP_SYS_ADMIN) only these and 'audit' remain, and the program
-runs as the caller's uid (whose other processes then count towards `max_processes`). World-readable files stay readable in every mode. Linux only: >= 5.3
-(pidfd), >= 5.12 for 'readonly' (mount_setattr).
+`disk_mb` per written file, 256 open files, no core dumps), stdin from /dev/null or from `stdin` (an
+unnamed file), an environment of PATH, LANG, HOME and TMPDIR only (the caller's secrets never reach
+it), its own session, killed whole on timeout. Without root (or CAP_SYS_ADMIN) only these and
+'audit' remain, and the program runs as the caller's uid (whose other processes then count towards
+`max_processes`). World-readable files stay readable in every mode. Linux only: >= 5.3 (pidfd),
+>= 5.12 for 'readonly' (mount_setattr).
 """
 
 from __future__ import annotations
@@ -246,7 +249,7 @@ class SandboxResult:
 
 def run_python(program: str, *, timeout_s: float, memory_mb: int, cpu_s: float | None,
                max_processes: int = 64, disk_mb: int = 64, namespaces: bool = True,
-               python: str | None = None) -> SandboxResult:
+               python: str | None = None, stdin: bytes = b"") -> SandboxResult:
     """Runs `program` in the sandbox; never raises for anything the program does.
 
     timeout_s: wall-clock seconds, start-up included; the whole process group is killed at it.
@@ -255,6 +258,7 @@ def run_python(program: str, *, timeout_s: float, memory_mb: int, cpu_s: float |
     disk_mb: size limit of each written file and of each private tmpfs, MiB.
     namespaces: False skips the namespaces (as on hosts that refuse them), leaving the fallback.
     python: the interpreter that runs the program (default: this process's, symlinks resolved).
+    stdin: what the program reads from its standard input (an unnamed file; empty: /dev/null).
     If the caller itself is SIGKILLed, the sandbox dies with it but its temp dir (the program and
     its output, in `tempfile.gettempdir()/hrjax-sandbox-*`) stays behind.
     """
@@ -273,7 +277,7 @@ def run_python(program: str, *, timeout_s: float, memory_mb: int, cpu_s: float |
                 "disk_mb": str(disk_mb), **{k: f"{v}:{v}" for k, v in limits.items()}}
         if cpu_s is not None:  # SIGXCPU at the soft limit, SIGKILL a second later
             spec["RLIMIT_CPU"] = f"{math.ceil(cpu_s)}:{math.ceil(cpu_s) + 1}"
-        return _run(program, outer, spec, timeout_s, start, uid)
+        return _run(program, stdin, outer, spec, timeout_s, start, uid)
     except OSError as e:
         return SandboxResult("error", None, "", f"hrjax sandbox could not run the program: {e}",
                              time.monotonic() - start, (), uid)
@@ -298,7 +302,7 @@ def _check_limits(**limits) -> None:
                          "interpreter; give at least 32")
 
 
-def _run(program: str, outer: str, spec: dict[str, str], timeout_s: float, start: float,
+def _run(program: str, stdin: bytes, outer: str, spec: dict[str, str], timeout_s: float, start: float,
          uid: int | None) -> SandboxResult:
     work = os.path.join(outer, "work")
     os.mkdir(work, 0o700)
@@ -310,11 +314,15 @@ def _run(program: str, outer: str, spec: dict[str, str], timeout_s: float, start
     out, err = (os.open(os.path.join(outer, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 for name in ("stdout", "stderr"))
     try:
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), *(f"{k}={v}" for k, v in spec.items())],
-                cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=(report_w,),
-                start_new_session=True)
+        try:  # stdin's file has no name (O_TMPFILE, or unlinked at once): only its descriptor reaches it
+            with tempfile.TemporaryFile(dir=outer) if stdin else contextlib.nullcontext() as source:
+                if source is not None:
+                    source.write(stdin)
+                    source.seek(0)
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", os.path.abspath(__file__), *(f"{k}={v}" for k, v in spec.items())],
+                    cwd=work, env={}, stdin=subprocess.DEVNULL if source is None else source, stdout=out,
+                    stderr=err, pass_fds=(report_w,), start_new_session=True)
         finally:
             os.close(report_w)
         timed_out = _wait(proc, timeout_s)

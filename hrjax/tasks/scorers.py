@@ -9,8 +9,9 @@ arguments are the fields of a `hrjax.tasks.datasets.TaskExample` (the builders n
   answers contain punctuation or article-like words, which SQuAD normalisation would erase).
 - 'exact_match', 'f1': SQuAD-normalised exact match / token F1 of the response's final answer
   (`final_answer`: `<answer>` tags, `\boxed{}`, `#### x`, else the whole response), max over golds.
-- 'code_pass': pass@1 of `metadata["prompt"]` (if any) + the response's code, then
-  `metadata["test_program"]`, in the sandbox (`hrjax.tasks.sandbox`).
+- 'code_pass': pass@1 of `metadata["prompt"]` (if any) + the response's code against
+  `metadata["test_program"]`, in the sandbox (`hrjax.tasks.sandbox`), judged by
+  `hrjax.tasks.code_harness`: only the tests running to their end scores, not an exit status.
 - 'reasoning_gym': the task's own `score_answer(answer, entry)`, with `metadata["entry"]`,
   `metadata["source_dataset"]` and `metadata["config"]`.
 
@@ -26,9 +27,12 @@ import functools
 import json
 import math
 import re
+import secrets
 import string
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hrjax.tasks import code_harness
 from hrjax.tasks.sandbox import run_python
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -192,14 +196,28 @@ def extract_code(response: str) -> str:
     return match.group(1) if match else response
 
 
-def code_pass(completion_program: str, test_program: str, entry_point: str | None, *,
+@functools.cache
+def _judge_program() -> str:
+    return Path(code_harness.__file__).read_text()
+
+
+def code_pass(completion_program: str, test_program: str, entry_point: str | None, *, prompt: str = "",
               timeout_s: float = 10.0, memory_mb: int = 1024, cpu_s: float | None = 10.0) -> float:
-    """pass@1: 1.0 if `completion_program` (HumanEval: prompt + completion), then `test_program`,
-    then `check(entry_point)`, run to exit 0 in the sandbox; 0.0 otherwise. `entry_point=None`
-    when `test_program` makes its checks itself (MBPP's asserts, or a program that already ends
-    with the `check` call). Limits: wall seconds, MiB of address space, CPU seconds."""
-    program = f"{completion_program}\n{test_program}\n" + (f"check({entry_point})\n" if entry_point else "")
-    return float(run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s).status == "passed")
+    """pass@1: 1.0 if `test_program`, then `check(entry_point)`, runs to its end against
+    `completion_program` (HumanEval: prompt + completion) in the sandbox; 0.0 otherwise.
+    `entry_point=None` when `test_program` makes its checks itself (MBPP's asserts, or a program that
+    already ends with the `check` call). `prompt`: the task's own part of `completion_program`, whose
+    complete definitions (HumanEval/32's `poly`) the tests use instead of the completion's.
+    The tests run in a judge process apart from the completion's, which answers their calls with
+    plain data; the pass is a line with a fresh nonce that only the judge knows, never an exit
+    status (`hrjax.tasks.code_harness` says why, and what each forgery meets).
+    Limits: wall seconds for the whole run; MiB of address space and CPU seconds per process."""
+    nonce = secrets.token_hex(16)
+    tests = f"{test_program}\n" + (f"check({entry_point})\n" if entry_point else "")
+    payload = json.dumps({"nonce": nonce, "completion": completion_program, "tests": tests, "prompt": prompt})
+    result = run_python(_judge_program(), stdin=payload.encode(), timeout_s=timeout_s, memory_mb=memory_mb,
+                        cpu_s=cpu_s)
+    return float(result.status == "passed" and f"\n{code_harness.PASSED} {nonce}\n" in result.stdout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,7 +237,8 @@ def reasoning_gym_score(answer: str, entry: Mapping[str, Any], dataset: str,
 
 
 def _score_code(response: str, answers: Sequence[str], metadata: Mapping[str, Any]) -> float:
-    return code_pass(metadata.get("prompt", "") + extract_code(response), metadata["test_program"], None)
+    prompt = metadata.get("prompt", "")
+    return code_pass(prompt + extract_code(response), metadata["test_program"], None, prompt=prompt)
 
 
 def _score_reasoning_gym(response: str, answers: Sequence[str], metadata: Mapping[str, Any]) -> float:
@@ -240,6 +259,10 @@ SCORERS: dict[str, Callable[[str, Sequence[str], Mapping[str, Any]], float]] = {
     "code_pass": _score_code,
     "reasoning_gym": _score_reasoning_gym,
 }
+# Bump a scorer's version whenever the scores it gives can change: path trees store scores, keyed by these
+# (tests/test_versions.py fails when a scorer's code changes without a bump).
+SCORER_VERSIONS: dict[str, int] = {"numeric": 1, "math": 1, "exact": 1, "exact_match": 1, "f1": 1, "code_pass": 2,
+                                   "reasoning_gym": 1}
 
 
 def score_example(example: Any, response: str) -> float:

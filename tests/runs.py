@@ -1,0 +1,54 @@
+"""Training runs of the tests: a config file over the tiny random pool, and `hrjax train` launched
+as a user would (a subprocess with the real entry points)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG_FILE = '''
+from hrjax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.pool = {pool!r}
+    config.mode = {mode!r}
+    config.task.name = "basic_arithmetic"
+    config.task.options = dict(n_train=8, n_validation=4, n_test=4, seed=0)
+    config.task.data_dir = {data_dir!r}
+    config.train.cache_dir = {cache_dir!r}
+    config.env.max_new_tokens = 4
+    config.env.cost_lambda = 0.5
+    config.network.hidden = 16
+    config.ppo.num_envs = 8
+    config.ppo.minibatches = 2
+    config.train.num_iterations = {iterations}
+    config.train.iterations_per_step = 1
+    config.train.eval_every = 3
+    return config
+'''
+
+
+def config_file(path: Path, tiny_pool: dict, mode: str = "tree", iterations: int = 12) -> Path:
+    """Writes the config file of a run over `tiny_pool` (the conftest fixture) to `path`."""
+    path.write_text(CONFIG_FILE.format(mode=mode, iterations=iterations, **tiny_pool))
+    return path
+
+
+def launch(config: Path, workdir: Path, *extra: str, entry=("experiments.train",), cwd=REPO,
+           **popen) -> subprocess.Popen:
+    """`python -m <entry> --config=... --workdir=... --noprogress <extra>`, output captured as text."""
+    return subprocess.Popen([sys.executable, "-m", *entry, f"--config={config}", f"--workdir={workdir}",
+                             "--noprogress", *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Waits for a launched run; asserts it succeeded; -> its output."""
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    return out
