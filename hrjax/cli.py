@@ -1,5 +1,5 @@
 """The `hrjax` console script: `hrjax train|evaluate --config=... --workdir=...` (the absl flags of
-`python -m experiments.train|evaluate`) and `hrjax bench sampler|rollout|learner`."""
+`python -m experiments.train|evaluate`) and `hrjax bench sampler|rollout|learner|cache`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hrjax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line")
-    bench.add_argument("name", choices=["sampler", "rollout", "learner"], help="which benchmark")
+    bench.add_argument("name", choices=["sampler", "rollout", "learner", "cache"], help="which benchmark")
     commands.add_parser("train", help="train a router: --config=<file.py> --workdir=<dir> [--config.a.b=value]",
                         add_help=False)
     commands.add_parser("evaluate", help="train over seeds and evaluate against the baselines (same flags)",

@@ -1,6 +1,7 @@
 """The training loop: `train(config, workdir)` runs `iterations_per_step` jitted PPO iterations per
-Python step, then logs (JSONL + TensorBoard + a progress bar with ETA), evaluates the greedy router
-on the selection prompts (also at iteration 0, before any update) and checkpoints. A run restarted
+Python step, then logs each iteration's metrics (JSONL + TensorBoard + a progress bar with ETA),
+evaluates the greedy router on the selection prompts (also at iteration 0, before any update) and
+checkpoints. A run restarted
 on the same workdir resumes from its latest checkpoint and ends with the same parameters, bit for
 bit, as a run never interrupted.
 
@@ -166,12 +167,14 @@ class _TreeRun:
         return self.trainer.init(rng)
 
     def steps(self, carry, n: int):
+        """n iterations -> (carry, one metrics dict per iteration, the step's learner and rollout seconds)."""
         start = time.perf_counter()
         carry, metrics = self._run(carry, n)
         jax.block_until_ready(carry)
         seconds = time.perf_counter() - start
-        metrics = {k: np.asarray(v).mean(axis=0) for k, v in metrics.items()}
-        return carry, dict(metrics, learner_seconds=seconds, rollout_seconds=0.0)
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}  # [n, ...] each
+        return carry, [{k: v[i] for k, v in metrics.items()} for i in range(n)], dict(learner_seconds=seconds,
+                                                                                      rollout_seconds=0.0)
 
     def evaluate(self, params):
         quality, cost, _ = self._greedy(params)
@@ -192,13 +195,14 @@ class _OnlineRun:
         return self.trainer.init(rng)
 
     def steps(self, carry, n: int):
-        rows = []
+        """n iterations -> (carry, one metrics dict per iteration, the step's learner and rollout seconds)."""
+        rows, seconds = [], {"learner_seconds": 0.0, "rollout_seconds": 0.0}
         for _ in range(n):
             carry, metrics = self.trainer.iteration(carry)
+            for part in seconds:
+                seconds[part] += metrics.pop(part)
             rows.append(metrics)
-        summed = ("cache_hits", "cache_misses", "generated_tokens", "rollout_seconds", "learner_seconds")
-        return carry, {k: np.sum([r[k] for r in rows], axis=0) if k in summed else np.mean([r[k] for r in rows], axis=0)
-                       for k in rows[0]}
+        return carry, rows, seconds
 
     def evaluate(self, params):
         select = self.data.select
@@ -209,10 +213,11 @@ class _OnlineRun:
         return float(episode.quality.mean()), float(episode.total_cost.mean())
 
 
-def _first_non_finite(metrics: dict, params) -> Optional[str]:
-    for name, value in metrics.items():
-        if not np.all(np.isfinite(np.asarray(value))):
-            return f"metric '{name}' is {np.asarray(value).tolist()}"
+def _first_non_finite(rows: list[dict], first_iteration: int, params) -> Optional[str]:
+    for iteration, metrics in enumerate(rows, first_iteration):
+        for name, value in metrics.items():
+            if not np.all(np.isfinite(np.asarray(value))):
+                return f"metric '{name}' is {np.asarray(value).tolist()} at iteration {iteration}"
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
         return "the parameters hold NaN or inf"
     return None
@@ -270,27 +275,29 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
         while iteration < loop.num_iterations:
             n = min(loop.iterations_per_step, loop.num_iterations - iteration)
             start = time.perf_counter()
-            carry, metrics = run.steps(carry, n)
+            carry, rows, seconds_by_part = run.steps(carry, n)
             seconds = time.perf_counter() - start
-            bad = _first_non_finite(metrics, carry.params)
+            bad = _first_non_finite(rows, iteration + 1, carry.params)
             if bad:
                 raise TrainingDivergedError(
                     f"Iterations {iteration + 1}-{iteration + n}: {bad}; stopped without saving them. The last good "
                     f"checkpoint (iteration {checkpoints.latest_step}) is kept in {checkpoints.workdir}/checkpoints: "
                     "lower ppo.learning_rate or ppo.max_grad_norm, or fix what made the rewards non-finite, then "
                     "restart.")
-            iteration += n
             python_step += 1
-            metrics.update(episodes_per_s=n * config.ppo.num_envs / seconds,
-                           learner_fraction=metrics["learner_seconds"] / seconds)
-            state = {"carry": carry, "iteration": jnp.asarray(iteration, jnp.int32)}
-            last = iteration >= loop.num_iterations
+            metrics = rows[-1]  # the step's own figures go with its last iteration
+            metrics.update(seconds_by_part, episodes_per_s=n * config.ppo.num_envs / seconds,
+                           learner_fraction=seconds_by_part["learner_seconds"] / seconds)
+            state = {"carry": carry, "iteration": jnp.asarray(iteration + n, jnp.int32)}
+            last = iteration + n >= loop.num_iterations
             if python_step % loop.eval_every == 0 or last:
                 evaluation = _evaluation(config, run, carry.params)
                 metrics.update(evaluation)
-                checkpoints.save_best(iteration, state, evaluation)
-            writer.write(iteration, metrics)
-            history.append({"step": iteration, **{k: np.asarray(v).tolist() for k, v in metrics.items()}})
+                checkpoints.save_best(iteration + n, state, evaluation)
+            for row in rows:  # one row per iteration, so the curves start at iteration 1
+                iteration += 1
+                writer.write(iteration, row)
+                history.append({"step": iteration, **{k: np.asarray(v).tolist() for k, v in row.items()}})
             if python_step % loop.checkpoint_every == 0 or last:
                 checkpoints.save(iteration, state)
             bar.update(n)

@@ -128,6 +128,15 @@ def test_metrics_checkpoints_and_tensorboard(tiny_pool, tmp_path):
     assert [r["step"] for r in longer.history] == [7, 8]
 
 
+def test_every_iteration_is_logged_when_a_step_runs_several(tiny_pool, tmp_path):
+    train(config_of(tiny_pool, iterations=6, **{"train.iterations_per_step": 3}), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["return"]) for r in rows[1:])
+    assert [r["step"] for r in rows if "episodes_per_s" in r] == [3, 6]  # a step's timing: on its last iteration
+    assert [r["step"] for r in rows if "eval/value" in r] == [0, 6]
+
+
 def test_workdir_of_another_config_is_refused(tiny_pool, tmp_path):
     train(config_of(tiny_pool, iterations=2), tmp_path, progress=False)
     with pytest.raises(ConfigError, match=r"config.ppo.learning_rate: 0.001 vs 0.01.*new --workdir"):

@@ -27,3 +27,16 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
     return 2 * size ** 3 / best_seconds(lambda: matmul(a, b), repeats) / 1e9
+
+
+def host_isa() -> str:
+    """The widest x86 vector ISA this host has ('avx512', 'avx2', or the machine type), which decides
+    XLA:CPU's and torch's kernels: figures from hosts of different ISAs are not comparable."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()

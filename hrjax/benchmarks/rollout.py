@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from hrjax.benchmarks.common import host_isa
+
 TASK = "basic_arithmetic"
 
 
@@ -69,7 +71,7 @@ def run(batch: int = 64, num_hops: int = 2, max_new_tokens: int = 32, naive_prom
             responses.append(model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
     naive = time.perf_counter() - start
     return {
-        "batch": batch, "num_hops": num_hops, "max_new_tokens": max_new_tokens, "task": TASK,
+        "host_isa": host_isa(), "batch": batch, "num_hops": num_hops, "max_new_tokens": max_new_tokens, "task": TASK,
         "pool": [s.name for s in specs],
         "episodes_per_s": round(batch / ours, 3),
         "naive_episodes_per_s": round(naive_prompts / naive, 3),
