@@ -104,7 +104,7 @@ class ResponseCache:
         if shards:
             mib = sum(s.stat().st_size for s in shards) / 2**20
             log.warning("%d response-cache shard(s) of an older hrjax in %s (shard-*.jsonl, %.1f MiB) are ignored: "
-                        "their keys predate cache format %d, so they can never be hit. delete them to free the "
+                        "their keys predate cache format %d, so they can never be hit. Delete them to free the "
                         "space.", len(shards), self.directory, mib, FORMAT_VERSION)
 
     def _stored(self, key: str) -> Optional[CachedResponse]:
