@@ -129,6 +129,12 @@ def tree_meta(config: RunConfig, examples: list) -> dict:
             "env": generation, "task": config.task.name, **examples_fingerprint(examples)}
 
 
+def tree_path(config: RunConfig, meta: dict) -> Path:
+    """Where the path tree of `meta` (`tree_meta`) is cached: named by a digest of it."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(config.train.cache_dir).expanduser() / "trees" / f"{digest}.npz"
+
+
 def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
     """The path tree of `examples`, from the cache dir when one was built before, else built (and saved).
     One process builds a given tree at a time; another that needs it waits, then reads it."""
@@ -136,8 +142,7 @@ def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
     from hrjax.locking import exclusive
 
     meta = tree_meta(config, examples)
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(config.train.cache_dir).expanduser() / "trees" / f"{digest}.npz"
+    path = tree_path(config, meta)
     if not path.exists():
         with exclusive(path.with_suffix(".lock"), f"the path tree build {path}", wait=True):
             if not path.exists():  # else built by the process this one waited for
@@ -243,7 +248,7 @@ def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
             json.dump(config.to_dict(), f, indent=2)
         data = load_data(config)
         run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, progress)
-        fresh = {"carry": run.init(jax.random.PRNGKey(config.seed)), "iteration": jnp.zeros((), jnp.int32)}
+        fresh = {"carry": run.init(jax.random.PRNGKey(config.seed))}  # the carry counts its iterations
         resumed_from, state = checkpoints.restore(fresh)
         action_names = [m.name for m in config.pool] + (["STOP"] if config.env.stop_action else [])
         writer = MetricsWriter(workdir, action_names, resumed_from)
@@ -264,7 +269,8 @@ def _evaluation(config: RunConfig, run, params) -> dict:
 def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writer, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    loop, carry, iteration = config.train, state["carry"], int(state["iteration"])
+    loop, carry = config.train, state["carry"]
+    iteration = int(carry.iteration)
     history, python_step = [], iteration // loop.iterations_per_step
     if iteration == 0:  # a fresh run: the learning curves start at the untrained router (never offered to best/)
         evaluation = _evaluation(config, run, carry.params)
@@ -288,7 +294,7 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
             metrics = rows[-1]  # the step's own figures go with its last iteration
             metrics.update(seconds_by_part, episodes_per_s=n * config.ppo.num_envs / seconds,
                            learner_fraction=seconds_by_part["learner_seconds"] / seconds)
-            state = {"carry": carry, "iteration": jnp.asarray(iteration + n, jnp.int32)}
+            state = {"carry": carry}
             last = iteration + n >= loop.num_iterations
             if python_step % loop.eval_every == 0 or last:
                 evaluation = _evaluation(config, run, carry.params)

@@ -39,6 +39,19 @@ def config_file(path: Path, tiny_pool: dict, mode: str = "tree", iterations: int
     return path
 
 
+def config_of(tiny_pool: dict, mode: str = "tree", iterations: int = 6, **changes):
+    """The frozen `RunConfig` of that config file, with `changes` ({"section.key": value}) applied."""
+    from hrjax.config import run_config
+
+    namespace = {}
+    exec(CONFIG_FILE.format(mode=mode, iterations=iterations, **tiny_pool), namespace)
+    config = namespace["get_config"]()
+    for path, value in changes.items():
+        section, key = path.split(".")
+        config[section][key] = value
+    return run_config(config.to_dict())
+
+
 def launch(config: Path, workdir: Path, *extra: str, entry=("experiments.train",), cwd=REPO,
            **popen) -> subprocess.Popen:
     """`python -m <entry> --config=... --workdir=... --noprogress <extra>`, output captured as text."""

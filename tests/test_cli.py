@@ -15,7 +15,8 @@ import pytest
 from hrjax.checkpoint import RunCheckpoints
 from hrjax.config import base_config, run_config
 from hrjax.rundir import LOCK_NAME
-from runs import REPO, config_file, finish, launch
+from hrjax.train import load_data, tree_meta, tree_path
+from runs import REPO, config_file, config_of, finish, launch
 
 CLI = ("hrjax.cli", "train")
 
@@ -84,6 +85,25 @@ def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_
         holder.wait()
     assert (workdir / ".lock").exists()  # left behind by the killed holder, and taken over:
     assert "trained to iteration 2" in finish(launch(config, workdir, entry=CLI))
+
+
+def test_a_tree_build_in_progress_elsewhere_is_waited_for(tiny_pool, tmp_path):
+    tiny_pool = dict(tiny_pool, cache_dir=str(tmp_path / "cache"))  # a tree no other test built
+    config = config_of(tiny_pool, iterations=2)
+    tree = tree_path(config, tree_meta(config, load_data(config).examples))
+    holder = hold_lock(tree.with_suffix(".lock"))  # as another run building that tree would
+    process = launch(config_file(tmp_path / "config.py", tiny_pool, iterations=2), tmp_path / "run", entry=CLI)
+    try:
+        line = process.stdout.readline()
+        while line and "waiting for" not in line:
+            line = process.stdout.readline()
+        assert f"waiting for the path tree build {tree}, in use by pid {holder.pid}" in line, line
+        time.sleep(1.0)
+        assert process.poll() is None and not tree.exists()  # it waits, building nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert "trained to iteration 2" in finish(process) and tree.exists()
 
 
 def test_a_waiting_builder_names_the_holder_and_goes_on_once_it_is_gone(tmp_path):

@@ -19,19 +19,9 @@ import pytest
 from hrjax.config import ConfigError, base_config, run_config
 from hrjax.errors import CheckpointError, TrainingDivergedError
 from hrjax.train import load_data, train, tree_meta
-from runs import CONFIG_FILE, config_file, finish, launch
+from runs import config_file, config_of, finish, launch
 
 TIMING = ("learner_seconds", "rollout_seconds", "episodes_per_s", "learner_fraction")
-
-
-def config_of(tiny_pool: dict, mode: str = "tree", iterations: int = 6, **changes):
-    namespace = {}
-    exec(CONFIG_FILE.format(mode=mode, iterations=iterations, **tiny_pool), namespace)
-    config = namespace["get_config"]()
-    for path, value in changes.items():
-        section, key = path.split(".")
-        config[section][key] = value
-    return run_config(config.to_dict())
 
 
 def saved_steps(workdir: Path) -> list[int]:

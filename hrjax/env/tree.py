@@ -61,15 +61,6 @@ class PathTree(NamedTuple):
         """[N, K] quality - lambda * cumulative cost of ending at each node."""
         return self.quality - cost_lambda * self.path_cost()
 
-    def oracle(self, cost_lambda: float = 0.0, leaves_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Per prompt, the best value quality - lambda * cost over full-length paths (or over every
-        node, i.e. with STOP) -> (value [N], node [N])."""
-        value = self.value(cost_lambda)
-        if leaves_only:
-            value = np.where(self.depth == self.depth.max(), value, -np.inf)
-        best = np.argmax(value, axis=1)
-        return value[np.arange(len(best)), best], best
-
 
 def level_offset(num_models: int, depth: int) -> int:
     """Index of the first node of `depth` (M + M^2 + ... + M^depth nodes come before it)."""
