@@ -182,7 +182,7 @@ def test_old_jsonl_shards_are_ignored_with_a_warning(tmp_path, caplog):
         json.dumps({"key": "k", "tokens": [1, 2], "text": "old", "finish_reason": "eos"}) + "\n")
     cache = ResponseCache(tmp_path)
     assert cache.get("k") is None
-    assert "1 response-cache shard(s) of an older hrjax" in caplog.text and "delete" in caplog.text
+    assert "1 response-cache shard(s) of an older hrjax" in caplog.text and "Delete them" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
