@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 
 from hrjax.agent.tree_mode import greedy_paths
-from hrjax.config import ConfigError, TaskConfig, run_config
+from hrjax.config import ConfigError, TaskConfig
 from hrjax.train import _TreeRun, load_data, train
-from runs import CONFIG_FILE
+from runs import config_of
 
 EVAL_KEYS = {"eval/quality", "eval/cost", "eval/value"}
-
-
-def config_of(tiny_pool: dict, iterations: int = 2, **task):
-    """The tests' run config over the tiny pool (8 training, 4 validation and 4 test prompts), `task` fields changed."""
-    namespace = {}
-    exec(CONFIG_FILE.format(mode="tree", iterations=iterations, **tiny_pool), namespace)
-    config = namespace["get_config"]()
-    for key, value in task.items():
-        config.task[key] = value
-    return run_config(config.to_dict())
 
 
 def logged(workdir: Path) -> list[dict]:
@@ -39,20 +29,21 @@ def test_a_selection_split_equal_to_the_reported_one_is_refused():
 
 
 def test_selection_prompts_come_from_their_own_split_or_follow_the_training_ones(tiny_pool):
-    data = load_data(config_of(tiny_pool))
+    data = load_data(config_of(tiny_pool, iterations=2))
     assert (len(data.train), len(data.select), len(data.eval)) == (8, 4, 4)  # train, validation, test
     ids = [{e.id for e in part} for part in (data.train, data.select, data.eval)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert data.examples == data.train + data.select + data.eval  # the path tree's rows, in this order
     np.testing.assert_array_equal(data.rows("select"), [8, 9, 10, 11])
     # a task without a spare split: the selection prompts are the num_select after the first num_train
-    tail = load_data(config_of(tiny_pool, select_split="train", num_train=5, num_select=2))
+    tail = load_data(config_of(tiny_pool, iterations=2, **{"task.select_split": "train", "task.num_train": 5,
+                                                          "task.num_select": 2}))
     assert [e.id for e in tail.train + tail.select] == [e.id for e in data.train[:7]]
     assert [e.id for e in tail.eval] == [e.id for e in data.eval]
 
 
 def test_a_fresh_run_logs_the_untrained_router_at_step_0_on_the_selection_prompts(tiny_pool, tmp_path):
-    config = config_of(tiny_pool)
+    config = config_of(tiny_pool, iterations=2)
     result = train(config, tmp_path, progress=False)
     rows = logged(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
