@@ -17,6 +17,7 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
 from hrjax.env.mdp import EnvConfig
 from hrjax.errors import HrjaxError
+from hrjax.parallel import MeshConfig
 from hrjax.pool import ModelSpec
 
 
@@ -105,6 +106,7 @@ class RunConfig:
     ppo: PPOConfig = PPOConfig()
     train: LoopConfig = LoopConfig()
     evaluate: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()  # the device mesh: 'data' splits episodes, 'model' pool models (scale-out)
 
     def __post_init__(self):
         if self.mode not in ("tree", "online"):
@@ -186,9 +188,9 @@ def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any], igno
 
 def resumable_keys(config: Mapping[str, Any]) -> frozenset:
     """The config paths a resumed run may change: how long it runs (unless a linear learning-rate
-    schedule is spread over that length) and how often it evaluates and checkpoints."""
+    schedule is spread over that length), how often it evaluates and checkpoints, and the device mesh."""
     keys = {"config.train.eval_every", "config.train.checkpoint_every", "config.train.max_to_keep",
-            "config.evaluate"}
+            "config.evaluate", "config.mesh"}
     if config["ppo"]["lr_schedule"] == "constant":
         keys.add("config.train.num_iterations")
     return frozenset(keys)

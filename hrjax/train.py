@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -159,10 +160,12 @@ class _TreeRun:
 
     def __init__(self, config: RunConfig, data: RunData, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
+        from hrjax.parallel import make_mesh
 
         tree = load_or_build_tree(config, data.examples, progress)
+        mesh = make_mesh(config.mesh)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
-                                  config.train.num_iterations)
+                                  config.train.num_iterations, mesh if mesh.size > 1 else None)
         self._run = jax.jit(self.trainer.run, static_argnums=1)
         select_rows, lam = data.rows("select"), config.env.cost_lambda
         self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env,
@@ -191,7 +194,12 @@ class _OnlineRun:
 
     def __init__(self, config: RunConfig, data: RunData, progress: bool):
         from hrjax.agent.online import OnlineTrainer
+        from hrjax.parallel import make_mesh
 
+        if make_mesh(config.mesh).size > 1:
+            logging.warning("Online mode runs its learner on one device (of %d); sharding it over the mesh comes "
+                            "with the scale-out work. Tree mode splits episodes over the mesh's data axis.",
+                            jax.device_count())
         self.config, self.data = config, data
         self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config, data.examples), data.train,
                                      [e.question for e in data.train], config.train.num_iterations, config.seed)

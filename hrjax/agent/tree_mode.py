@@ -10,7 +10,7 @@ Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
 import jax
@@ -21,6 +21,7 @@ from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, m
                              sample_cost_lambda)
 from hrjax.env.mdp import EnvConfig, routing_reward
 from hrjax.env.tree import PathTree, level_offset
+from hrjax.parallel import Mesh, check_divisible, constrain_batch, constrain_replicated
 
 
 class TreeArrays(NamedTuple):
@@ -128,18 +129,23 @@ class TreeTrainer(NamedTuple):
 
 
 def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tree: PathTree,
-               prompts: chex.Array, num_iterations: int) -> TreeTrainer:
-    """Tree-mode PPO over tree rows `prompts` [P] (episodes draw their prompt uniformly from them)."""
+               prompts: chex.Array, num_iterations: int, mesh: Optional[Mesh] = None) -> TreeTrainer:
+    """Tree-mode PPO over tree rows `prompts` [P] (episodes draw their prompt uniformly from them).
+    With a `mesh` (`hrjax.parallel.make_mesh`), each iteration's B episodes are split over its 'data'
+    axis and the parameters and optimiser state kept whole on every device: the same program, with
+    XLA reducing the gradients across the data axis (B must divide by the data axis size)."""
     env = TreeEnv.create(tree, env_config)
     learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations)
     prompts = jnp.asarray(prompts)
     b = ppo.num_envs
+    if mesh is not None:
+        check_divisible(mesh, "config.ppo.num_envs", b)
 
     def rollout(params, key):
         """-> (trajectory [L, B], final state)."""
         pick, draw, act = jax.random.split(key, 3)
         cost_lambda = sample_cost_lambda(ppo, env_config.cost_lambda, draw, b)
-        state = env.reset(jax.random.choice(pick, prompts, (b,)), cost_lambda)
+        state = constrain_batch(env.reset(jax.random.choice(pick, prompts, (b,)), cost_lambda), mesh)
 
         def step(state, step_key):
             embedding, hop, cost_features, mask = env.observe(state)
@@ -149,13 +155,14 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
                                           finished, valid)
 
         final, trajectory = jax.lax.scan(step, state, jax.random.split(act, env.num_hops))
-        return trajectory, final
+        return constrain_batch(trajectory, mesh, axis=1), final
 
     def iteration(carry: TrainCarry, _):
         rng, rollout_key, update_key = jax.random.split(carry.rng, 3)
         trajectory, final = rollout(carry.params, rollout_key)
         params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key,
                                                     carry.iteration)
+        params, opt_state = constrain_replicated((params, opt_state), mesh)
         quality = env.arrays.quality[final.prompt, final.node]
         metrics.update(quality=jnp.mean(quality), cost=jnp.mean(final.cost),
                        hops=jnp.mean(models_called(trajectory, env.num_models)),

@@ -1,0 +1,145 @@
+"""JAX's multi-controller runtime as hrjax uses it: one program in every process, one global `Mesh`
+with a `data` axis (episodes, prompts, tree rows) and a `model` axis (pool-model parameters), and
+chief-only outputs.
+
+- `initialize(...)`: `jax.distributed.initialize` from explicit arguments, or from the environment
+  (SLURM, TPU pods: JAX's own auto-detection); a single process needs nothing.
+- `MeshConfig` / `make_mesh`: the mesh from config axis sizes (-1: the devices left), refused with the
+  numbers named when it does not tile the devices; `data_sharding` / `replicated` name the shardings
+  the jitted programs constrain their arrays to.
+- `is_chief()`: process 0 writes what is written once (config.json, metrics, reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hrjax.errors import HrjaxError
+
+AXES = ("data", "model")
+# environment variables that mean "one of several processes" to jax.distributed's auto-detection
+_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+class MeshError(HrjaxError, ValueError):
+    """A mesh or batch that does not fit the devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Axis sizes of the global mesh; -1 (at most one axis): every device the other axis leaves."""
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.model)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise MeshError(f"config.mesh axes must be positive or -1 (at most one -1), got data={self.data}, "
+                            f"model={self.model}.")
+
+
+def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int]:
+    """(data, model) sizes on `num_devices` devices, -1 resolved; refuses a mesh that does not tile them."""
+    data, model = config.data, config.model
+    known = (data if data > 0 else 1) * (model if model > 0 else 1)
+    if num_devices % known:
+        raise MeshError(f"config.mesh (data={data}, model={model}) needs a multiple of {known} devices, but there "
+                        f"are {num_devices}: choose axis sizes whose product divides {num_devices}.")
+    rest = num_devices // known
+    data, model = (rest if data == -1 else data), (rest if model == -1 else model)
+    if data * model != num_devices:
+        raise MeshError(f"config.mesh (data={config.data}, model={config.model}) covers {data * model} devices, but "
+                        f"there are {num_devices}: make the product {num_devices} or set one axis to -1.")
+    return data, model
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """The ('data', 'model') mesh over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(config, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def check_divisible(mesh: Mesh, what: str, size: int) -> None:
+    """Refuses a batch dimension `size` (named `what`) that the data axis cannot split evenly."""
+    data = mesh.shape["data"]
+    if size % data:
+        raise MeshError(f"{what} = {size} does not split over the mesh's data axis of {data} devices: make it a "
+                        f"multiple of {data} (or change config.mesh).")
+
+
+def data_sharding(mesh: Mesh, rank: int, axis: int = 0) -> NamedSharding:
+    """Arrays of `rank` dims whose dim `axis` is split over 'data' (replicated over 'model')."""
+    spec = [None] * rank
+    spec[axis] = "data"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain_batch(tree, mesh: Optional[Mesh], axis: int = 0):
+    """Inside jit: every leaf of `tree` split over 'data' along `axis` (no-op without a mesh)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, data_sharding(mesh, x.ndim, axis)),
+                                  tree)
+
+
+def constrain_replicated(tree, mesh: Optional[Mesh]):
+    """Inside jit: every leaf of `tree` whole on every device (no-op without a mesh)."""
+    return tree if mesh is None else jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, timeout_s: int = 300) -> None:
+    """Joins the multi-process job: with explicit arguments, or auto-detected where a cluster
+    environment says there are several processes (SLURM, TPU pod); a lone process does nothing.
+    `timeout_s`: how long a process other than 0 waits for the coordinator before a clear error
+    (process 0 hosts it; XLA itself ends it when its peers do not all join within the timeout)."""
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if not explicit and not any(os.environ.get(name) not in (None, "", "1") for name in _CLUSTER_ENV):
+        return
+    if coordinator_address is not None and process_id not in (None, 0):
+        # XLA aborts the whole process (SIGABRT) when the coordinator never answers: find out first
+        _wait_for_coordinator(coordinator_address, timeout_s)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - every failure to join is one clear error
+        raise HrjaxError(f"jax.distributed.initialize(coordinator_address={coordinator_address!r}, num_processes="
+                         f"{num_processes}, process_id={process_id}) failed within {timeout_s} s: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:300]}. Check that every process was started "
+                         "with the same coordinator address and process count, and that the coordinator (process "
+                         "0) is up and reachable.") from e
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once a TCP connection to `address` ('host:port') opens; a clear error after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise HrjaxError(f"The coordinator {address} did not answer within {timeout_s:g} s ({e}): start "
+                                 "process 0 first, with the same --coordinator_address, and check that this host "
+                                 "can reach it.") from None
+            time.sleep(0.5)
+
+
+def is_chief() -> bool:
+    """Whether this process writes the outputs written once per job."""
+    return jax.process_index() == 0
