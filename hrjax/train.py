@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -196,13 +195,11 @@ class _OnlineRun:
         from hrjax.agent.online import OnlineTrainer
         from hrjax.parallel import make_mesh
 
-        if make_mesh(config.mesh).size > 1:
-            logging.warning("Online mode runs its learner on one device (of %d); sharding it over the mesh comes "
-                            "with the scale-out work. Tree mode splits episodes over the mesh's data axis.",
-                            jax.device_count())
+        mesh = make_mesh(config.mesh)
         self.config, self.data = config, data
         self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config, data.examples), data.train,
-                                     [e.question for e in data.train], config.train.num_iterations, config.seed)
+                                     [e.question for e in data.train], config.train.num_iterations, config.seed,
+                                     mesh if mesh.size > 1 else None)
 
     def init(self, rng):
         return self.trainer.init(rng)

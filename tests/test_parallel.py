@@ -1,5 +1,6 @@
-"""The device mesh: axis sizes checked against the devices, and tree-mode PPO split over 8 host devices
-giving the one-device result (tests/sharded_tree_run.py, in a process of its own)."""
+"""The device mesh: axis sizes checked against the devices, and PPO split over 8 host devices giving
+the one-device result: tree mode's program on every mesh (tests/sharded_tree_run.py, in a process of
+its own), and `hrjax train` in tree and online mode, its checkpoint resumed on one device."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from hrjax.errors import HrjaxError
 from hrjax.parallel import MeshConfig, MeshError, initialize, mesh_shape
 
 TESTS = Path(__file__).parent
+CACHE_COUNTERS = ("cache_hits", "cache_misses", "generated_tokens")  # online: the first run fills the cache
 
 
 @pytest.mark.parametrize("config, devices, shape", [
@@ -76,12 +78,13 @@ def test_tree_mode_on_8_devices_matches_one_device_on_every_mesh():
     assert result["refused"].startswith("config.ppo.num_envs = 252 does not split over the mesh's data axis of 8")
 
 
-def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_one(tiny_pool, tmp_path):
+@pytest.mark.parametrize("mode", ["tree", "online"])
+def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_one(mode, tiny_pool, tmp_path):
     from runs import config_file, finish, launch
     from test_train import TIMING, final_state
 
     eight = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
-    config4, config2 = (config_file(tmp_path / f"config{n}.py", tiny_pool, iterations=n) for n in (4, 2))
+    config4, config2 = (config_file(tmp_path / f"config{n}.py", tiny_pool, mode, iterations=n) for n in (4, 2))
     finish(launch(config4, tmp_path / "one_device"))
     # 2 iterations on a (4, 2) mesh of 8 devices, then resumed on 1 device to 4
     finish(launch(config2, tmp_path / "moved", "--config.mesh.data=4", "--config.mesh.model=2", env=eight))
@@ -96,5 +99,5 @@ def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_
             for run in ("one_device", "moved")]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [0, 1, 2, 3, 4]
     for ours, theirs in zip(*rows):  # the mesh's iterations 1-2 logged the one-device losses
-        for key in set(ours) - set(TIMING) - {"step", "action_histogram"}:
+        for key in set(ours) - set(TIMING) - {"step", "action_histogram", *CACHE_COUNTERS}:
             assert abs(ours[key] - theirs[key]) <= 1e-5, (ours["step"], key, ours[key], theirs[key])

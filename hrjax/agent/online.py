@@ -10,7 +10,7 @@ Shapes: B episodes per iteration, L hops, A actions.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -21,6 +21,7 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
                              sample_cost_lambda)
 from hrjax.env.mdp import Episode, RoutingEnv, rollout, routing_reward
+from hrjax.parallel import Mesh, check_divisible, constrain_batch, constrain_replicated
 
 
 class PromptStream:
@@ -66,14 +67,24 @@ class OnlineTrainer:
     """PPO against a `RoutingEnv` over training `examples` / `questions`."""
 
     def __init__(self, ppo: PPOConfig, network: NetworkConfig, env: RoutingEnv, examples: Sequence[Any],
-                 questions: Sequence[str], num_iterations: int, seed: int):
+                 questions: Sequence[str], num_iterations: int, seed: int, mesh: Optional[Mesh] = None):
+        """With a `mesh` (`hrjax.parallel.make_mesh`) the update splits the B episodes over its 'data'
+        axis, parameters and optimiser state whole on every device (B must divide by the axis size)."""
         if len(examples) != len(questions):
             raise ValueError(f"{len(examples)} examples but {len(questions)} questions.")
         self.ppo, self.env, self.examples, self.questions = ppo, env, list(examples), list(questions)
         self.learner = Learner(ppo, network, env.num_actions, env.config.num_hops, num_iterations)
         self.stream = PromptStream(len(examples), seed)
         self._act = jax.jit(self.learner.act, static_argnames="greedy")
-        self._update = jax.jit(self.learner.update)
+        if mesh is not None:
+            check_divisible(mesh, "config.ppo.num_envs", ppo.num_envs)
+
+        def update(params, opt_state, trajectory: Trajectory, key, iteration):
+            trajectory = constrain_batch(trajectory, mesh, axis=1)
+            params, opt_state, metrics = self.learner.update(params, opt_state, trajectory, key, iteration)
+            return (*constrain_replicated((params, opt_state), mesh), metrics)
+
+        self._update = jax.jit(update)
 
     def init(self, rng: chex.PRNGKey) -> OnlineCarry:
         rng, init_key = jax.random.split(rng)
