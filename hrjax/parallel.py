@@ -69,6 +69,13 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
 
 
+def training_mesh(config: MeshConfig) -> Optional[Mesh]:
+    """The mesh a training run splits its episodes over, checked against the devices; None on one device
+    (the unsharded program)."""
+    mesh = make_mesh(config)
+    return mesh if mesh.size > 1 else None
+
+
 def check_divisible(mesh: Mesh, what: str, size: int) -> None:
     """Refuses a batch dimension `size` (named `what`) that the data axis cannot split evenly."""
     data = mesh.shape["data"]

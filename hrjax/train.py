@@ -159,12 +159,11 @@ class _TreeRun:
 
     def __init__(self, config: RunConfig, data: RunData, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
-        from hrjax.parallel import make_mesh
+        from hrjax.parallel import training_mesh
 
         tree = load_or_build_tree(config, data.examples, progress)
-        mesh = make_mesh(config.mesh)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
-                                  config.train.num_iterations, mesh if mesh.size > 1 else None)
+                                  config.train.num_iterations, training_mesh(config.mesh))
         self._run = jax.jit(self.trainer.run, static_argnums=1)
         select_rows, lam = data.rows("select"), config.env.cost_lambda
         self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env,
@@ -193,13 +192,12 @@ class _OnlineRun:
 
     def __init__(self, config: RunConfig, data: RunData, progress: bool):
         from hrjax.agent.online import OnlineTrainer
-        from hrjax.parallel import make_mesh
+        from hrjax.parallel import training_mesh
 
-        mesh = make_mesh(config.mesh)
         self.config, self.data = config, data
         self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config, data.examples), data.train,
                                      [e.question for e in data.train], config.train.num_iterations, config.seed,
-                                     mesh if mesh.size > 1 else None)
+                                     training_mesh(config.mesh))
 
     def init(self, rng):
         return self.trainer.init(rng)
