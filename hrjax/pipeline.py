@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from hrjax.config import RunConfig
-from hrjax.train import load_data, load_or_build_tree, resolve_pool, train
+from hrjax.pool import resolve_pool
+from hrjax.train import load_data, load_or_build_tree, train
 
 
 class EvaluationRun(NamedTuple):

@@ -19,11 +19,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from hrjax.errors import HrjaxError
 from hrjax.fsutil import atomic_file
 from hrjax.generate.sampler import Sampler
+
+if TYPE_CHECKING:
+    from hrjax.config import RunConfig
 
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt")  # what the HF loaders read
 _HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
@@ -209,3 +212,33 @@ class Pool:
     @property
     def base_rates(self) -> list[float]:
         return [m.spec.base_rate for m in self.models]
+
+
+def resolve_pool(config: "RunConfig", progress: bool = True) -> "RunConfig":
+    """`config` with its pool spelled out, the one place every entry point (train, evaluate, export,
+    the launchers) turns a config into pool members: a `specialists` recipe is built (or reused from
+    `<train.cache_dir>/specialists`) and its members become the pool; explicit members are kept."""
+    if not config.specialists:
+        return config
+    from hrjax.config import ConfigError
+    from hrjax.specialists.build import RECIPES, build_pool
+
+    if config.specialists not in RECIPES:
+        raise ConfigError(f"config.specialists '{config.specialists}' is not a recipe; known: {sorted(RECIPES)}.")
+    if config.pool:
+        raise ConfigError("config.pool and config.specialists are both set: keep one (the recipe builds the pool).")
+    specs = build_pool(RECIPES[config.specialists], Path(config.train.cache_dir).expanduser() / "specialists",
+                       progress=progress)
+    return dataclasses.replace(config, pool=tuple(specs), specialists="")
+
+
+def digest_index(config: "RunConfig") -> Path:
+    """The memo of weight-file digests, shared by every run on the cache dir (see `FileDigests`)."""
+    return Path(config.train.cache_dir).expanduser() / "file_digests.json"
+
+
+def load_pool(config: "RunConfig") -> Pool:
+    """The pool of a resolved `config` (`resolve_pool`), its file digests memoised under the cache dir."""
+    if config.specialists:
+        raise HrjaxError("load_pool needs a resolved config: call hrjax.pool.resolve_pool(config) first.")
+    return Pool.from_specs(config.pool, digest_index=digest_index(config))

@@ -53,23 +53,6 @@ class RunData:
         return np.arange(start, start + len(getattr(self, part)))
 
 
-def resolve_pool(config: RunConfig, progress: bool = True) -> RunConfig:
-    """`config` with its pool spelled out: a `specialists` recipe is built (or reused from
-    `<train.cache_dir>/specialists`) and its members become the pool."""
-    if not config.specialists:
-        return config
-    from hrjax.config import ConfigError
-    from hrjax.specialists.build import RECIPES, build_pool
-
-    if config.specialists not in RECIPES:
-        raise ConfigError(f"config.specialists '{config.specialists}' is not a recipe; known: {sorted(RECIPES)}.")
-    if config.pool:
-        raise ConfigError("config.pool and config.specialists are both set: keep one (the recipe builds the pool).")
-    specs = build_pool(RECIPES[config.specialists], Path(config.train.cache_dir).expanduser() / "specialists",
-                       progress=progress)
-    return dataclasses.replace(config, pool=tuple(specs), specialists="")
-
-
 def load_data(config: RunConfig) -> RunData:
     from hrjax.tasks.datasets import load_task
 
@@ -89,11 +72,6 @@ def load_data(config: RunConfig) -> RunData:
     return RunData(train, select, held_out)
 
 
-def _digest_index(config: RunConfig) -> Path:
-    """The memo of weight-file digests, shared by every run on the cache dir (see `hrjax.pool.FileDigests`)."""
-    return Path(config.train.cache_dir).expanduser() / "file_digests.json"
-
-
 def make_env(config: RunConfig, examples: Optional[list] = None):
     """The routing env over the configured pool, encoder and the shared response cache. With `examples`,
     first checks that each of their prompts fits every pool model's context at every hop (one
@@ -102,11 +80,11 @@ def make_env(config: RunConfig, examples: Optional[list] = None):
     from hrjax.env.cache import ResponseCache
     from hrjax.env.mdp import RoutingEnv
     from hrjax.models.encoder import load_encoder
-    from hrjax.pool import Pool
+    from hrjax.pool import load_pool
     from hrjax.tasks.scorers import score_example
 
     cache = ResponseCache(Path(config.train.cache_dir).expanduser() / "responses")
-    pool = Pool.from_specs(config.pool, digest_index=_digest_index(config))
+    pool = load_pool(config)
     env = RoutingEnv(pool, load_encoder(config.encoder or None), score_example, config.env, cache)
     if examples is not None:
         check_prompt_budgets(env, [e.id for e in examples], [e.question for e in examples])
@@ -117,12 +95,12 @@ def tree_meta(config: RunConfig, examples: list) -> dict:
     """What a path tree depends on: the tree format, the pool (its specs and their files' content), the
     encoder, the generation settings, and every example's content with the versions of their scorers."""
     from hrjax.env.tree import FORMAT_VERSION
-    from hrjax.pool import FileDigests, spec_fingerprint
+    from hrjax.pool import FileDigests, digest_index, spec_fingerprint
     from hrjax.tasks.datasets import examples_fingerprint
 
     generation = {k: v for k, v in config.to_dict()["env"].items()
                   if k not in ("cost_lambda", "cost_timing", "stop_action")}
-    digests = FileDigests(_digest_index(config))
+    digests = FileDigests(digest_index(config))
     files = [spec_fingerprint(spec, digests) for spec in config.pool]
     digests.save()
     return {"format": FORMAT_VERSION, "pool": config.to_dict()["pool"], "pool_files": files, "encoder": config.encoder,
@@ -243,6 +221,7 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
 
 def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
     from hrjax.metrics import MetricsWriter
+    from hrjax.pool import resolve_pool
 
     config = resolve_pool(config, progress)
     checkpoints = RunCheckpoints(workdir, config.to_dict(), config.train.max_to_keep, config.train.best_metric)
