@@ -43,3 +43,16 @@ def tiny_pool(tmp_path_factory):
     pool = [dict(name=f"tiny-{i}", checkpoint=str(make_tiny_pool_model(root / f"tiny-{i}", assets.minilm_path(), i)),
                  base_rate=float(i + 1), use_chat_template=False) for i in range(2)]
     return dict(pool=pool, data_dir=str(root / "data"), cache_dir=str(root / "cache"))
+
+
+@pytest.fixture(scope="session")
+def reduced_quickstart(tmp_path_factory):
+    """The main job reduced (specialist world: add, mul and paren experts; add + paren prompts; 3 seeds),
+    run once per session: (the config's directory root, the `EvaluationRun`). Tests that need a trained
+    router on the specialist world (the quickstart's claims, export, serving) share it."""
+    from runs import reduced_specialist_config
+
+    from hrjax.pipeline import evaluate_run
+
+    root = tmp_path_factory.mktemp("quickstart")
+    return root, evaluate_run(reduced_specialist_config(root), root / "run", progress=False)

@@ -33,6 +33,22 @@ def get_config():
 '''
 
 
+def reduced_specialist_config(root: Path):
+    """The main job's config reduced (`experiments/configs/specialist_world.py reduced`), its caches
+    and data under `root`."""
+    import importlib.util
+
+    from hrjax.config import run_config
+
+    spec = importlib.util.spec_from_file_location("specialist_world", REPO / "experiments/configs/specialist_world.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("reduced")
+    config.train.cache_dir = str(root / "cache")
+    config.task.data_dir = str(root / "data")
+    return run_config(config.to_dict())
+
+
 def config_file(path: Path, tiny_pool: dict, mode: str = "tree", iterations: int = 12) -> Path:
     """Writes the config file of a run over `tiny_pool` (the conftest fixture) to `path`."""
     path.write_text(CONFIG_FILE.format(mode=mode, iterations=iterations, **tiny_pool))

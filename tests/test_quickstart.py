@@ -2,16 +2,12 @@
 paren experts), builds the path tree of the add + paren world, trains routers over 3 seeds and
 evaluates them against every baseline. Fails if routing is broken."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from PIL import Image
+from runs import reduced_specialist_config
 
-from hrjax.config import run_config
 from hrjax.pipeline import evaluate_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Measured on the 2-core machine (3 seeds): router 0.854, 95% interval [0.832, 0.877], against the
 # best single model's 0.453 (the add expert; no single model solves a paren prompt) and the oracle's
@@ -20,18 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 MARGIN = 0.25
 
 
-def specialist_config(tmp_path: Path):
-    spec = importlib.util.spec_from_file_location("specialist_world", REPO / "experiments/configs/specialist_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("reduced")
-    config.train.cache_dir = str(tmp_path / "cache")
-    config.task.data_dir = str(tmp_path / "data")
-    return run_config(config.to_dict())
-
-
-def test_reduced_specialist_world_router_beats_every_single_model(tmp_path):
-    run = evaluate_run(specialist_config(tmp_path), tmp_path / "run", progress=False)
+def test_reduced_specialist_world_router_beats_every_single_model(reduced_quickstart):
+    tmp_path, run = reduced_quickstart
     summary = run.summary
     assert summary["num_seeds"] == 3 and summary["num_prompts"] == {"overall": 64, "add": 32, "paren": 32}
     assert summary["router_quality"] >= summary["best_single_quality"] + MARGIN
@@ -55,6 +41,6 @@ def test_reduced_specialist_world_router_beats_every_single_model(tmp_path):
 
     # a second call reuses the finished seed runs (not retrained), the cached pool and the cached tree
     before = (tmp_path / "run" / "seed_0" / "metrics.jsonl").read_text()
-    again = evaluate_run(specialist_config(tmp_path), tmp_path / "run", progress=False)
+    again = evaluate_run(reduced_specialist_config(tmp_path), tmp_path / "run", progress=False)
     assert again.summary["router_quality"] == summary["router_quality"]
     assert (tmp_path / "run" / "seed_0" / "metrics.jsonl").read_text() == before
