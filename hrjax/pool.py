@@ -26,6 +26,8 @@ from hrjax.fsutil import atomic_file
 from hrjax.generate.sampler import Sampler
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from hrjax.config import RunConfig
 
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt")  # what the HF loaders read
@@ -163,15 +165,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
 
 
-def load_model(spec: ModelSpec, digests: Optional[FileDigests] = None) -> PoolModel:
-    """Loads one pool member through the HF or GGUF loader; `digests` memoises file digests."""
+def load_model(spec: ModelSpec, digests: Optional[FileDigests] = None, mesh: Optional["Mesh"] = None) -> PoolModel:
+    """Loads one pool member through the HF or GGUF loader; `digests` memoises file digests. `mesh`: its
+    sampler runs tensor-parallel over the mesh's `model` axis (`hrjax.models.sharding`), prompts over `data`."""
     from hrjax.models.gguf import load_gguf
     from hrjax.models.hf import load_hf
 
     if spec.checkpoint.endswith(".gguf"):
-        lm = load_gguf(spec.checkpoint, dtype=spec.dtype, tokenizer=spec.tokenizer)
+        lm = load_gguf(spec.checkpoint, dtype=spec.dtype, tokenizer=spec.tokenizer, mesh=mesh)
     else:
-        lm = load_hf(spec.checkpoint, dtype=spec.dtype)
+        lm = load_hf(spec.checkpoint, dtype=spec.dtype, mesh=mesh)
         if spec.tokenizer is not None:
             from transformers import AutoTokenizer
             lm.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
@@ -184,7 +187,7 @@ def load_model(spec: ModelSpec, digests: Optional[FileDigests] = None) -> PoolMo
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     vocabulary = sorted(lm.tokenizer.get_vocab().items())
     tokenizer_id = hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()[:16]
-    return PoolModel(spec, Sampler.from_loaded(lm), fingerprint, tokenizer_id)
+    return PoolModel(spec, Sampler.from_loaded(lm, mesh=mesh), fingerprint, tokenizer_id)
 
 
 class Pool:
@@ -199,10 +202,12 @@ class Pool:
         self.models = list(models)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[ModelSpec], digest_index: Optional[str | os.PathLike] = None) -> "Pool":
-        """Loads every spec; `digest_index`: a file memoising weight-file digests across runs (see `FileDigests`)."""
+    def from_specs(cls, specs: Sequence[ModelSpec], digest_index: Optional[str | os.PathLike] = None,
+                   mesh: Optional["Mesh"] = None) -> "Pool":
+        """Loads every spec; `digest_index`: a file memoising weight-file digests across runs (see `FileDigests`);
+        `mesh`: every model sharded over it (see `load_model`)."""
         digests = FileDigests(digest_index)
-        pool = cls([load_model(s, digests) for s in specs])
+        pool = cls([load_model(s, digests, mesh) for s in specs])
         digests.save()
         return pool
 
@@ -237,8 +242,9 @@ def digest_index(config: "RunConfig") -> Path:
     return Path(config.train.cache_dir).expanduser() / "file_digests.json"
 
 
-def load_pool(config: "RunConfig") -> Pool:
-    """The pool of a resolved `config` (`resolve_pool`), its file digests memoised under the cache dir."""
+def load_pool(config: "RunConfig", mesh: Optional["Mesh"] = None) -> Pool:
+    """The pool of a resolved `config` (`resolve_pool`), its file digests memoised under the cache dir;
+    `mesh`: every model sharded over it (see `load_model`)."""
     if config.specialists:
         raise HrjaxError("load_pool needs a resolved config: call hrjax.pool.resolve_pool(config) first.")
-    return Pool.from_specs(config.pool, digest_index=digest_index(config))
+    return Pool.from_specs(config.pool, digest_index=digest_index(config), mesh=mesh)

@@ -15,10 +15,13 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from hrjax.errors import PromptTooLongError
 from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
+from hrjax.models.sharding import cache_sharding, param_shardings, warn_replicated
+from hrjax.parallel import data_sharding
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -102,10 +105,10 @@ def _ends_with_stop(out_tokens, step, stop_seqs):
     return jnp.any(jnp.all(match, axis=-1) & jnp.any(stop_seqs >= 0, axis=-1)[None], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget", "greedy", "top_k", "use_top_p"))
+@functools.partial(jax.jit, static_argnames=("config", "budget", "greedy", "top_k", "use_top_p", "mesh"))
 def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs, max_new_tokens,
                     key, temperature, top_p, *, config: DecoderConfig, budget: int, greedy: bool,
-                    top_k: int, use_top_p: bool):
+                    top_k: int, use_top_p: bool, mesh: Optional[Mesh] = None):
     """The compiled sampler over one bucket.
 
     Args:
@@ -114,6 +117,8 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
       eos_ids: [E] int32; stop_seqs: [Q, L] int32 token sequences, right-aligned, -1 padded.
       max_new_tokens: int32 scalar <= budget; budget: static N, the output buffer length.
       key: PRNG key; temperature, top_p: float32 scalars.
+      mesh: a ('data', 'model') mesh whose shardings `params` carry (`hrjax.models.sharding`); the KV
+        cache is then split like them (rows over 'data', kv heads over 'model'). None: one device.
     Returns (tokens [B, N] int32 (-1 past each row's end), logprobs [B, N] float32,
       lengths [B] int32, stopped [B] bool: ended by a stop sequence rather than EOS).
     """
@@ -123,8 +128,10 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
     kv_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, budget), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
     real_lengths = prompt_valid.sum(axis=1).astype(jnp.int32)
-    cache = KVCache.zeros(config, batch, slots)
+    split_cache = functools.partial(_constrain_cache, config=config, mesh=mesh)
+    cache = split_cache(KVCache.zeros(config, batch, slots))
     logits, cache = model.apply(params, prompt, positions, kv_valid, cache, 0, last_only=True)
+    cache = split_cache(cache)
     select = functools.partial(_select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                top_k=top_k, use_top_p=use_top_p)
 
@@ -151,6 +158,7 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
         key, step_key = jax.random.split(key)
         logits, cache = model.apply(params, last[:, None], (real_lengths + step - 1)[:, None], kv_valid,
                                     cache, prompt_len + step - 1, last_only=True)
+        cache = split_cache(cache)
         tokens, logprobs = select(logits, step_key)
         out_tokens, out_logprobs, done, stopped, lengths = finish(
             tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step)
@@ -162,25 +170,41 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
     return out_tokens, out_logprobs, lengths, stopped
 
 
+def _constrain_cache(cache: KVCache, config: DecoderConfig, mesh: Optional[Mesh]) -> KVCache:
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_sharding(config, mesh))
+
+
 def untie_lm_head(config: DecoderConfig, params):
     """A tied model with its own [E, V] LM-head kernel (a transposed copy of the embedding): the
     same logits, but XLA:CPU's matmul reads [E, V] much faster than the embedding's [V, E]."""
     if not config.tie_word_embeddings:
         return config, params
     inner = dict(params["params"])
-    inner["lm_head"] = {"kernel": jnp.asarray(inner["embed_tokens"]["embedding"]).T.copy()}
+    embedding = inner["embed_tokens"]["embedding"]  # numpy, or a (sharded) jax array: transposed where it lies
+    inner["lm_head"] = {"kernel": embedding.T.copy()}
     return dataclasses.replace(config, tie_word_embeddings=False), {**params, "params": inner}
 
 
 class Sampler:
     """Generates from one decoder over bucketed, left-padded batches.
 
-    `eos_ids` default to the tokenizer's EOS (and the HF config's `eos_token_id`s).
+    `eos_ids` default to the tokenizer's EOS (and the HF config's `eos_token_id`s). `mesh`: a
+    ('data', 'model') mesh (`hrjax.parallel.make_mesh`): params and KV cache tensor-parallel over
+    'model' (`hrjax.models.sharding`; params loaded with the same mesh are already in place), prompts
+    over 'data' (each batch bucket rounded up to a multiple of its size).
     """
 
     def __init__(self, config: DecoderConfig, params, tokenizer=None, eos_ids: Optional[Sequence[int]] = None,
-                 max_batch: int = 64, min_prompt_bucket: int = 16, min_budget_bucket: int = 16):
-        self.config, self.params = untie_lm_head(config, jax.device_put(params))  # once, not per call
+                 max_batch: int = 64, min_prompt_bucket: int = 16, min_budget_bucket: int = 16,
+                 mesh: Optional[Mesh] = None):
+        self.mesh = mesh
+        self.config, params = untie_lm_head(config, params)
+        if mesh is not None:
+            warn_replicated(self.config, mesh)
+        # once, not per call; arrays already in their sharding stay where they are
+        self.params = jax.device_put(params, None if mesh is None else param_shardings(self.config, mesh))
         self.tokenizer = tokenizer
         if eos_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
@@ -226,18 +250,27 @@ class Sampler:
                     f"Prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that "
                     f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
                     "max_new_tokens.")
-        stop_seqs = jnp.asarray(self._stop_token_seqs(sampling.stop))
-        eos_ids = jnp.asarray(() if sampling.ignore_eos else self.eos_ids, jnp.int32)
         key = jax.random.PRNGKey(sampling.seed)
         results: list[Generation] = []
         for start in range(0, len(prompts), self.max_batch):
             chunk = prompts[start:start + self.max_batch]
             key, chunk_key = jax.random.split(key)
-            results.extend(self._generate_chunk(chunk, sampling, eos_ids, stop_seqs, chunk_key))
+            results.extend(self._generate_chunk(chunk, sampling, chunk_key))
         return results
 
-    def _generate_chunk(self, prompts, sampling, eos_ids, stop_seqs, key) -> list[Generation]:
+    def lower(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> jax.stages.Lowered:
+        """The program `generate_tokens` runs on `prompts` (at most `max_batch`), lowered: read its HLO,
+        cost or (after `.compile()`, cached once run) its per-device shapes and collectives."""
+        args, static = self._program_inputs(prompts[:self.max_batch], sampling, jax.random.PRNGKey(sampling.seed))
+        return generate_arrays.lower(*args, **static)
+
+    def _program_inputs(self, prompts, sampling, key) -> tuple[tuple, dict]:
+        """The arguments of `generate_arrays` for one chunk: left-padded into its bucket (split over the
+        mesh's data axis), and the static ones."""
         batch = fine_bucket(len(prompts), steps_per_octave=2)
+        if self.mesh is not None:  # every device of the data axis gets whole rows
+            data = self.mesh.shape["data"]
+            batch = -(-batch // data) * data
         prompt_len = fine_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
         tokens = np.zeros((batch, prompt_len), np.int32)
@@ -247,12 +280,21 @@ class Sampler:
             valid[i, prompt_len - len(p):] = True
         valid[len(prompts):, -1] = True  # filler rows attend to one token so softmax stays finite
         active = np.arange(batch) < len(prompts)
+        if self.mesh is not None:
+            tokens, valid, active = (jax.device_put(a, data_sharding(self.mesh, a.ndim))
+                                     for a in (tokens, valid, active))
+        stop_seqs = jnp.asarray(self._stop_token_seqs(sampling.stop))
+        eos_ids = jnp.asarray(() if sampling.ignore_eos else self.eos_ids, jnp.int32)
         static = dict(config=self.config, budget=budget, greedy=sampling.greedy, top_k=sampling.top_k,
-                      use_top_p=sampling.top_p < 1.0)
-        self.compiled_shapes.add((batch, prompt_len, *static.values()))
-        out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(
-            self.params, tokens, valid, active, eos_ids, stop_seqs, jnp.int32(sampling.max_new_tokens),
-            key, jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), **static))
+                      use_top_p=sampling.top_p < 1.0, mesh=self.mesh)
+        args = (self.params, tokens, valid, active, eos_ids, stop_seqs, jnp.int32(sampling.max_new_tokens), key,
+                jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+        return args, static
+
+    def _generate_chunk(self, prompts, sampling, key) -> list[Generation]:
+        args, static = self._program_inputs(prompts, sampling, key)
+        self.compiled_shapes.add((*args[1].shape, *static.values()))
+        out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(*args, **static))
         results = []
         for i in range(len(prompts)):
             n = int(lengths[i])

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hrjax.models.keymap import TRANSPOSE, Rule
+from hrjax.models.keymap import TRANSPOSE, Rule, Split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,25 +284,42 @@ class Decoder(nn.Module):
 
 
 def key_map(config: DecoderConfig) -> list[Rule]:
-    """HF safetensors names <-> our param paths for every decoder architecture."""
+    """HF safetensors names <-> our param paths for every decoder architecture, with each parameter's
+    tensor-parallel cut (Megatron style): q/k/v and gate/up split by output columns, o and down by
+    input rows, the embedding and LM head by vocabulary rows; norms whole."""
     layer = "layers_{i}"
     rules = [
-        Rule("model.embed_tokens.weight", "embed_tokens/embedding"),
+        Rule("model.embed_tokens.weight", "embed_tokens/embedding", split=Split(0, "vocab")),
         Rule("model.norm.weight", "norm/weight"),
-        Rule("lm_head.weight", "lm_head/kernel", TRANSPOSE, optional=config.tie_word_embeddings),
+        Rule("lm_head.weight", "lm_head/kernel", TRANSPOSE, optional=config.tie_word_embeddings,
+             split=Split(1, "vocab")),
     ]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.weight", f"{layer}/attn/{proj}/kernel", TRANSPOSE))
-        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.bias", f"{layer}/attn/{proj}/bias"))
+        reads_heads = proj == "o_proj"  # rows split (an all-reduce joins them), bias whole
+        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.weight", f"{layer}/attn/{proj}/kernel", TRANSPOSE,
+                          split=Split(0 if reads_heads else 1, "heads")))
+        rules.append(Rule(f"model.layers.{{i}}.self_attn.{proj}.bias", f"{layer}/attn/{proj}/bias",
+                          split=None if reads_heads else Split(0, "heads")))
     for norm in ("q_norm", "k_norm"):
         rules.append(Rule(f"model.layers.{{i}}.self_attn.{norm}.weight", f"{layer}/attn/{norm}/weight"))
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.weight", f"{layer}/mlp/{proj}/kernel", TRANSPOSE))
-        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.bias", f"{layer}/mlp/{proj}/bias"))
+        reads_hidden = proj == "down_proj"
+        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.weight", f"{layer}/mlp/{proj}/kernel", TRANSPOSE,
+                          split=Split(0 if reads_hidden else 1, "mlp")))
+        rules.append(Rule(f"model.layers.{{i}}.mlp.{proj}.bias", f"{layer}/mlp/{proj}/bias",
+                          split=None if reads_hidden else Split(0, "mlp")))
     for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"):
         rules.append(Rule(f"model.layers.{{i}}.{norm}.weight", f"{layer}/{norm}/weight"))
     return rules
+
+
+def split_sizes(config: DecoderConfig) -> dict[str, dict[str, int]]:
+    """Per split group of `key_map`, the counts a mesh's `model` axis must divide to cut it; the KV
+    cache (kv heads) follows the 'heads' group."""
+    return {"heads": {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads},
+            "mlp": {"intermediate_size": config.intermediate_size},
+            "vocab": {"vocab_size": config.vocab_size}}
 
 
 def abstract_params(config: DecoderConfig):

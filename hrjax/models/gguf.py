@@ -12,15 +12,20 @@ row-major `[out, in]`, the order torch checkpoints use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from hrjax.errors import CheckpointError, UnsupportedArchitectureError
 from hrjax.models.hf import LoadedLM, decoder_config_from_hf, params_from_hf_tensors
+from hrjax.models.keymap import LazyTensors
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 # GGUF `general.architecture` -> (HF model_type, HF architectures entry).
 ARCHITECTURES = {
@@ -269,7 +274,7 @@ def _end_of_turn_ids(reader) -> list[int]:
     return [i for i, part in enumerate(field.data) if bytes(field.parts[part]) in wanted]
 
 
-def _convert(reader, source: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def _convert(reader, source: Path) -> tuple[dict, LazyTensors]:
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -295,16 +300,21 @@ def _convert(reader, source: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UnsupportedArchitectureError(
             f"{source}: {len(unknown)} tensor(s) have no HF counterpart in the '{arch}' table, e.g. "
             f"{unknown[:5]}. The model uses a feature hrjax does not port (or block_count is wrong).")
-    tensors = {}
+    readers = {}
     for name, tensor in by_name.items():
         if name != ROPE_FREQS:
             hf_name, undo = rules[name]
-            tensors[hf_name] = undo.fn(_dequantize(tensor, source))
-    return hf_config, tensors
+            readers[hf_name] = functools.partial(_read_tensor, tensor, undo, source)
+    return hf_config, LazyTensors(readers)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config dict, HF-named float32 arrays) of a GGUF file; every ggml type gguf can dequantise."""
+def _read_tensor(tensor, undo: Undo, source: Path) -> np.ndarray:
+    return undo.fn(_dequantize(tensor, source))
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, LazyTensors]:
+    """(HF config dict, HF-named float32 arrays) of a GGUF file; every ggml type gguf can dequantise.
+    Each array is dequantised from the memory-mapped file when looked up."""
     path = Path(path)
     return _convert(_open(path), path)
 
@@ -331,15 +341,17 @@ def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike]):
     return tok
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32",
-              tokenizer: Optional[str | os.PathLike] = None) -> LoadedLM:
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", tokenizer: Optional[str | os.PathLike] = None,
+              mesh: Optional["Mesh"] = None) -> LoadedLM:
     """Loads a decoder from a GGUF file, dequantised to `dtype` ('float32' | 'bfloat16').
 
     `tokenizer`: a HF tokenizer directory to use instead of the vocabulary stored in the GGUF.
+    `mesh`: params placed tensor-parallel over its `model` axis, one tensor at a time as it is
+    dequantised (see `hrjax.models.sharding`).
     """
     path = Path(path)
     reader = _open(path)
     hf_config, tensors = _convert(reader, path)
     config = decoder_config_from_hf(hf_config, dtype, str(path))
-    params = params_from_hf_tensors(config, tensors, str(path))
+    params = params_from_hf_tensors(config, tensors, str(path), mesh)
     return LoadedLM(config, params, _tokenizer(path, reader, tokenizer), hf_config, str(path))

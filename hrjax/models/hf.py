@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from hrjax.fsutil import atomic_directory
 from hrjax.errors import CheckpointError, OfflineError, UnsupportedArchitectureError
 from hrjax.models import keymap
 from hrjax.models.decoder import DecoderConfig, RopeConfig, abstract_params, key_map
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 GEMMA3 = ("gemma3_text", "gemma3")
@@ -128,8 +132,9 @@ def decoder_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32", source
     )
 
 
-def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of a HF dir: `model.safetensors` or the shards its index lists."""
+def read_safetensors(model_dir: Path) -> keymap.LazyTensors:
+    """All tensors of a HF dir (`model.safetensors` or the shards its index lists), each read from its
+    memory-mapped file when looked up."""
     from safetensors import SafetensorError, safe_open
 
     index = model_dir / "model.safetensors.index.json"
@@ -142,25 +147,45 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
             f"{model_dir}: no model.safetensors or model.safetensors.index.json. hrjax reads "
             "safetensors only: convert a PyTorch .bin checkpoint with `save_pretrained(..., "
             "safe_serialization=True)` first.")
-    tensors = {}
+    readers = {}
     for shard in shards:
         path = model_dir / shard
         if not path.exists():
             raise CheckpointError(f"{path}: shard listed in the index is missing; download it again.")
         try:
-            with safe_open(str(path), framework="flax") as f:
-                for name in f.keys():
-                    tensors[name] = np.asarray(f.get_tensor(name))
+            handle = safe_open(str(path), framework="numpy")
+            for name in handle.keys():
+                readers[name] = functools.partial(_read_tensor, handle, name, path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"{path}: cannot read the weight file ({e}). It is truncated or corrupt: "
-                "download it again.") from e
-    return tensors
+            raise _unreadable(path, e) from e
+    return keymap.LazyTensors(readers)
 
 
-def params_from_hf_tensors(config: DecoderConfig, tensors: Mapping[str, np.ndarray], source: str):
+def _read_tensor(handle, name: str, path: Path) -> np.ndarray:
+    from safetensors import SafetensorError
+
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot read the weight file ({error}). It is truncated or corrupt: "
+                           "download it again.")
+
+
+def params_from_hf_tensors(config: DecoderConfig, tensors: Mapping[str, np.ndarray], source: str,
+                           mesh: Optional["Mesh"] = None):
+    """Our params from HF-named tensors: numpy arrays, or with `mesh` global arrays placed tensor by
+    tensor in their tensor-parallel shardings (`hrjax.models.sharding`)."""
+    place = None
+    if mesh is not None:
+        from hrjax.models.sharding import placer
+
+        place = placer(config, mesh)
     return keymap.hf_to_params(tensors, key_map(config), config.num_layers, abstract_params(config),
-                               np.dtype(config.jnp_dtype), source, ignore=IGNORED_TENSORS)
+                               np.dtype(config.jnp_dtype), source, ignore=IGNORED_TENSORS, place=place)
 
 
 def resolve_hub(repo_id: str, revision: Optional[str] = None) -> Path:
@@ -182,8 +207,10 @@ def resolve_hub(repo_id: str, revision: Optional[str] = None) -> Path:
             "or pass a local directory.") from e
 
 
-def load_hf(path_or_repo: str | os.PathLike, dtype: str = "float32", revision: Optional[str] = None) -> LoadedLM:
-    """Loads a decoder from a local HF directory or a hub id. No torch needed."""
+def load_hf(path_or_repo: str | os.PathLike, dtype: str = "float32", revision: Optional[str] = None,
+            mesh: Optional["Mesh"] = None) -> LoadedLM:
+    """Loads a decoder from a local HF directory or a hub id. No torch needed. `mesh`: params placed
+    tensor-parallel over its `model` axis as they are read (see `hrjax.models.sharding`)."""
     from transformers import AutoTokenizer
 
     path = Path(path_or_repo)
@@ -196,7 +223,7 @@ def load_hf(path_or_repo: str | os.PathLike, dtype: str = "float32", revision: O
         raise CheckpointError(f"{path}: no config.json; a HF model directory needs one beside its weights.")
     hf_config = json.loads(config_file.read_text())
     config = decoder_config_from_hf(hf_config, dtype, str(path))
-    params = params_from_hf_tensors(config, read_safetensors(path), str(path))
+    params = params_from_hf_tensors(config, read_safetensors(path), str(path), mesh)
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").exists() or (
         path / "tokenizer.json").exists() else None
     return LoadedLM(config, params, tokenizer, hf_config, str(path))

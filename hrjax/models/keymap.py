@@ -3,14 +3,16 @@
 A `Rule` maps one Hugging Face tensor name to one path in our parameter tree, with the
 transform that turns the checkpoint array into ours and its inverse beside it. `{i}` in both
 names stands for the layer index. The same table drives `hf_to_params` and `params_to_hf`,
-so an export is always the exact inverse of a load.
+so an export is always the exact inverse of a load. A rule's `split` says how its parameter is
+cut over a device mesh's `model` axis (tensor parallelism, see `hrjax.models.sharding`), so the
+loaders place each tensor straight into its shards as they read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -34,13 +36,24 @@ TRANSPOSE = Transform("transpose", lambda a: a.T, lambda a: a.T)
 
 
 @dataclasses.dataclass(frozen=True)
+class Split:
+    """A parameter cut over the mesh's `model` axis along `axis` of our array, in whole units of
+    `group` (e.g. 'heads': every device holds whole heads); the architecture names each group's sizes."""
+
+    axis: int
+    group: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
-    """`hf` name (with `{i}` for the layer) -> `ours` slash-separated param path, via `transform`."""
+    """`hf` name (with `{i}` for the layer) -> `ours` slash-separated param path, via `transform`;
+    `split`: how it is cut over a mesh's `model` axis (None: whole on every device)."""
 
     hf: str
     ours: str
     transform: Transform = IDENTITY
     optional: bool = False  # e.g. an untied lm_head that tied checkpoints omit
+    split: Optional[Split] = None
 
     def expand(self, num_layers: int) -> list[tuple[str, str]]:
         if "{i}" not in self.hf:
@@ -48,18 +61,41 @@ class Rule:
         return [(self.hf.format(i=i), self.ours.format(i=i)) for i in range(num_layers)]
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+class LazyTensors(Mapping):
+    """Checkpoint tensors read one at a time, when looked up: name -> a function returning the array.
+    The loaders convert and place each tensor before reading the next, so no whole model sits in host
+    memory at once."""
+
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]):
+        self._readers = dict(readers)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._readers[name]()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """A nested param dict -> {slash-separated path: leaf}."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
+            flat.update(flatten(value, path))
         else:
             flat[path] = value
     return flat
 
 
-def _unflatten(flat: Mapping[str, object]) -> dict:
+def unflatten(flat: Mapping[str, object]) -> dict:
+    """The inverse of `flatten`."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -78,8 +114,9 @@ def hf_to_params(
     dtype: np.dtype,
     source: str,
     ignore: Iterable[str] = (),
+    place: Optional[Callable[[str, np.ndarray], Any]] = None,
 ) -> dict:
-    """Converts HF-named arrays into our parameter tree `{'params': ...}`.
+    """Converts HF-named arrays into our parameter tree `{'params': ...}`, one tensor at a time.
 
     Args:
       tensors: HF name -> array (any float dtype).
@@ -90,9 +127,11 @@ def hf_to_params(
       dtype: parameter dtype of the result.
       source: the checkpoint's location, quoted in errors.
       ignore: regexes of checkpoint names that are legitimately unused (e.g. rotary buffers).
+      place: (param path, converted array) -> the leaf to keep, e.g. a device array in its sharding;
+        None keeps the numpy array.
     """
-    expected_flat = _flatten(expected["params"])
-    out: dict[str, np.ndarray] = {}
+    expected_flat = flatten(expected["params"])
+    out: dict[str, Any] = {}
     missing = []
     for rule in rules:
         for hf_name, ours in rule.expand(num_layers):
@@ -102,15 +141,17 @@ def hf_to_params(
                 if not rule.optional:
                     missing.append(hf_name)
                 continue
-            array = rule.transform.to_ours(np.asarray(tensors[hf_name]))
+            original = np.asarray(tensors[hf_name])
+            array = rule.transform.to_ours(original)
             want = tuple(expected_flat[ours].shape)
             if tuple(array.shape) != want:
                 raise CheckpointError(
-                    f"{source}: tensor '{hf_name}' has shape {tuple(tensors[hf_name].shape)}, which "
+                    f"{source}: tensor '{hf_name}' has shape {tuple(original.shape)}, which "
                     f"does not match the config (expected {want} after '{rule.transform.name}'). "
                     "The checkpoint and its config.json disagree: use the config.json that was saved "
                     "with these weights.")
-            out[ours] = array.astype(dtype)
+            array = array.astype(dtype)
+            out[ours] = array if place is None else place(ours, array)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(
@@ -130,12 +171,12 @@ def hf_to_params(
             f"{source}: {len(unused)} checkpoint tensor(s) are not used by the config, e.g. "
             f"{unused[:5]}. The config.json does not describe these weights (wrong num_hidden_layers "
             "or architecture?): use the config.json saved with them.")
-    return {"params": _unflatten(out)}
+    return {"params": unflatten(out)}
 
 
 def params_to_hf(params: Mapping, rules: Iterable[Rule], num_layers: int) -> dict[str, np.ndarray]:
     """The inverse of `hf_to_params`: our `{'params': ...}` tree -> HF-named numpy arrays."""
-    flat = _flatten(params["params"])
+    flat = flatten(params["params"])
     out = {}
     for rule in rules:
         for hf_name, ours in rule.expand(num_layers):
