@@ -27,8 +27,7 @@ import numpy as np
 from hrjax import assets
 from hrjax.errors import CheckpointError, UnsupportedArchitectureError
 from hrjax.fsutil import atomic_directory
-from hrjax.models import keymap
-from hrjax.shapes import pow2_bucket
+from hrjax.models import keymap, sentence_batches
 from hrjax.models.hf import read_safetensors
 from hrjax.models.keymap import TRANSPOSE, Rule
 
@@ -39,7 +38,6 @@ IGNORED_TENSORS = (r"^pooler\.", r"^embeddings\.position_ids$")
 # Task models (BertForMaskedLM, ...) nest the encoder under this prefix beside their heads.
 TASK_MODEL_PREFIX = "bert."
 DEFAULT_MAX_SEQ_LENGTH = 256
-MIN_SEQ_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,36 +302,17 @@ class SentenceEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text ([CLS] ... [SEP]), truncated to `max_seq_length`, as sentence-transformers."""
-        texts = [str(t).strip() for t in texts]
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
-        return self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
-
-    def bucket_shape(self, batch: int, length: int, batch_size: int) -> tuple[int, int]:
-        """The padded [B, T] a batch of `batch` rows up to `length` tokens runs at."""
-        rows = min(pow2_bucket(batch), pow2_bucket(batch_size))
-        return rows, min(pow2_bucket(length, MIN_SEQ_BUCKET), self.max_seq_length)
+        return sentence_batches.tokenize(self.tokenizer, texts, self.do_lower_case, self.max_seq_length)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """texts -> [N, E] float32 unit vectors, in input order."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings; wrap a single text as [text].")
-        out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
-            return out
-        ids = self.tokenize(texts)
-        order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))  # similar lengths share a batch
-        pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            b, t = self.bucket_shape(len(rows), max(len(ids[j]) for j in rows), batch_size)
-            input_ids = np.full((b, t), pad_id, np.int32)
-            mask = np.zeros((b, t), np.int32)
-            for r, j in enumerate(rows):
-                input_ids[r, :len(ids[j])] = ids[j]
-                mask[r, :len(ids[j])] = 1
-            out[rows] = np.asarray(self.embed(self.params, input_ids, mask))[:len(rows)]
-        return out
+            return np.zeros((0, self.dim), np.float32)
+        return sentence_batches.embed_in_buckets(
+            self.tokenize(texts), lambda ids, mask: self.embed(self.params, ids, mask), self.dim, batch_size,
+            self.tokenizer.pad_token_id or 0, self.max_seq_length)
 
 
 def load_encoder(path: Optional[str | os.PathLike] = None, dtype: str = "float32") -> SentenceEncoder:

@@ -319,10 +319,13 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, LazyTensors]:
     return _convert(_open(path), path)
 
 
-def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike]):
+def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike], model_type: str):
     """The tokenizer of a GGUF: from a HF tokenizer directory when given, else built by transformers
-    from the file's vocabulary; None when the file has no vocabulary. Keeps the GGUF's chat template."""
+    from the file's vocabulary; None when the file has no vocabulary. Keeps the GGUF's chat template.
+    The tokenizer class is named by `model_type` where transformers maps it (the class AutoTokenizer
+    would choose), so transformers does not parse the whole file a second time to find it."""
     from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
@@ -330,7 +333,8 @@ def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike]):
         return None
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            known = {"tokenizer_type": model_type} if TOKENIZER_MAPPING_NAMES.get(model_type) else {}
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **known)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise CheckpointError(
                 f"{path}: transformers cannot build a tokenizer from this GGUF's vocabulary ({e}). Pass "
@@ -354,4 +358,4 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", tokenizer: Option
     hf_config, tensors = _convert(reader, path)
     config = decoder_config_from_hf(hf_config, dtype, str(path))
     params = params_from_hf_tensors(config, tensors, str(path), mesh)
-    return LoadedLM(config, params, _tokenizer(path, reader, tokenizer), hf_config, str(path))
+    return LoadedLM(config, params, _tokenizer(path, reader, tokenizer, hf_config["model_type"]), hf_config, str(path))
