@@ -6,11 +6,16 @@ iteration) and, as JSON, the frozen run config. Orbax writes a step into a tempo
 renames it when complete, so a run killed mid-save leaves the previous step intact. Resuming checks
 the saved config against the current one; a damaged or incompatible checkpoint is an error, never a
 silent fresh start.
+
+In a multi-process job every process saves and restores (Orbax writes each array's shards from the
+process that holds them, and the metadata from process 0): the state must be global `jax.Array`s.
+A restore takes the shardings of the `like` state it is given, so a checkpoint written over N
+devices restores over M. The run directory may be `gs://` (`hrjax.rundir.run_dir`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
@@ -19,16 +24,19 @@ from hrjax.config import ConfigError, config_difference, resumable_keys
 from hrjax.errors import CheckpointError
 
 
-def _manager(directory: Path, **options) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+def _manager(directory, **options) -> ocp.CheckpointManager:
+    directory = directory.absolute() if isinstance(directory, Path) else directory  # gs:// stays as it is
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=False, **options))
 
 
 class RunCheckpoints:
     """The checkpoints of one run directory, for one config (a dict, as saved)."""
 
-    def __init__(self, workdir: str | Path, config: dict, max_to_keep: int, best_metric: str):
-        self.workdir, self.config, self.best_metric = Path(workdir), config, best_metric
+    def __init__(self, workdir, config: dict, max_to_keep: int, best_metric: str):
+        """`workdir`: a local path, or an `etils.epath.Path` (gs://)."""
+        self.workdir = workdir if isinstance(workdir, PurePath) else Path(workdir)
+        self.config, self.best_metric = config, best_metric
         self.latest = _manager(self.workdir / "checkpoints", max_to_keep=max_to_keep)
         self.best = _manager(self.workdir / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
                              best_mode="max")
@@ -66,7 +74,7 @@ class RunCheckpoints:
         return self.latest.latest_step()
 
     def restore(self, like: Any) -> tuple[Optional[int], Any]:
-        """-> (step, state shaped like `like`), or (None, `like`) when there is no checkpoint."""
+        """-> (step, state shaped and sharded like `like`), or (None, `like`) when there is no checkpoint."""
         step = self.latest.latest_step()
         if step is None:
             return None, like

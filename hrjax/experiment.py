@@ -4,7 +4,9 @@
         [--config.ppo.learning_rate=3e-4 ...]
     python -m experiments.evaluate --config=experiments/configs/specialist_world.py --workdir=runs/sw
 
-(`hrjax train ...` and `hrjax evaluate ...` take the same flags.) `train` trains one router in the
+(`hrjax train ...` and `hrjax evaluate ...` take the same flags.) A multi-process job runs the same
+command in every process, with `--coordinator_address/--num_processes/--process_id` or, on SLURM and
+TPU pods, with none (detected from the environment); see launch/README.md. `train` trains one router in the
 workdir; `evaluate` trains `config.evaluate.seeds` of them (or reuses finished ones) and writes the
 evaluation against every baseline (summary.json, report.md, PNGs). The config file's `get_config()` returns an
 `ml_collections.ConfigDict` (start from `hrjax.config.base_config()`); every field can be
@@ -24,9 +26,17 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "an ml_collections config file, optionally with its argument: FILE.py[:ARG] "
     "(e.g. experiments/configs/specialist_world.py:reduced)", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; a local path): checkpoints, metrics, "
-                               "TensorBoard events; a finished or interrupted run in it is resumed")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; a local path or gs://BUCKET/PATH): "
+                               "checkpoints, metrics, TensorBoard events; a finished or interrupted run in it is "
+                               "resumed")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process job: HOST:PORT of process 0 (every "
+                                   "process gives the same); unset: auto-detected on SLURM and TPU pods, else one "
+                                   "process")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process job: how many processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process job: this process's index (0 is the chief)")
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", 300, "multi-process job: seconds to wait for "
+                                            "the coordinator and for every process to join before an error")
 _JOBS = {"train": "Train one router in --workdir (resumes the run found there).",
          "evaluate": "Train config.evaluate.seeds routers (or reuse finished ones) and evaluate them against every "
                      "baseline: summary.json, report.md and plots in --workdir."}
@@ -55,13 +65,15 @@ def _main(job, argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (flags take the form --name=value).")
     from hrjax.config import run_config
     from hrjax.errors import HrjaxError
-    from hrjax.rundir import local_dir
+    from hrjax.parallel import initialize
+    from hrjax.rundir import local_dir, run_dir
 
     try:
         config = run_config(_CONFIG.value.to_dict())
-        local_dir(_WORKDIR.value, "--workdir")
+        workdir = run_dir(_WORKDIR.value, "--workdir")
         local_dir(config.train.cache_dir, "config.train.cache_dir")
-        job(config, _WORKDIR.value, _PROGRESS.value)
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR_TIMEOUT.value)
+        job(config, workdir, _PROGRESS.value)
     except HrjaxError as e:
         sys.exit(f"error: {e}")
 
@@ -71,7 +83,8 @@ def usage(command: str, job: str) -> str:
     from hrjax.config import RunConfig
 
     sections = ", ".join(f.name for f in dataclasses.fields(RunConfig))
-    lines = [f"usage: {command} --config=FILE.py[:ARG] --workdir=DIR [--config.SECTION.KEY=VALUE ...] [--noprogress]",
+    lines = [f"usage: {command} --config=FILE.py[:ARG] --workdir=DIR [--config.SECTION.KEY=VALUE ...] [--noprogress]"
+             " [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]",
              "", _JOBS[job], "", "flags:"]
     for flag in sorted(flags.FLAGS.get_flags_for_module(sys.modules[__name__]), key=lambda f: f.name):
         name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"

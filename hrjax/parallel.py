@@ -3,16 +3,20 @@ with a `data` axis (episodes, prompts, tree rows) and a `model` axis (pool-model
 chief-only outputs.
 
 - `initialize(...)`: `jax.distributed.initialize` from explicit arguments, or from the environment
-  (SLURM, TPU pods: JAX's own auto-detection); a single process needs nothing.
+  (SLURM, TPU slices, HRJAX_DISTRIBUTED=1: JAX's own auto-detection); a single process needs nothing.
 - `MeshConfig` / `make_mesh`: the mesh from config axis sizes (-1: the devices left), refused with the
   numbers named when it does not tile the devices; `data_sharding` / `replicated` name the shardings
   the jitted programs constrain their arrays to.
-- `is_chief()`: process 0 writes what is written once (config.json, metrics, reports).
+- `is_chief()`: process 0 writes what is written once (config.json, metrics, reports);
+  `process_rows` / `local_batch` name this process's share of the work; `all_processes`,
+  `sum_over_processes`, `gather_rows` and `global_replicated` are the few collectives the Python
+  orchestration needs (each a no-op in a lone process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import time
@@ -20,13 +24,21 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hrjax.errors import HrjaxError
 
 AXES = ("data", "model")
-# environment variables that mean "one of several processes" to jax.distributed's auto-detection
+# environment variables that mean "one of several processes" to jax.distributed's auto-detection (SLURM,
+# TPU slices on GKE, multislice); HRJAX_DISTRIBUTED=1 asks for it where nothing in the environment says so
+# (Cloud TPU VM slices, whose workers JAX finds through the metadata server: launch/tpu_pod.sh sets it)
 _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _cluster_detected() -> bool:
+    return os.environ.get("HRJAX_DISTRIBUTED") == "1" or any(
+        os.environ.get(name) not in (None, "", "1") for name in _CLUSTER_ENV)
 
 
 class MeshError(HrjaxError, ValueError):
@@ -111,24 +123,37 @@ def constrain_replicated(tree, mesh: Optional[Mesh]):
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, timeout_s: int = 300) -> None:
     """Joins the multi-process job: with explicit arguments, or auto-detected where a cluster
-    environment says there are several processes (SLURM, TPU pod); a lone process does nothing.
+    environment says there are several processes (SLURM with more than one task, TPU slices: see
+    `_CLUSTER_ENV`); a lone process does nothing.
     `timeout_s`: how long a process other than 0 waits for the coordinator before a clear error
     (process 0 hosts it; XLA itself ends it when its peers do not all join within the timeout)."""
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if not explicit and not any(os.environ.get(name) not in (None, "", "1") for name in _CLUSTER_ENV):
+    if not explicit and not _cluster_detected():
+        return
+    if jax.distributed.is_initialized():  # a second job in the same process (hrjax evaluate's seed runs)
         return
     if coordinator_address is not None and process_id not in (None, 0):
         # XLA aborts the whole process (SIGABRT) when the coordinator never answers: find out first
         _wait_for_coordinator(coordinator_address, timeout_s)
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s)
+                                   process_id=process_id, local_device_ids=_slurm_node_gpus(),
+                                   initialization_timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 - every failure to join is one clear error
         raise HrjaxError(f"jax.distributed.initialize(coordinator_address={coordinator_address!r}, num_processes="
                          f"{num_processes}, process_id={process_id}) failed within {timeout_s} s: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}. Check that every process was started "
                          "with the same coordinator address and process count, and that the coordinator (process "
                          "0) is up and reachable.") from e
+    _log_with_process_index()
+
+
+def _slurm_node_gpus() -> Optional[list[int]]:
+    """Every GPU of the node when SLURM runs one task per node (launch/slurm.sbatch); else None (JAX's
+    SLURM detection then gives each task the one GPU of its local rank)."""
+    if os.environ.get("SLURM_NTASKS_PER_NODE") == "1" and os.environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return list(range(int(os.environ["SLURM_GPUS_ON_NODE"])))
+    return None
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -150,3 +175,100 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
 def is_chief() -> bool:
     """Whether this process writes the outputs written once per job."""
     return jax.process_index() == 0
+
+
+def _log_with_process_index() -> None:
+    """absl log lines of a multi-process job start with 'process I/N'."""
+    index, count = jax.process_index(), jax.process_count()
+
+    class Formatter(absl_logging.PythonFormatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"process {index}/{count} " + super().format(record)
+
+    absl_logging.get_absl_handler().setFormatter(Formatter())
+
+
+def process_rows(num_rows: int) -> np.ndarray:
+    """[n_p] int: this process's share of `num_rows` independent work items (rows p, p + P, p + 2P, ...:
+    shares differ by at most one row whatever the order of the rows' costs)."""
+    return np.arange(num_rows)[jax.process_index()::jax.process_count()]
+
+
+def local_batch(mesh: Optional[Mesh], size: int) -> slice:
+    """The contiguous part of a global batch of `size` (split over 'data' on axis 0) that this process's
+    devices hold: what it feeds `jax.make_array_from_process_local_data`. Everything without a mesh."""
+    if mesh is None or jax.process_count() == 1:
+        return slice(0, size)
+    spans = {(i[0].start or 0, i[0].stop or size) for i in data_sharding(mesh, 1).addressable_devices_indices_map(
+        (size,)).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != stop - start:
+        raise MeshError(f"This process's devices hold rows {sorted(spans)} of the batch, not one contiguous part: "
+                        "build the mesh from jax.devices() in order (hrjax.parallel.make_mesh).")
+    return slice(start, stop)
+
+
+def global_batch(tree, mesh: Optional[Mesh], axis: int = 0):
+    """Each process's `local_batch` part of a batch (numpy leaves) -> global arrays split over 'data' on
+    `axis` (unchanged in a lone process: jit splits them itself)."""
+    if mesh is None or jax.process_count() == 1:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(data_sharding(mesh, np.ndim(x), axis), np.asarray(x)), tree)
+
+
+def global_replicated(tree, mesh: Optional[Mesh]):
+    """`tree`, equal in every process, as arrays whole on every device of `mesh` (what a jitted program
+    over a mesh that spans processes takes; in a lone process, left to jit)."""
+    if mesh is None or jax.process_count() == 1:
+        return tree
+    return jax.device_put(tree, replicated(mesh))
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds in every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """The element-wise sum of `values` (same shape in every process) over the processes."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(axis=0)
+
+
+def gather_rows(local, num_rows: int):
+    """Every process's `process_rows(num_rows)` rows (a pytree of numpy arrays, rows on axis 0) -> the
+    whole [num_rows, ...] pytree, in every process."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    count, share = jax.process_count(), -(-num_rows // jax.process_count())
+
+    def gather(x):
+        x = np.asarray(x)
+        padded = np.zeros((share, *x.shape[1:]), x.dtype)
+        padded[:len(x)] = x
+        stacked = np.asarray(multihost_utils.process_allgather(padded))  # [P, share, ...]
+        out = np.zeros((num_rows, *x.shape[1:]), x.dtype)
+        for p in range(count):
+            rows = np.arange(num_rows)[p::count]
+            out[rows] = stacked[p, :len(rows)]
+        return out
+
+    return jax.tree_util.tree_map(gather, local)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (no-op in a lone process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -2,14 +2,16 @@
 score it on held-out prompts against every baseline and write the report.
 
 Layout of the run directory: `seed_<s>/` (one `hrjax.train` workdir per seed), `summary.json`,
-`report.md` and its PNGs. Everything is read from the one path tree of the training, selection
-and held-out prompts (generated once, cached; the seed runs train on it), so baselines and the
-oracle are exact. The held-out prompts are scored here only: the seed runs select on the others.
+`report.md` and its PNGs, and `sweep_routers.npz` (the lambda sweep's routers, which `hrjax export`
+turns into a bundle's calibration table). Everything is read from the one path tree of the training,
+selection and held-out prompts (generated once, cached; the seed runs train on it), so baselines and
+the oracle are exact. The held-out prompts are scored here only: the seed runs select on the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,8 +19,11 @@ import jax
 import numpy as np
 
 from hrjax.config import RunConfig
+from hrjax.fsutil import atomic_file
 from hrjax.pool import resolve_pool
 from hrjax.train import load_data, load_or_build_tree, train
+
+SWEEP_FILE = "sweep_routers.npz"
 
 
 class EvaluationRun(NamedTuple):
@@ -44,14 +49,44 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
     return out
 
 
+def save_sweep(path: str | Path, sweep: dict, seeds: list[int]) -> Path:
+    """Writes `sweep_routers`' result ({cost_lambda: params stacked over seeds}) to one .npz, atomically:
+    arrays '<i>/<param path>' for the i-th lambda, and 'meta' (JSON: the lambdas and seeds in order)."""
+    from flax.traverse_util import flatten_dict
+
+    lambdas = sorted(sweep)
+    arrays = {f"{i}/{name}": np.asarray(value) for i, lam in enumerate(lambdas)
+              for name, value in flatten_dict(sweep[lam], sep="/").items()}
+    with atomic_file(Path(path)) as f:
+        np.savez(f, meta=np.array(json.dumps({"cost_lambdas": lambdas, "seeds": list(seeds)})), **arrays)
+    return Path(path)
+
+
+def load_sweep(path: str | Path) -> tuple[list[int], dict]:
+    """-> (seeds, {cost_lambda: params stacked over seeds}) as `save_sweep` wrote them."""
+    from flax.traverse_util import unflatten_dict
+
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        sweep = {}
+        for i, lam in enumerate(meta["cost_lambdas"]):
+            prefix = f"{i}/"
+            sweep[float(lam)] = unflatten_dict({k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)},
+                                               sep="/")
+    return meta["seeds"], sweep
+
+
 def evaluate_run(config: RunConfig, workdir: str | Path, progress: bool = True) -> EvaluationRun:
     """Trains `config.evaluate.seeds` routers (tree mode; online runs are scored on the same tree),
     and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep;
     then scores everything on the held-out prompts and writes summary.json, report.md and PNGs.
     The workdir is held exclusively while the evaluation runs (each seed's run dir too)."""
-    from hrjax.rundir import local_dir, locked_run_dir
+    from hrjax.rundir import RunDirError, is_remote, local_dir, locked_run_dir
 
     local_dir(config.train.cache_dir, "config.train.cache_dir")
+    if is_remote(workdir):
+        raise RunDirError(f"--workdir={workdir}: hrjax evaluate writes its report to a local directory (gs:// is "
+                          "for hrjax train's run directories): pass a local path and copy the results after.")
     with locked_run_dir(workdir) as workdir:
         return _evaluate_in(config, workdir, progress)
 
@@ -60,6 +95,7 @@ def _evaluate_in(config: RunConfig, workdir: Path, progress: bool) -> Evaluation
     from hrjax.agent.tree_mode import make_train
     from hrjax.evaluate import Split, evaluate, markdown_table, ppo_policy, summarize
     from hrjax.metrics import read_metrics
+    from hrjax.parallel import is_chief
     from hrjax.report import write_report
 
     config = resolve_pool(config, progress)
@@ -73,11 +109,16 @@ def _evaluate_in(config: RunConfig, workdir: Path, progress: bool) -> Evaluation
     learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
                          config.train.num_iterations).learner
     if not config.ppo.conditioned:
-        stacked = {config.env.cost_lambda: stacked, **sweep_routers(config, tree, train_rows, seeds, progress)}
+        sweep = sweep_routers(config, tree, train_rows, seeds, progress)
+        if is_chief():
+            save_sweep(workdir / SWEEP_FILE, sweep, seeds)
+        stacked = {config.env.cost_lambda: stacked, **sweep}
     result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
                       Split(tree, data.rows("eval"), [e.task for e in data.eval]),
                       config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
                       min(config.evaluate.knn_k, len(data.train)), [m.name for m in config.pool])
     summary = summarize(result)
-    report = write_report(workdir, summary, [read_metrics(workdir / f"seed_{s}" / "metrics.jsonl") for s in seeds])
+    report = workdir / "report.md"
+    if is_chief():  # in a multi-process job every process evaluated; the chief alone writes
+        write_report(workdir, summary, [read_metrics(workdir / f"seed_{s}" / "metrics.jsonl") for s in seeds])
     return EvaluationRun(summary, markdown_table(summary), report)

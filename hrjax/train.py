@@ -24,7 +24,6 @@ import numpy as np
 from hrjax.checkpoint import RunCheckpoints
 from hrjax.config import RunConfig
 from hrjax.errors import HrjaxError, TrainingDivergedError
-from hrjax.fsutil import atomic_file
 
 
 class TrainResult(NamedTuple):
@@ -115,12 +114,20 @@ def tree_path(config: RunConfig, meta: dict) -> Path:
 
 def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
     """The path tree of `examples`, from the cache dir when one was built before, else built (and saved).
-    One process builds a given tree at a time; another that needs it waits, then reads it."""
+    One process builds a given tree at a time; another that needs it waits, then reads it. In a
+    multi-process job each process builds only its share of the prompts (`build_tree_share`)."""
     from hrjax.env.tree import build_tree, load_tree, save_tree
     from hrjax.locking import exclusive
+    from hrjax.parallel import all_processes
 
     meta = tree_meta(config, examples)
     path = tree_path(config, meta)
+    if jax.process_count() > 1:
+        if all_processes(path.exists()):
+            return load_tree(path, meta)
+        tree = build_tree_share(config, examples, meta, path, progress)
+        save_tree(tree, path, meta)  # by every process: its cache dir may be its own (same bytes when shared)
+        return tree
     if not path.exists():
         with exclusive(path.with_suffix(".lock"), f"the path tree build {path}", wait=True):
             if not path.exists():  # else built by the process this one waited for
@@ -131,21 +138,55 @@ def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
     return load_tree(path, meta)
 
 
+def build_tree_share(config: RunConfig, examples: list, meta: dict, path: Path, progress: bool):
+    """The whole tree of `examples` in every process of a multi-process job, each process generating
+    only its rows (`hrjax.parallel.process_rows`) into a shard file of its own beside `path` (kept:
+    a killed job's rerun reads the shards already built), then gathering the others' rows. A shard
+    holds `generated`: the answers its process generated (cache misses; 0 when the cache had them)."""
+    from absl import logging
+
+    from hrjax.env.tree import ROW_FIELDS, build_tree, load_extra, load_tree, save_tree, shard_path
+    from hrjax.locking import exclusive
+    from hrjax.parallel import gather_rows, process_rows
+
+    index, count = jax.process_index(), jax.process_count()
+    rows, shard = process_rows(len(examples)), shard_path(path, index, count)
+    shard_meta = {**meta, "rows": f"{index}::{count}"}
+    with exclusive(shard.with_suffix(".lock"), f"the path tree shard {shard}", wait=True):
+        if shard.exists():
+            part = load_tree(shard, shard_meta)
+            logging.info("path tree rows %d::%d of %d: read from %s (%d answers generated when built)", index,
+                         count, len(examples), shard, int(load_extra(shard, "generated")))
+        else:
+            env = make_env(config, examples)
+            part = build_tree(env, [examples[i] for i in rows], [examples[i].question for i in rows],
+                              progress=progress)
+            generated = env.cache.stats.misses
+            save_tree(part, shard, shard_meta, generated=np.asarray(generated))
+            logging.info("path tree rows %d::%d of %d (%d prompts): %d answers generated, %d from the cache", index,
+                         count, len(examples), len(rows), generated, env.cache.stats.hits)
+    return part._replace(**gather_rows({name: getattr(part, name) for name in ROW_FIELDS}, len(examples)))
+
+
 class _TreeRun:
     """Tree mode: the path tree of every prompt (train, select, eval: the one tree `hrjax evaluate`
     reads too); one jitted scan per Python step; evaluation on the selection prompts."""
 
-    def __init__(self, config: RunConfig, data: RunData, progress: bool):
+    def __init__(self, config: RunConfig, data: RunData, mesh, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
-        from hrjax.parallel import training_mesh
+        from hrjax.parallel import replicated
 
         tree = load_or_build_tree(config, data.examples, progress)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
-                                  config.train.num_iterations, training_mesh(config.mesh))
+                                  config.train.num_iterations, mesh)
         self._run = jax.jit(self.trainer.run, static_argnums=1)
         select_rows, lam = data.rows("select"), config.env.cost_lambda
-        self._greedy = jax.jit(lambda params: greedy_paths(self.trainer.learner, params, self.trainer.env,
-                                                           select_rows, lam))
+
+        def greedy(params):  # -> (mean quality, mean cost), whole in every process
+            quality, cost, _ = greedy_paths(self.trainer.learner, params, self.trainer.env, select_rows, lam)
+            return jnp.mean(quality), jnp.mean(cost)
+
+        self._greedy = jax.jit(greedy, out_shardings=None if mesh is None else replicated(mesh))
 
     def init(self, rng):
         return self.trainer.init(rng)
@@ -161,21 +202,20 @@ class _TreeRun:
                                                                                       rollout_seconds=0.0)
 
     def evaluate(self, params):
-        quality, cost, _ = self._greedy(params)
-        return float(jnp.mean(quality)), float(jnp.mean(cost))
+        quality, cost = self._greedy(params)
+        return float(quality), float(cost)
 
 
 class _OnlineRun:
     """Online mode: rollouts through the pool and response cache, then the jitted update."""
 
-    def __init__(self, config: RunConfig, data: RunData, progress: bool):
+    def __init__(self, config: RunConfig, data: RunData, mesh, progress: bool):
         from hrjax.agent.online import OnlineTrainer
-        from hrjax.parallel import training_mesh
 
         self.config, self.data = config, data
         self.trainer = OnlineTrainer(config.ppo, config.network, make_env(config, data.examples), data.train,
                                      [e.question for e in data.train], config.train.num_iterations, config.seed,
-                                     training_mesh(config.mesh))
+                                     mesh)
 
     def init(self, rng):
         return self.trainer.init(rng)
@@ -191,12 +231,16 @@ class _OnlineRun:
         return carry, rows, seconds
 
     def evaluate(self, params):
-        select = self.data.select
+        """Greedy episodes of the selection prompts (each process plays its share) -> mean quality, cost."""
+        from hrjax.parallel import process_rows, sum_over_processes
+
+        select = [self.data.select[i] for i in process_rows(len(self.data.select))]
         lam = np.full(len(select), self.config.env.cost_lambda, np.float32)
         episode = self.trainer.play(params, jax.random.PRNGKey(0), select, [e.question for e in select], lam,
                                     greedy=True)
         self.trainer.env.cache.flush()
-        return float(episode.quality.mean()), float(episode.total_cost.mean())
+        quality, cost = sum_over_processes(np.array([episode.quality.sum(), episode.total_cost.sum()], np.float64))
+        return quality / len(self.data.select), cost / len(self.data.select)
 
 
 def _first_non_finite(rows: list[dict], first_iteration: int, params) -> Optional[str]:
@@ -210,8 +254,9 @@ def _first_non_finite(rows: list[dict], first_iteration: int, params) -> Optiona
 
 
 def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
-    """Trains (or resumes) the router of `config` in `workdir`; -> final params and the logged rows.
-    The workdir is held exclusively while the run lasts."""
+    """Trains (or resumes) the router of `config` in `workdir` (a local path or gs://); -> final params
+    and the logged rows. The workdir is held exclusively while the run lasts (by the chief of a
+    multi-process job: every process of the job runs this)."""
     from hrjax.rundir import local_dir, locked_run_dir
 
     local_dir(config.train.cache_dir, "config.train.cache_dir")
@@ -220,20 +265,27 @@ def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> Trai
 
 
 def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
+    """Every process of a multi-process job runs this: Orbax checkpoints from all of them, config.json,
+    metrics and TensorBoard from the chief only."""
     from hrjax.metrics import MetricsWriter
+    from hrjax.parallel import global_replicated, is_chief, training_mesh
     from hrjax.pool import resolve_pool
+    from hrjax.rundir import write_text
 
     config = resolve_pool(config, progress)
+    progress = progress and is_chief()
     checkpoints = RunCheckpoints(workdir, config.to_dict(), config.train.max_to_keep, config.train.best_metric)
     try:
-        with atomic_file(workdir / "config.json", "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        if is_chief():
+            write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
         data = load_data(config)
-        run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, progress)
-        fresh = {"carry": run.init(jax.random.PRNGKey(config.seed))}  # the carry counts its iterations
+        mesh = training_mesh(config.mesh)
+        run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, mesh, progress)
+        # the carry counts its iterations; over a mesh of several processes, one array spanning them all
+        fresh = {"carry": global_replicated(run.init(jax.random.PRNGKey(config.seed)), mesh)}
         resumed_from, state = checkpoints.restore(fresh)
         action_names = [m.name for m in config.pool] + (["STOP"] if config.env.stop_action else [])
-        writer = MetricsWriter(workdir, action_names, resumed_from)
+        writer = MetricsWriter(workdir, action_names, resumed_from, enabled=is_chief())
         try:
             return _loop(config, run, state, checkpoints, writer, progress)
         finally:

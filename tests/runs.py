@@ -25,6 +25,7 @@ def get_config():
     config.env.cost_lambda = 0.5
     config.network.hidden = 16
     config.ppo.num_envs = 8
+    config.ppo.shuffle_groups = 8  # the same minibatches on one device and on every data axis (mesh tests)
     config.ppo.minibatches = 2
     config.train.num_iterations = {iterations}
     config.train.iterations_per_step = 1

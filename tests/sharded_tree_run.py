@@ -12,11 +12,14 @@ import numpy as np
 from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
 from hrjax.agent.tree_mode import make_train
+from hrjax.benchmarks.scale import collective_bytes
 from hrjax.env.mdp import EnvConfig
 from hrjax.parallel import MeshConfig, MeshError, make_mesh
 from test_tree_learning import N, synthetic_tree
 
 ITERATIONS = 20
+# explicit shuffle groups: the same minibatches on one device and on every data axis that divides 8
+PPO = PPOConfig(num_envs=256, shuffle_groups=8)
 LOSSES = ("policy_loss", "value_loss", "entropy", "approx_kl", "return", "quality", "cost")
 
 
@@ -25,16 +28,21 @@ def main(seeds: int) -> None:
     env = EnvConfig(num_hops=2, stop_action=True, cost_lambda=0.1)
 
     def run(mesh):
-        trainer = make_train(PPOConfig(num_envs=256), NetworkConfig(), env, tree, np.arange(N), ITERATIONS, mesh)
+        trainer = make_train(PPO, NetworkConfig(), env, tree, np.arange(N), ITERATIONS, mesh)
         keys = jax.random.split(jax.random.PRNGKey(0), seeds)
         compiled = jax.jit(jax.vmap(trainer.train)).lower(keys).compile()  # seeds stay vmappable on a mesh
         params, metrics = compiled(keys)
+        moved = collective_bytes(compiled.as_text())
+        param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))  # over the seeds
+        # data-parallel: every minibatch all-reduces its gradients (>= the params' bytes per step); the
+        # trajectory never gathers onto every device (an all-gather would move it whole)
         split = {"devices": len(jax.tree_util.tree_leaves(params)[0].sharding.device_set),
-                 "all_reduce": "all-reduce" in compiled.as_text()}  # the gradients are reduced across 'data'
+                 "allreduce_per_gradient_step": moved["all-reduce"] / (ITERATIONS * PPO.epochs * PPO.minibatches)
+                 / param_bytes, "allgather_bytes": moved["all-gather"]}
         return jax.device_get(params), {k: np.asarray(metrics[k]) for k in LOSSES}, split
 
     # the reference: one device, one seed at a time, as a single-device user runs it
-    trainer = make_train(PPOConfig(num_envs=256), NetworkConfig(), env, tree, np.arange(N), ITERATIONS)
+    trainer = make_train(PPO, NetworkConfig(), env, tree, np.arange(N), ITERATIONS)
     single = [jax.jit(trainer.train)(key) for key in jax.random.split(jax.random.PRNGKey(0), seeds)]
     base_params = jax.device_get(jax.tree_util.tree_map(lambda *x: np.stack(x), *[p for p, _ in single]))
     base_losses = {k: np.stack([np.asarray(m[k]) for _, m in single]) for k in LOSSES}

@@ -45,7 +45,7 @@ def test_bad_paths_get_one_line_and_write_nothing(case, tiny_pool, tmp_path):
         "config missing": (tmp_path / "nope.py", tmp_path / "run", "nope.py does not exist"),
         "config is a directory": (tmp_path, tmp_path / "run", "is a directory"),
         "workdir is a file": (config, tmp_path / "afile", "afile is a file, not a directory"),
-        "gs:// workdir": (config, "gs://bucket/run", "remote paths are not supported"),
+        "gs:// workdir": (config, "gs://bucket/run", "gs:// run directories need gcsfs"),  # none here
     }[case]
     process = launch(config_arg, workdir, entry=CLI, cwd=tmp_path)
     out, _ = process.communicate(timeout=600)

@@ -4,6 +4,10 @@ response cache (Python orchestration, `hrjax.env.mdp.rollout`), then runs the ji
 The carry (params, optimiser state, RNG key, data position, iteration) is everything a checkpoint
 needs: the prompts come from a seeded, epoch-shuffled stream indexed by the position, so a resumed
 run draws the same batches, samples the same actions and, over a warm cache, sees the same responses.
+Each episode samples its actions from a key of its own (the hop's key folded with its index in the
+batch), so in a multi-process job each process rolls out only its part of the batch (the part its
+devices hold on the mesh's 'data' axis) and the job samples what one process would; the update runs
+on the global batch (`hrjax.parallel.global_batch`).
 Shapes: B episodes per iteration, L hops, A actions.
 """
 
@@ -21,7 +25,8 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
                              sample_cost_lambda)
 from hrjax.env.mdp import Episode, RoutingEnv, rollout, routing_reward
-from hrjax.parallel import Mesh, check_divisible, constrain_batch, constrain_replicated
+from hrjax.parallel import (Mesh, constrain_batch, constrain_replicated, global_batch, global_replicated,
+                            local_batch, replicated, sum_over_processes)
 
 
 class PromptStream:
@@ -73,18 +78,31 @@ class OnlineTrainer:
         if len(examples) != len(questions):
             raise ValueError(f"{len(examples)} examples but {len(questions)} questions.")
         self.ppo, self.env, self.examples, self.questions = ppo, env, list(examples), list(questions)
-        self.learner = Learner(ppo, network, env.num_actions, env.config.num_hops, num_iterations)
+        self.learner = Learner(ppo, network, env.num_actions, env.config.num_hops, num_iterations, mesh)
         self.stream = PromptStream(len(examples), seed)
-        self._act = jax.jit(self.learner.act, static_argnames="greedy")
-        if mesh is not None:
-            check_divisible(mesh, "config.ppo.num_envs", ppo.num_envs)
+        self.mesh = mesh
+
+        def sample(params, key, episodes, embedding, hop, cost_features, cost_lambda, mask):
+            """Actions [b] of episodes `episodes` [b] (their indices in the batch), each from its own key."""
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(episodes)
+            one = lambda k, *obs: self.learner.act(params, k, *(x[None] for x in obs))[0]  # noqa: E731
+            return jax.vmap(one)(keys, embedding, hop, cost_features, cost_lambda, mask)
+
+        self._sample = jax.jit(sample)
+        self._greedy = jax.jit(lambda params, *obs: self.learner.act(params, None, *obs, greedy=True))
 
         def update(params, opt_state, trajectory: Trajectory, key, iteration):
             trajectory = constrain_batch(trajectory, mesh, axis=1)
             params, opt_state, metrics = self.learner.update(params, opt_state, trajectory, key, iteration)
             return (*constrain_replicated((params, opt_state), mesh), metrics)
 
-        self._update = jax.jit(update)
+        def summary(trajectory: Trajectory):  # -> (mean models called, action histogram [L, A])
+            return (jnp.mean(models_called(trajectory, len(self.env.pool))),
+                    action_histogram(trajectory, self.learner.num_actions))
+
+        whole = None if mesh is None else replicated(mesh)  # readable in every process
+        self._update = jax.jit(update, out_shardings=whole)
+        self._summary = jax.jit(summary, out_shardings=whole)
 
     def init(self, rng: chex.PRNGKey) -> OnlineCarry:
         rng, init_key = jax.random.split(rng)
@@ -92,38 +110,48 @@ class OnlineTrainer:
         return OnlineCarry(params, opt_state, rng, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def play(self, params, key, examples: Sequence[Any], questions: Sequence[str], cost_lambda: np.ndarray,
-             greedy: bool = False) -> Episode:
-        """One batched episode per example with the policy (sampled, or greedy)."""
+             greedy: bool = False, episodes: Optional[np.ndarray] = None) -> Episode:
+        """One batched episode per example with the policy (sampled, or greedy). `episodes` [b]: their
+        indices in the iteration's batch (default 0..b-1), which pick each episode's sampling key."""
         keys = iter(jax.random.split(key, self.env.config.num_hops))
+        episodes = np.arange(len(examples)) if episodes is None else episodes
 
         def policy(obs):
-            return np.asarray(self._act(params, next(keys), obs.embedding, obs.hop, obs.cost, cost_lambda,
-                                        obs.action_mask, greedy=greedy))
+            observation = (obs.embedding, obs.hop, obs.cost, cost_lambda, obs.action_mask)
+            if greedy:
+                return np.asarray(self._greedy(params, *observation))
+            return np.asarray(self._sample(params, next(keys), episodes, *observation))
 
         return rollout(self.env, examples, questions, policy)
 
     def iteration(self, carry: OnlineCarry) -> tuple[OnlineCarry, dict]:
-        """One rollout + one update -> (next carry, metrics incl. rollout/learner wall seconds)."""
+        """One rollout (this process's part of the batch) + one update on the whole batch -> (next carry,
+        metrics incl. rollout/learner wall seconds, over the whole batch)."""
         b = self.ppo.num_envs
         rng, act_key, lambda_key, update_key = jax.random.split(carry.rng, 4)
         position = int(carry.data_position)
-        index = self.stream.batch(position, b)
-        cost_lambda = np.asarray(sample_cost_lambda(self.ppo, self.env.config.cost_lambda, lambda_key, b))
+        part = local_batch(self.mesh, b)
+        index = self.stream.batch(position, b)[part]
+        cost_lambda = np.asarray(sample_cost_lambda(self.ppo, self.env.config.cost_lambda, lambda_key, b))[part]
         stats, start = dict(vars(self.env.cache.stats)), time.perf_counter()
         episode = self.play(carry.params, act_key, [self.examples[i] for i in index],
-                            [self.questions[i] for i in index], cost_lambda)
-        trajectory = episode_trajectory(episode, cost_lambda, self.env.config.cost_timing)
+                            [self.questions[i] for i in index], cost_lambda, episodes=np.arange(b)[part])
+        trajectory = global_batch(episode_trajectory(episode, cost_lambda, self.env.config.cost_timing), self.mesh,
+                                  axis=1)
         rollout_seconds = time.perf_counter() - start
         params, opt_state, metrics = self._update(carry.params, carry.opt_state, trajectory, update_key,
                                                   carry.iteration)
         jax.block_until_ready(params)
         learner_seconds = time.perf_counter() - start - rollout_seconds
         after = vars(self.env.cache.stats)
+        hops, histogram = self._summary(trajectory)
+        sums = sum_over_processes(np.array([episode.quality.sum(), episode.total_cost.sum(),
+                                            after["hits"] - stats["hits"], after["misses"] - stats["misses"],
+                                            after["generated_tokens"] - stats["generated_tokens"]], np.float64))
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
-        metrics.update(quality=episode.quality.mean(), cost=episode.total_cost.mean(),
-                       hops=np.asarray(jnp.mean(models_called(trajectory, len(self.env.pool)))),
-                       action_histogram=np.asarray(action_histogram(trajectory, self.learner.num_actions)),
-                       cache_hits=after["hits"] - stats["hits"], cache_misses=after["misses"] - stats["misses"],
-                       generated_tokens=after["generated_tokens"] - stats["generated_tokens"],
-                       rollout_seconds=rollout_seconds, learner_seconds=learner_seconds)
-        return OnlineCarry(params, opt_state, rng, jnp.asarray(position + b, jnp.int32), carry.iteration + 1), metrics
+        metrics.update(quality=sums[0] / b, cost=sums[1] / b, hops=np.asarray(hops),
+                       action_histogram=np.asarray(histogram), cache_hits=int(sums[2]), cache_misses=int(sums[3]),
+                       generated_tokens=int(sums[4]), rollout_seconds=rollout_seconds,
+                       learner_seconds=learner_seconds)
+        position = global_replicated(jnp.asarray(position + b, jnp.int32), self.mesh)
+        return OnlineCarry(params, opt_state, rng, position, carry.iteration + 1), metrics

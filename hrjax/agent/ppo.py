@@ -23,6 +23,7 @@ import optax
 
 from hrjax.agent import losses
 from hrjax.agent.networks import NetworkConfig, RouterNetwork
+from hrjax.parallel import Mesh, check_divisible, constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,16 @@ class PPOConfig:
     # Beyond the paper: sample lambda per episode from this (low, high) range and feed it to the
     # network, so one policy serves every cost-quality trade-off. None: the env's fixed cost_lambda.
     lambda_range: Optional[tuple[float, float]] = None
+    # The episodes form this many contiguous groups; each epoch shuffles the steps within every group and
+    # each minibatch takes an equal slice of every group, so on a mesh whose data axis divides it every
+    # device draws its share of a minibatch from its own episodes (data-parallel: only gradients cross
+    # devices). 0: the data axis size (1 on one device: one global shuffle). Set it explicitly (e.g. 8)
+    # for the same minibatches, so the same run, on every mesh whose data axis divides it.
+    shuffle_groups: int = 0
 
     def __post_init__(self):
+        if self.shuffle_groups < 0:
+            raise ValueError(f"ppo.shuffle_groups must be >= 0 (0: the mesh's data axis), got {self.shuffle_groups}.")
         for name in ("num_envs", "epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}.")
@@ -106,14 +115,28 @@ class Learner:
     """The router network, its optimiser and PPO's pure functions (jit them at the call site)."""
 
     def __init__(self, config: PPOConfig, network: NetworkConfig, num_actions: int, num_hops: int,
-                 num_iterations: int):
-        self.config, self.num_actions, self.num_hops = config, num_actions, num_hops
+                 num_iterations: int, mesh: Optional[Mesh] = None):
+        """`mesh`: the update splits the episodes over its 'data' axis (see `PPOConfig.shuffle_groups`)."""
+        self.config, self.num_actions, self.num_hops, self.mesh = config, num_actions, num_hops, mesh
         self.network = RouterNetwork(network, num_actions, num_hops)
-        batch = config.num_envs * num_hops
-        if batch % config.minibatches:
-            raise ValueError(f"num_envs * num_hops ({batch}) must divide into ppo.minibatches "
-                             f"({config.minibatches}): change ppo.num_envs or ppo.minibatches.")
-        self.minibatch_size = batch // config.minibatches
+        data = 1
+        if mesh is not None:
+            check_divisible(mesh, "config.ppo.num_envs", config.num_envs)
+            data = mesh.shape["data"]
+        self.shuffle_groups = config.shuffle_groups or data
+        if self.shuffle_groups % data:
+            raise ValueError(f"ppo.shuffle_groups ({config.shuffle_groups}) must be a multiple of the mesh's data axis "
+                             f"({data}) so that each device shuffles its own episodes: set it to a multiple of "
+                             f"{data}, or 0 (the data axis).")
+        if config.num_envs % self.shuffle_groups:
+            raise ValueError(f"ppo.num_envs ({config.num_envs}) must split into {self.shuffle_groups} shuffle groups: "
+                             "change ppo.num_envs or ppo.shuffle_groups.")
+        per_group = config.num_envs // self.shuffle_groups * num_hops
+        if per_group % config.minibatches:
+            raise ValueError(f"Each shuffle group's {per_group} steps ({config.num_envs // self.shuffle_groups} "
+                             f"episodes x {num_hops} hops) must split into ppo.minibatches ({config.minibatches}): "
+                             "change ppo.num_envs, ppo.minibatches or ppo.shuffle_groups.")
+        self.minibatch_size = config.num_envs * num_hops // config.minibatches
         self.steps_per_update = config.epochs * config.minibatches
         if config.lr_schedule == "linear":
             self.learning_rate = optax.linear_schedule(config.learning_rate, 0.0,
@@ -172,15 +195,21 @@ class Learner:
                                          jnp.zeros(b), cfg.gamma, cfg.gae_lambda)
         if cfg.normalize_advantages:
             advantages = losses.normalize_advantages(advantages, trajectory.valid)
-        flat = jax.tree_util.tree_map(lambda x: x.reshape(t * b, *x.shape[2:]),
-                                      (trajectory, old_log_prob, values, advantages, returns))
+        g = self.shuffle_groups
+        # [T, B, ...] -> [G, T * B / G, ...]: group j holds episodes j*B/G .. (j+1)*B/G - 1, every hop
+        grouped = constrain_batch(jax.tree_util.tree_map(
+            lambda x: x.reshape(t, g, b // g, *x.shape[2:]).swapaxes(0, 1).reshape(g, t * b // g, *x.shape[2:]),
+            (trajectory, old_log_prob, values, advantages, returns)), self.mesh)
         threshold = jnp.inf if cfg.target_kl is None else 1.5 * cfg.target_kl
 
         def minibatch(carry, index_and_step):
             params, opt_state, stopped = carry
             index, step = index_and_step
-            (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                params, jax.tree_util.tree_map(lambda x: x[index], flat))
+            # index [G, m / G]: each group's slice -> the minibatch [m, ...], split over 'data' by group
+            batch = jax.tree_util.tree_map(
+                lambda x: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+                .reshape(-1, *x.shape[2:]), grouped)
+            (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(params, constrain_batch(batch, self.mesh))
             stopped = stopped | (info["approx_kl"] > threshold)
             learning_rate = self.learning_rate(step)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
@@ -193,7 +222,9 @@ class Learner:
 
         def epoch(carry, key_and_steps):
             epoch_key, steps = key_and_steps
-            order = jax.random.permutation(epoch_key, t * b).reshape(cfg.minibatches, self.minibatch_size)
+            keys = epoch_key[None] if g == 1 else jax.random.split(epoch_key, g)  # g = 1: one global shuffle
+            order = jax.vmap(lambda key: jax.random.permutation(key, t * b // g))(keys)  # [G, T * B / G]
+            order = order.reshape(g, cfg.minibatches, -1).swapaxes(0, 1)  # [minibatches, G, m / G]
             return jax.lax.scan(minibatch, carry, (order, steps))
 
         steps = iteration * self.steps_per_update + jnp.arange(self.steps_per_update).reshape(cfg.epochs,

@@ -21,7 +21,7 @@ from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, m
                              sample_cost_lambda)
 from hrjax.env.mdp import EnvConfig, routing_reward
 from hrjax.env.tree import PathTree, level_offset
-from hrjax.parallel import Mesh, check_divisible, constrain_batch, constrain_replicated
+from hrjax.parallel import Mesh, constrain_batch, constrain_replicated
 
 
 class TreeArrays(NamedTuple):
@@ -133,13 +133,12 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
     """Tree-mode PPO over tree rows `prompts` [P] (episodes draw their prompt uniformly from them).
     With a `mesh` (`hrjax.parallel.make_mesh`), each iteration's B episodes are split over its 'data'
     axis and the parameters and optimiser state kept whole on every device: the same program, with
-    XLA reducing the gradients across the data axis (B must divide by the data axis size)."""
+    XLA reducing the gradients across the data axis (B must divide by the data axis size). The metrics
+    come out whole on every device, so each process of a multi-process job can read them."""
     env = TreeEnv.create(tree, env_config)
-    learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations)
+    learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations, mesh)
     prompts = jnp.asarray(prompts)
     b = ppo.num_envs
-    if mesh is not None:
-        check_divisible(mesh, "config.ppo.num_envs", b)
 
     def rollout(params, key):
         """-> (trajectory [L, B], final state)."""
@@ -167,7 +166,7 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
         metrics.update(quality=jnp.mean(quality), cost=jnp.mean(final.cost),
                        hops=jnp.mean(models_called(trajectory, env.num_models)),
                        action_histogram=action_histogram(trajectory, env.num_actions))
-        return TrainCarry(params, opt_state, rng, carry.iteration + 1), metrics
+        return TrainCarry(params, opt_state, rng, carry.iteration + 1), constrain_replicated(metrics, mesh)
 
     def init(rng) -> TrainCarry:
         rng, init_key = jax.random.split(rng)

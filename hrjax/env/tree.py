@@ -7,6 +7,8 @@ look-ups (exact oracle, jit-speed training). STOP needs no nodes of its own: sto
 scores k's response, which `quality[:, k]` already holds. Generation goes through the env's
 response cache, flushed every `chunk_size` answers, so an interrupted build resumes where it stopped
 (losing at most one chunk) and paths that rollouts already took are not generated again.
+Prompts are independent rows, so a multi-process job builds the tree of each process's rows into a
+shard file of its own (`shard_path`) and assembles the rows (`hrjax.train.build_tree_share`).
 """
 
 from __future__ import annotations
@@ -120,10 +122,27 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
     return PathTree(root_embedding, embedding, tokens_in, tokens_out, cost, quality, model, parent, depth)
 
 
-def save_tree(tree: PathTree, path: str | os.PathLike, meta: dict) -> None:
-    """Writes the tree and a JSON `meta` (pool, env config, dataset) to one .npz, atomically."""
+ROW_FIELDS = ("root_embedding", "embedding", "tokens_in", "tokens_out", "cost", "quality")  # [N, ...] per prompt
+
+
+def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
+    """Where process `index` of `count` keeps its rows of the tree at `path` while a multi-process job
+    builds it: `<tree>.shards/<index>-of-<count>.npz` (one writer per file, so no two processes race)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shards") / f"{index:05d}-of-{count:05d}.npz"
+
+
+def save_tree(tree: PathTree, path: str | os.PathLike, meta: dict, **extra: np.ndarray) -> None:
+    """Writes the tree, a JSON `meta` (pool, env config, dataset) and any `extra` arrays to one .npz,
+    atomically."""
     with atomic_file(Path(path)) as f:
-        np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **tree._asdict())
+        np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **tree._asdict(), **extra)
+
+
+def load_extra(path: str | os.PathLike, name: str) -> np.ndarray:
+    """The `extra` array `name` saved with a tree."""
+    with np.load(path) as data:
+        return data[name]
 
 
 def load_tree(path: str | os.PathLike, expected_meta: dict) -> PathTree:
