@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8,<0.3",
     "chex>=0.1.92,<0.2",
+    "flatbuffers>=25.12",  # jax.export's serialisation of the exported router (export and serve)
     "orbax-checkpoint>=0.12.8,<0.13",
     "etils[epath]>=1.15",  # gs:// and local paths alike
     "transformers>=5.24,<6",

@@ -56,3 +56,13 @@ def reduced_quickstart(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quickstart")
     return root, evaluate_run(reduced_specialist_config(root), root / "run", progress=False)
+
+
+@pytest.fixture(scope="session")
+def quickstart_bundle(reduced_quickstart, tmp_path_factory):
+    """The serving bundle of the reduced main job's router (`hrjax export`), exported once per session
+    for the export and serving tests; tests that change a bundle change a copy."""
+    from hrjax.export import export_bundle
+
+    root, _ = reduced_quickstart
+    return export_bundle(root / "run", tmp_path_factory.mktemp("bundle") / "b", progress=False)

@@ -112,6 +112,39 @@ def hop_prompt(model: PoolModel, template: HopTemplate, context: Context) -> lis
     return ids
 
 
+def make_answer(model: PoolModel, tokens: Sequence[int], text: str, finish_reason: str) -> Answer:
+    """A hop's `Answer` from a generation (tokens incl. a final EOS, decoded text, finish reason): the
+    ids are kept without special tokens, unless a stop string cut the text short of them (then only
+    the text is the answer)."""
+    kept = () if finish_reason == "stop" else tuple(int(t) for t in tokens if int(t) not in model.special_ids)
+    return Answer(text, kept, model.tokenizer_id)
+
+
+def cost_unit(base_rates: Sequence[float], reference_tokens: int) -> float:
+    """The cost normaliser: `reference_tokens` tokens of the most expensive model cost 1.0."""
+    return max(base_rates) * reference_tokens or 1.0
+
+
+def hop_cost(base_rate: float, tokens_in, tokens_out, unit: float) -> np.ndarray:
+    """A hop's normalised cost, float32 (scalar or [n]): base_rate * (tokens in + out) / unit."""
+    return np.asarray(base_rate * (np.asarray(tokens_in) + np.asarray(tokens_out)) / unit).astype(np.float32)
+
+
+def action_mask(hop: np.ndarray, num_models: int, stop_action: bool) -> np.ndarray:
+    """[B, A] bool for hop indices [B]: every model, and STOP (action M, if enabled) once there is
+    an answer to stop on (hop > 0)."""
+    hop = np.asarray(hop)
+    mask = np.ones((len(hop), num_models + int(stop_action)), bool)
+    if stop_action:
+        mask[:, num_models] = hop > 0
+    return mask
+
+
+def cost_features(cost: np.ndarray, last_cost: np.ndarray) -> np.ndarray:
+    """[B, 2] float32 the policy's cost inputs: cumulative normalised cost C_t and the last hop's cost."""
+    return np.stack([np.asarray(cost, np.float32), np.asarray(last_cost, np.float32)], -1)
+
+
 def routing_reward(finished, quality, total_cost, step_cost, valid, cost_lambda, cost_timing: str):
     """One step's reward [B] (NumPy or traced arrays): quality - lambda * cost, the cost charged
     with the quality when the episode finishes ('end') or hop by hop ('step').
@@ -172,7 +205,7 @@ class RoutingEnv:
                  config: EnvConfig = EnvConfig(), cache: Optional[ResponseCache] = None):
         self.pool, self.encoder, self.quality_fn, self.config = pool, encoder, quality_fn, config
         self.cache = cache if cache is not None else ResponseCache()
-        self.cost_unit = max(pool.base_rates) * config.reference_tokens or 1.0
+        self.cost_unit = cost_unit(pool.base_rates, config.reference_tokens)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, stop=config.stop)
         self.decoding = repr(self.sampling)
 
@@ -201,26 +234,17 @@ class RoutingEnv:
                 self.cache.put(key, found[key])
         tokens_in = np.array([len(p) for p in prompts], np.int32)
         tokens_out = np.array([len(found[k].tokens) for k in keys], np.int32)
-        cost = (pool_model.spec.base_rate * (tokens_in + tokens_out) / self.cost_unit).astype(np.float32)
-        return Hop([self._answer(pool_model, found[k]) for k in keys], tokens_in, tokens_out, cost)
-
-    @staticmethod
-    def _answer(model: PoolModel, response: CachedResponse) -> Answer:
-        # A stop string cut the text short of the tokens: only the text is the answer then.
-        tokens = () if response.finish_reason == "stop" else tuple(
-            t for t in response.tokens if t not in model.special_ids)
-        return Answer(response.text, tokens, model.tokenizer_id)
+        cost = hop_cost(pool_model.spec.base_rate, tokens_in, tokens_out, self.cost_unit)
+        answers = [make_answer(pool_model, found[k].tokens, found[k].text, found[k].finish_reason) for k in keys]
+        return Hop(answers, tokens_in, tokens_out, cost)
 
     def action_mask(self, hop: np.ndarray) -> np.ndarray:
-        """[B, A] bool: every model, and STOP (if enabled) once there is an answer to stop on."""
-        mask = np.ones((len(hop), self.num_actions), bool)
-        if self.stop is not None:
-            mask[:, self.stop] = hop > 0
-        return mask
+        """[B, A] bool (`action_mask`)."""
+        return action_mask(hop, len(self.pool), self.config.stop_action)
 
     def observe(self, state: State) -> Observation:
         embedding = np.asarray(self.encoder.encode([c.text() for c in state.contexts]), np.float32)
-        return Observation(embedding, state.hop.copy(), np.stack([state.cost, state.last_cost], -1),
+        return Observation(embedding, state.hop.copy(), cost_features(state.cost, state.last_cost),
                            self.action_mask(state.hop))
 
     def reset(self, examples: Sequence[Any], questions: Sequence[str]) -> tuple[State, Observation]:
