@@ -88,6 +88,20 @@ def training_mesh(config: MeshConfig) -> Optional[Mesh]:
     return mesh if mesh.size > 1 else None
 
 
+def sampler_mesh(config: MeshConfig) -> Optional[Mesh]:
+    """The mesh this process's pool models generate on: its own devices (a model never spans hosts;
+    each process generates its own share of prompts), split `model`-ways as the global mesh is, prompts
+    over the rest. None when the model axis is 1: each model whole on one device, as unsharded."""
+    model = mesh_shape(config, jax.device_count())[1]
+    if model == 1:
+        return None
+    local = jax.local_devices()
+    if len(local) % model:
+        raise MeshError(f"config.mesh.model = {model} does not divide this process's {len(local)} devices: a pool "
+                        f"model is split over one host's devices only; choose a model axis that divides {len(local)}.")
+    return make_mesh(MeshConfig(data=-1, model=model), local)
+
+
 def check_divisible(mesh: Mesh, what: str, size: int) -> None:
     """Refuses a batch dimension `size` (named `what`) that the data axis cannot split evenly."""
     data = mesh.shape["data"]

@@ -242,9 +242,12 @@ def digest_index(config: "RunConfig") -> Path:
     return Path(config.train.cache_dir).expanduser() / "file_digests.json"
 
 
-def load_pool(config: "RunConfig", mesh: Optional["Mesh"] = None) -> Pool:
-    """The pool of a resolved `config` (`resolve_pool`), its file digests memoised under the cache dir;
-    `mesh`: every model sharded over it (see `load_model`)."""
+def load_pool(config: "RunConfig") -> Pool:
+    """The pool of a resolved `config` (`resolve_pool`) as this process runs it: every model on this
+    process's devices, tensor-parallel over `config.mesh.model` when that is above 1
+    (`hrjax.parallel.sampler_mesh`); file digests memoised under the cache dir."""
+    from hrjax.parallel import sampler_mesh
+
     if config.specialists:
         raise HrjaxError("load_pool needs a resolved config: call hrjax.pool.resolve_pool(config) first.")
-    return Pool.from_specs(config.pool, digest_index=digest_index(config), mesh=mesh)
+    return Pool.from_specs(config.pool, digest_index=digest_index(config), mesh=sampler_mesh(config.mesh))

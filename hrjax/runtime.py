@@ -23,3 +23,14 @@ def use_precise_cpu_matmuls() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if PRECISE_CPU_MATMUL_FLAG not in flags.split():
         os.environ["XLA_FLAGS"] = f"{flags} {PRECISE_CPU_MATMUL_FLAG}".strip()
+
+
+def use_compilation_cache(directory: str | os.PathLike) -> None:
+    """JAX's persistent compilation cache in `directory`: a program that took over a second to compile
+    is stored there and loaded, not compiled again, by later runs (a resumed run, the next seed, every
+    process of a job on one host). A JAX_COMPILATION_CACHE_DIR set by the user wins. Must run before
+    the first compilation (JAX decides once per process whether it uses the cache)."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(directory))

@@ -84,17 +84,27 @@ def test_tree_mode_on_8_devices_matches_one_device_on_every_mesh():
     assert result["refused"].startswith("config.ppo.num_envs = 252 does not split over the mesh's data axis of 8")
 
 
+# Each segment: (iterations at its end, mesh data x model or None for one device). Online mode goes
+# through all three meshes (tree mode's program is checked on each above), then one device.
+SEGMENTS = {"tree": [(2, (4, 2)), (4, None)], "online": [(2, (8, 1)), (4, (4, 2)), (6, (2, 4)), (8, None)]}
+
+
 @pytest.mark.parametrize("mode", ["tree", "online"])
 def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_one(mode, tiny_pool, tmp_path):
     from runs import config_file, finish, launch
     from test_train import TIMING, final_state
 
     eight = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
-    config4, config2 = (config_file(tmp_path / f"config{n}.py", tiny_pool, mode, iterations=n) for n in (4, 2))
-    finish(launch(config4, tmp_path / "one_device"))
-    # 2 iterations on a (4, 2) mesh of 8 devices, then resumed on 1 device to 4
-    finish(launch(config2, tmp_path / "moved", "--config.mesh.data=4", "--config.mesh.model=2", env=eight))
-    finish(launch(config4, tmp_path / "moved"))
+    segments = SEGMENTS[mode]
+    total = segments[-1][0]
+    finish(launch(config_file(tmp_path / "config.py", tiny_pool, mode, iterations=total), tmp_path / "one_device"))
+    for end, mesh in segments:  # each segment resumes the last one's checkpoint on another mesh
+        config = config_file(tmp_path / f"config{end}.py", tiny_pool, mode, iterations=end)
+        if mesh is None:
+            finish(launch(config, tmp_path / "moved"))
+        else:
+            finish(launch(config, tmp_path / "moved", f"--config.mesh.data={mesh[0]}", f"--config.mesh.model={mesh[1]}",
+                          env=eight))
     reference, moved = final_state(tmp_path / "one_device"), final_state(tmp_path / "moved")
     assert moved.keys() == reference.keys()
     numeric = [path for path, value in reference.items() if value.dtype != object]  # optax's empty states: None
@@ -103,7 +113,7 @@ def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_
         np.testing.assert_allclose(moved[path], reference[path], rtol=0, atol=1e-5, err_msg=path)
     rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one_device", "moved")]
-    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [0, 1, 2, 3, 4]
-    for ours, theirs in zip(*rows):  # the mesh's iterations 1-2 logged the one-device losses
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == list(range(total + 1))
+    for ours, theirs in zip(*rows):  # every mesh's iterations logged the one-device losses
         for key in set(ours) - set(TIMING) - {"step", "action_histogram", *CACHE_COUNTERS}:
             assert abs(ours[key] - theirs[key]) <= 1e-5, (ours["step"], key, ours[key], theirs[key])

@@ -50,7 +50,7 @@ def test_a_fresh_run_logs_the_untrained_router_at_step_0_on_the_selection_prompt
     assert set(rows[0]) == {"step"} | EVAL_KEYS and EVAL_KEYS <= set(rows[2]) and not EVAL_KEYS & set(rows[1])
     assert result.history[0] == rows[0]
     # step 0 scores the initial parameters' greedy paths on the selection prompts (tree rows 8-11)
-    run = _TreeRun(config, load_data(config), progress=False)
+    run = _TreeRun(config, load_data(config), None, progress=False)
     initial = run.init(jax.random.PRNGKey(config.seed)).params
     quality, cost, _ = greedy_paths(run.trainer.learner, initial, run.trainer.env, np.arange(8, 12),
                                     config.env.cost_lambda)
