@@ -232,9 +232,10 @@ def global_batch(tree, mesh: Optional[Mesh], axis: int = 0):
 
 
 def global_replicated(tree, mesh: Optional[Mesh]):
-    """`tree`, equal in every process, as arrays whole on every device of `mesh` (what a jitted program
-    over a mesh that spans processes takes; in a lone process, left to jit)."""
-    if mesh is None or jax.process_count() == 1:
+    """`tree`, equal in every process, as arrays whole on every device of `mesh`: what a jitted program
+    over the mesh takes, and the shardings a checkpoint restored like it gets (a state restored on one
+    device would be committed there, which a program over the mesh refuses)."""
+    if mesh is None:
         return tree
     return jax.device_put(tree, replicated(mesh))
 

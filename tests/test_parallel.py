@@ -1,6 +1,7 @@
 """The device mesh: axis sizes checked against the devices, and PPO split over 8 host devices giving
 the one-device result: tree mode's program on every mesh (tests/sharded_tree_run.py, in a process of
-its own), and `hrjax train` in tree and online mode, its checkpoint resumed on one device."""
+its own, data-parallel: gradients all-reduced, nothing gathered), and `hrjax train` in online mode
+resumed through meshes (8, 1), (4, 2), (2, 4) and one device."""
 
 import json
 import os
@@ -84,22 +85,21 @@ def test_tree_mode_on_8_devices_matches_one_device_on_every_mesh():
     assert result["refused"].startswith("config.ppo.num_envs = 252 does not split over the mesh's data axis of 8")
 
 
-# Each segment: (iterations at its end, mesh data x model or None for one device). Online mode goes
-# through all three meshes (tree mode's program is checked on each above), then one device.
-SEGMENTS = {"tree": [(2, (4, 2)), (4, None)], "online": [(2, (8, 1)), (4, (4, 2)), (6, (2, 4)), (8, None)]}
+# (iterations at the segment's end, mesh data x model; None: one device). Tree mode's program is checked
+# on each mesh above, and `hrjax train` in tree mode across process and device counts in test_multihost.
+ONLINE_SEGMENTS = [(2, (8, 1)), (4, (4, 2)), (6, (2, 4)), (8, None)]
 
 
-@pytest.mark.parametrize("mode", ["tree", "online"])
-def test_hrjax_train_on_a_mesh_matches_one_device_and_its_checkpoint_resumes_on_one(mode, tiny_pool, tmp_path):
+def test_hrjax_train_online_through_every_mesh_then_one_device_matches_one_device(tiny_pool, tmp_path):
     from runs import config_file, finish, launch
     from test_train import TIMING, final_state
 
     eight = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
-    segments = SEGMENTS[mode]
-    total = segments[-1][0]
-    finish(launch(config_file(tmp_path / "config.py", tiny_pool, mode, iterations=total), tmp_path / "one_device"))
-    for end, mesh in segments:  # each segment resumes the last one's checkpoint on another mesh
-        config = config_file(tmp_path / f"config{end}.py", tiny_pool, mode, iterations=end)
+    total = ONLINE_SEGMENTS[-1][0]
+    # the one-device run goes first, so every segment after it sees a warm response cache
+    finish(launch(config_file(tmp_path / "config.py", tiny_pool, "online", iterations=total), tmp_path / "one_device"))
+    for end, mesh in ONLINE_SEGMENTS:  # each segment resumes the last one's checkpoint on another mesh
+        config = config_file(tmp_path / f"config{end}.py", tiny_pool, "online", iterations=end)
         if mesh is None:
             finish(launch(config, tmp_path / "moved"))
         else:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -40,3 +41,16 @@ def host_isa() -> str:
     except OSError:
         flags = []
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+
+
+def random_tree(num_prompts: int, embedding_dim: int, num_models: int, num_hops: int):
+    """A path tree of random arrays (throughput does not depend on the values)."""
+    from hrjax.env.tree import PathTree, tree_structure
+
+    model, parent, depth = tree_structure(num_models, num_hops)
+    k, rng = len(model), np.random.default_rng(0)
+    zeros = np.zeros((num_prompts, k), np.int32)
+    return PathTree(rng.normal(size=(num_prompts, embedding_dim)).astype(np.float32),
+                    rng.normal(size=(num_prompts, k, embedding_dim)).astype(np.float32), zeros, zeros,
+                    rng.uniform(size=(num_prompts, k)).astype(np.float32),
+                    rng.uniform(size=(num_prompts, k)).astype(np.float32), model, parent, depth)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from hrjax.agent.ppo import PPOConfig
-from hrjax.benchmarks.common import best_seconds, host_isa, matmul_peak_gflops
+from hrjax.benchmarks.common import best_seconds, host_isa, matmul_peak_gflops, random_tree
 
 PPO_DEFAULTS = PPOConfig()
 
@@ -38,15 +38,8 @@ def tree_mode(num_envs: int = PPO_DEFAULTS.num_envs, num_prompts: int = 512, emb
     from hrjax.agent.networks import NetworkConfig
     from hrjax.agent.tree_mode import make_train
     from hrjax.env.mdp import EnvConfig
-    from hrjax.env.tree import PathTree, tree_structure
 
-    model, parent, depth = tree_structure(num_models, num_hops)
-    k, rng = len(model), np.random.default_rng(0)
-    zeros = np.zeros((num_prompts, k), np.int32)
-    tree = PathTree(rng.normal(size=(num_prompts, embedding_dim)).astype(np.float32),
-                    rng.normal(size=(num_prompts, k, embedding_dim)).astype(np.float32), zeros, zeros,
-                    rng.uniform(size=(num_prompts, k)).astype(np.float32),
-                    rng.uniform(size=(num_prompts, k)).astype(np.float32), model, parent, depth)
+    tree = random_tree(num_prompts, embedding_dim, num_models, num_hops)
     ppo = PPOConfig(num_envs=num_envs)
     trainer = make_train(ppo, NetworkConfig(), EnvConfig(num_hops=num_hops), tree, np.arange(num_prompts), iterations)
     run = jax.jit(trainer.run, static_argnums=1)

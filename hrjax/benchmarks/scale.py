@@ -26,24 +26,11 @@ from typing import Optional
 
 import numpy as np
 
-from hrjax.benchmarks.common import best_seconds, host_isa
+from hrjax.benchmarks.common import best_seconds, host_isa, random_tree
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8}
-
-
-def random_tree(num_prompts: int, embedding_dim: int, num_models: int, num_hops: int):
-    """A path tree of random arrays (throughput does not depend on the values)."""
-    from hrjax.env.tree import PathTree, tree_structure
-
-    model, parent, depth = tree_structure(num_models, num_hops)
-    k, rng = len(model), np.random.default_rng(0)
-    zeros = np.zeros((num_prompts, k), np.int32)
-    return PathTree(rng.normal(size=(num_prompts, embedding_dim)).astype(np.float32),
-                    rng.normal(size=(num_prompts, k, embedding_dim)).astype(np.float32), zeros, zeros,
-                    rng.uniform(size=(num_prompts, k)).astype(np.float32),
-                    rng.uniform(size=(num_prompts, k)).astype(np.float32), model, parent, depth)
 
 
 def _shape_bytes(shape: str) -> int:
