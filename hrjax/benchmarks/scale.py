@@ -2,7 +2,9 @@
 
 - Tree-mode env steps/s on 1, 2, 4 and 8 host devices (a process of its own with 8 fake CPU devices:
   they share this machine's cores, so the figures measure the overhead of the split program, not a
-  speed-up); `sharded_overhead_8dev` = 8-device over 1-device step time (target <= 2).
+  speed-up); `sharded_overhead_8dev` = 8-device over 1-device step time (target <= 2) at the default
+  256 episodes (32 per device: per-op costs, paid by each device on shared cores, dominate), and
+  `sharded_overhead_8dev_large` at 2048 episodes (256 per device, the one-device default's work).
 - `allreduce_bytes_per_update`: the bytes all-reduced across the 'data' axis by one PPO update
   (rollout + update of one iteration), counted from the compiled HLO of the 8-device program: every
   all-reduce's operand bytes, times the trip counts of the loops around it; the other collectives
@@ -78,10 +80,8 @@ def collective_bytes(hlo: str) -> dict:
     return total(entry)
 
 
-def measure_devices(num_envs: int = 256, num_prompts: int = 512, embedding_dim: int = 384, num_models: int = 3,
-                    num_hops: int = 2, iterations: int = 10) -> dict:
-    """In a process with 8 host devices: tree-mode env steps/s and sampler tokens/s over the first 1,
-    2, 4, 8 of them, and the collective bytes of one iteration on 8."""
+def _tree_run(tree, num_envs: int, devices: int, num_hops: int, iterations: int):
+    """Tree-mode PPO over the first `devices` devices -> (env steps/s, the jitted run, its carry, the PPO config)."""
     import jax
 
     from hrjax.agent.networks import NetworkConfig
@@ -90,25 +90,38 @@ def measure_devices(num_envs: int = 256, num_prompts: int = 512, embedding_dim: 
     from hrjax.env.mdp import EnvConfig
     from hrjax.parallel import MeshConfig, make_mesh
 
-    tree = random_tree(num_prompts, embedding_dim, num_models, num_hops)
     ppo = PPOConfig(num_envs=num_envs)
+    mesh = make_mesh(MeshConfig(devices, 1), jax.devices()[:devices]) if devices > 1 else None
+    trainer = make_train(ppo, NetworkConfig(), EnvConfig(num_hops=num_hops), tree, np.arange(len(tree.quality)),
+                         iterations, mesh)
+    run = jax.jit(trainer.run, static_argnums=1)
+    carry = trainer.init(jax.random.PRNGKey(0))
+    jax.block_until_ready(run(carry, iterations))
+    seconds = best_seconds(lambda: run(carry, iterations))
+    return round(iterations * num_envs * num_hops / seconds), run, carry, ppo
+
+
+def measure_devices(num_envs: int = 256, large_num_envs: int = 2048, num_prompts: int = 512, embedding_dim: int = 384,
+                    num_models: int = 3, num_hops: int = 2, iterations: int = 10) -> dict:
+    """In a process with 8 host devices: tree-mode env steps/s and sampler tokens/s over the first 1,
+    2, 4, 8 of them, the collective bytes of one iteration on 8, and the 8-device overhead again at
+    `large_num_envs` episodes (per-device work of the one-device default)."""
+    import jax
+
+    tree = random_tree(num_prompts, embedding_dim, num_models, num_hops)
     out = {"tree_num_envs": num_envs, "devices_available": jax.device_count()}
     for n in DEVICE_COUNTS:
-        mesh = make_mesh(MeshConfig(n, 1), jax.devices()[:n]) if n > 1 else None
-        trainer = make_train(ppo, NetworkConfig(), EnvConfig(num_hops=num_hops), tree, np.arange(num_prompts),
-                             iterations, mesh)
-        run = jax.jit(trainer.run, static_argnums=1)
-        carry = trainer.init(jax.random.PRNGKey(0))
-        jax.block_until_ready(run(carry, iterations))
-        seconds = best_seconds(lambda: run(carry, iterations))
-        out[f"tree_env_steps_per_s_{n}dev"] = round(iterations * num_envs * num_hops / seconds)
-        if n == DEVICE_COUNTS[-1]:  # one iteration: rollout + PPO update
-            moved = collective_bytes(run.lower(carry, 1).compile().as_text())
-            out["allreduce_bytes_per_update"] = moved.pop("all-reduce")
-            out.update({f"{kind.replace('-', '')}_bytes_per_update": n for kind, n in moved.items() if n})
-            out["param_bytes"] = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(carry.params)))
-            out["gradient_steps_per_update"] = ppo.epochs * ppo.minibatches
+        out[f"tree_env_steps_per_s_{n}dev"], run, carry, ppo = _tree_run(tree, num_envs, n, num_hops, iterations)
+    moved = collective_bytes(run.lower(carry, 1).compile().as_text())  # 8 devices, one iteration: rollout + update
+    out["allreduce_bytes_per_update"] = moved.pop("all-reduce")
+    out.update({f"{kind.replace('-', '')}_bytes_per_update": n for kind, n in moved.items() if n})
+    out["param_bytes"] = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(carry.params)))
+    out["gradient_steps_per_update"] = ppo.epochs * ppo.minibatches
     out["sharded_overhead_8dev"] = round(out["tree_env_steps_per_s_1dev"] / out["tree_env_steps_per_s_8dev"], 3)
+    large = [_tree_run(tree, large_num_envs, n, num_hops, iterations)[0] for n in (1, DEVICE_COUNTS[-1])]
+    out.update({"large_num_envs": large_num_envs, "tree_env_steps_per_s_1dev_large": large[0],
+                "tree_env_steps_per_s_8dev_large": large[1],
+                "sharded_overhead_8dev_large": round(large[0] / large[1], 3)})
     out["sampler_tokens_per_s"], out["sampler_tokens_per_s_source"] = sampler_figures(jax.devices())
     return out
 
