@@ -16,6 +16,7 @@ overridden from the command line, and the result is checked and frozen into a `R
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -63,6 +64,8 @@ def _evaluate(config, workdir, progress) -> None:
 def _main(job, argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (flags take the form --name=value).")
+    import jax
+
     from hrjax.config import run_config
     from hrjax.errors import HrjaxError
     from hrjax.parallel import initialize
@@ -77,6 +80,11 @@ def _main(job, argv: Sequence[str]) -> None:
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR_TIMEOUT.value)
         job(config, workdir, _PROGRESS.value)
     except HrjaxError as e:
+        if jax.distributed.is_initialized():
+            # one process of a job: end now, not in JAX's shutdown barrier, which would wait (up to the
+            # coordinator timeout) for processes now waiting for this one at a collective
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
         sys.exit(f"error: {e}")
 
 

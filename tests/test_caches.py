@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from hrjax import assets
+from hrjax.env.cache import ResponseCache
+from hrjax.errors import HrjaxError
 from hrjax.fsutil import atomic_directory, atomic_file
 from tiny_models import make_tiny_pool_model
 
@@ -360,3 +362,31 @@ def test_a_killed_tree_build_loses_at_most_one_chunk(tiny_checkpoints, tmp_path)
     print(f"killed after {made} answers: {stored} stored, {lost} lost; the restart generated {regenerated} of {total}")
     assert total == 24 * 6 and regenerated == total - stored  # the restart generated exactly what was not stored
     assert 0 <= lost <= chunk, f"the kill lost {lost} answers, more than one chunk ({chunk})"
+
+
+def _open_cache(directory, barrier, errors):
+    barrier.wait()
+    try:
+        ResponseCache(directory)
+    except HrjaxError as e:
+        errors.put(str(e))
+
+
+def test_processes_opening_a_new_cache_at_once_all_get_it(tmp_path):
+    """The processes of a multi-process job on one host open the shared cache together: two asking SQLite
+    to switch a new database to WAL at once got 'database is locked' at once (this test failed 3 runs in 3
+    before the retry), which killed a 2-process job in CI."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for trial in range(20):
+        barrier = context.Barrier(8)
+        processes = [context.Process(target=_open_cache, args=(tmp_path / str(trial), barrier, errors))
+                     for _ in range(8)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(timeout=120)
+            assert p.exitcode == 0
+    assert errors.empty(), errors.get()

@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -91,10 +92,19 @@ class ResponseCache:
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
         try:
             db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            return db
+            while True:
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    return db
+                except sqlite3.OperationalError as e:
+                    # Two processes opening a new cache at once both ask to switch it to WAL; SQLite answers
+                    # one of them "locked" at once (its busy handler would deadlock): retry, it is WAL then.
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except sqlite3.DatabaseError as e:
             raise HrjaxError(f"{path}: the response cache cannot be opened ({e}). If it is damaged, delete it "
                              "(with its -wal and -shm files; its responses will be generated again).") from e
