@@ -8,7 +8,6 @@ imports the training code."""
 import concurrent.futures
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,17 +20,13 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from hrjax.benchmarks.serve import free_port  # noqa: E402
+
 API_KEY = "test-key"
 MAX_PROMPT_CHARS, MAX_TOKENS, MAX_REQUEST_BYTES = 64, 32, 4096
 FORBIDDEN = ("hrjax.agent", "hrjax.train", "hrjax.models.encoder", "orbax")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # `hrjax serve` run by the real CLI; when it exits it writes which forbidden modules it ever imported
@@ -51,7 +46,7 @@ class ServerProcess:
 
     def __init__(self, bundle, workdir):
         self.log, self.imported = workdir / "server.log", workdir / "imported.json"
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(

@@ -41,7 +41,7 @@ def bench_dir() -> Path:
     return Path(os.environ.get("HRJAX_BENCH_DIR") or Path.home() / ".cache" / "hrjax" / "bench") / "serve"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -120,7 +120,7 @@ async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
 
 
 def _serve(bundle: Path, log: Path):
-    port = _free_port()
+    port = free_port()
     return _running([sys.executable, "-m", "hrjax.cli", "serve", f"--bundle={bundle}", f"--port={port}",
                      "--log_level=warning"], port, "/health", log)
 
@@ -190,7 +190,7 @@ def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, req
                               capture_output=True, text=True, timeout=1800)
         if done.returncode:
             return None, f"convert_hf_to_gguf.py failed: {done.stderr[-500:]}"
-    port = _free_port()
+    port = free_port()
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(CONCURRENCY),
                "--cont-batching", "-t", "2", "-tb", "2", "-c", str(CONCURRENCY * 256)]
     with _running(command, port, "/health", root / "llama_server.log") as url:
