@@ -12,7 +12,7 @@ import numpy as np
 from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
 from hrjax.agent.tree_mode import make_train
-from hrjax.benchmarks.scale import collective_bytes
+from hrjax.benchmarks.scale import collective_bytes, collective_executions
 from hrjax.env.mdp import EnvConfig
 from hrjax.parallel import MeshConfig, MeshError, make_mesh
 from test_tree_learning import N, synthetic_tree
@@ -36,9 +36,11 @@ def main(seeds: int) -> None:
         param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))  # over the seeds
         # data-parallel: every minibatch all-reduces its gradients (>= the params' bytes per step); the
         # trajectory never gathers onto every device (an all-gather would move it whole)
+        steps = ITERATIONS * PPO.epochs * PPO.minibatches
         split = {"devices": len(jax.tree_util.tree_leaves(params)[0].sharding.device_set),
-                 "allreduce_per_gradient_step": moved["all-reduce"] / (ITERATIONS * PPO.epochs * PPO.minibatches)
-                 / param_bytes, "allgather_bytes": moved["all-gather"]}
+                 "allreduce_per_gradient_step": moved["all-reduce"] / steps / param_bytes,
+                 "allreduces_per_gradient_step": collective_executions(compiled.as_text())["all-reduce"] / steps,
+                 "allgather_bytes": moved["all-gather"]}
         return jax.device_get(params), {k: np.asarray(metrics[k]) for k in LOSSES}, split
 
     # the reference: one device, one seed at a time, as a single-device user runs it

@@ -80,6 +80,18 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         want = 0.5 * np.maximum((values - returns) ** 2, (clipped - returns) ** 2)[valid].mean()
         np.testing.assert_allclose(value_loss, want, rtol=1e-5)
 
+        # a count given beforehand (a sharded batch's, summed once per update) is the mean's denominator
+        count = 2.0 * valid.sum()
+        halved = self.variant(lambda *a: losses.clipped_surrogate_loss(*a, clip_epsilon=0.2, count=count))(
+            log_prob, old_log_prob, advantages, valid)
+        np.testing.assert_allclose(halved, (loss / 2, clip_fraction / 2), rtol=1e-5)
+        np.testing.assert_allclose(self.variant(lambda *a: losses.clipped_value_loss(*a, clip_epsilon=0.2,
+                                                                                    count=count))(
+            values, old_values, returns, valid), want / 2, rtol=1e-5)
+        np.testing.assert_allclose(self.variant(lambda *a: losses.approx_kl(*a, count=count))(
+            log_prob, old_log_prob, valid), self.variant(losses.approx_kl)(log_prob, old_log_prob, valid) / 2,
+            rtol=1e-5)
+
     @chex.all_variants
     def test_surrogate_hand_worked(self):
         # ratio 1.5 with A=+1 is clipped to 1.2; ratio 0.5 with A=-1 is clipped to 0.8 -> -0.8.

@@ -6,16 +6,21 @@ Shapes: T steps, B episodes, A actions. `valid` [T, B] marks the steps an episod
 
 from __future__ import annotations
 
+from typing import Optional
+
 import chex
 import jax
 import jax.numpy as jnp
 
 
-def masked_mean(x: chex.Array, mask: chex.Array) -> chex.Array:
-    """Mean of `x` over entries where `mask` is True (0 if none)."""
+def masked_mean(x: chex.Array, mask: chex.Array, count: Optional[chex.Array] = None) -> chex.Array:
+    """Mean of `x` over entries where `mask` is True (0 if none). `count` [] is their number when known
+    beforehand (default: sum(mask)); over a batch split across devices, a count summed once per update
+    spares each minibatch a cross-device reduction that its gradient would have to wait for."""
     chex.assert_equal_shape([x, mask])
     mask = mask.astype(x.dtype)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    count = jnp.sum(mask) if count is None else count
+    return jnp.sum(x * mask) / jnp.maximum(count, 1.0)
 
 
 def gae(rewards: chex.Array, values: chex.Array, done: chex.Array, valid: chex.Array,
@@ -54,34 +59,38 @@ def normalize_advantages(advantages: chex.Array, valid: chex.Array, eps: float =
 
 
 def clipped_surrogate_loss(log_prob: chex.Array, old_log_prob: chex.Array, advantages: chex.Array,
-                           valid: chex.Array, clip_epsilon: float) -> tuple[chex.Array, chex.Array]:
+                           valid: chex.Array, clip_epsilon: float,
+                           count: Optional[chex.Array] = None) -> tuple[chex.Array, chex.Array]:
     """PPO's clipped policy loss (to minimise) and the fraction of valid steps that were clipped.
 
-    All inputs [T, B] (or any equal shape); log-probs of the taken actions.
+    All inputs [T, B] (or any equal shape); log-probs of the taken actions. `count`: see `masked_mean`.
     """
     chex.assert_equal_shape([log_prob, old_log_prob, advantages, valid])
     ratio = jnp.exp(log_prob - old_log_prob)
     clipped = jnp.clip(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
-    loss = -masked_mean(jnp.minimum(ratio * advantages, clipped * advantages), valid)
-    clip_fraction = masked_mean((jnp.abs(ratio - 1.0) > clip_epsilon).astype(ratio.dtype), valid)
+    loss = -masked_mean(jnp.minimum(ratio * advantages, clipped * advantages), valid, count)
+    clip_fraction = masked_mean((jnp.abs(ratio - 1.0) > clip_epsilon).astype(ratio.dtype), valid, count)
     return loss, clip_fraction
 
 
-def approx_kl(log_prob: chex.Array, old_log_prob: chex.Array, valid: chex.Array) -> chex.Array:
+def approx_kl(log_prob: chex.Array, old_log_prob: chex.Array, valid: chex.Array,
+              count: Optional[chex.Array] = None) -> chex.Array:
     """KL(old || new) estimated from the taken actions' log-probs [T, B] (or any equal shape):
     mean(expm1(r) - r), r = log_prob - old_log_prob (Schulman's k3: unbiased and, unlike the
-    signed mean(-r), never negative, so a threshold on it fires once the policy has moved)."""
+    signed mean(-r), never negative, so a threshold on it fires once the policy has moved).
+    `count`: see `masked_mean`."""
     chex.assert_equal_shape([log_prob, old_log_prob, valid])
     log_ratio = jnp.where(valid, log_prob - old_log_prob, 0.0)
-    return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
+    return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid, count)
 
 
 def clipped_value_loss(values: chex.Array, old_values: chex.Array, returns: chex.Array,
-                       valid: chex.Array, clip_epsilon: float) -> chex.Array:
-    """0.5 * max((v - R)^2, (v_old + clip(v - v_old, ±eps) - R)^2), averaged over valid steps."""
+                       valid: chex.Array, clip_epsilon: float, count: Optional[chex.Array] = None) -> chex.Array:
+    """0.5 * max((v - R)^2, (v_old + clip(v - v_old, ±eps) - R)^2), averaged over valid steps
+    (`count`: see `masked_mean`)."""
     chex.assert_equal_shape([values, old_values, returns, valid])
     clipped = old_values + jnp.clip(values - old_values, -clip_epsilon, clip_epsilon)
-    return 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)), valid)
+    return 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)), valid, count)
 
 
 def masked_log_softmax(logits: chex.Array, action_mask: chex.Array) -> chex.Array:

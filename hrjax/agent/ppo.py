@@ -165,18 +165,19 @@ class Learner:
             return jnp.argmax(log_probs, axis=-1)
         return jax.random.categorical(key, log_probs)
 
-    def _loss(self, params, minibatch):
+    def _loss(self, params, minibatch, count):
+        """count []: the minibatch's valid steps, summed beforehand (`losses.masked_mean`)."""
         step, old_log_prob, old_value, advantages, returns = minibatch
         log_probs, value = self.apply(params, step.embedding, step.hop, step.cost_features, step.cost_lambda,
                                       step.action_mask)
         log_prob = jnp.take_along_axis(log_probs, step.action[:, None], axis=-1)[:, 0]
         cfg = self.config
         policy_loss, clip_fraction = losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, step.valid,
-                                                                   cfg.clip_epsilon)
-        value_loss = losses.clipped_value_loss(value, old_value, returns, step.valid, cfg.clip_epsilon)
-        entropy = losses.masked_mean(losses.entropy(log_probs, step.action_mask), step.valid)
+                                                                   cfg.clip_epsilon, count)
+        value_loss = losses.clipped_value_loss(value, old_value, returns, step.valid, cfg.clip_epsilon, count)
+        entropy = losses.masked_mean(losses.entropy(log_probs, step.action_mask), step.valid, count)
         total = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
-        approx_kl = losses.approx_kl(log_prob, old_log_prob, step.valid)
+        approx_kl = losses.approx_kl(log_prob, old_log_prob, step.valid, count)
         return total, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
                            clip_fraction=clip_fraction, approx_kl=approx_kl)
 
@@ -202,14 +203,17 @@ class Learner:
             (trajectory, old_log_prob, values, advantages, returns)), self.mesh)
         threshold = jnp.inf if cfg.target_kl is None else 1.5 * cfg.target_kl
 
-        def minibatch(carry, index_and_step):
+        def gather(x, index):
+            """x [G, T * B / G, ...], index [G, m / G]: each group's slice -> [m, ...], split over 'data' by group."""
+            return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1).reshape(
+                -1, *x.shape[2:])
+
+        def minibatch(carry, index_step_count):
             params, opt_state, stopped = carry
-            index, step = index_and_step
-            # index [G, m / G]: each group's slice -> the minibatch [m, ...], split over 'data' by group
-            batch = jax.tree_util.tree_map(
-                lambda x: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
-                .reshape(-1, *x.shape[2:]), grouped)
-            (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(params, constrain_batch(batch, self.mesh))
+            index, step, count = index_step_count
+            batch = constrain_batch(jax.tree_util.tree_map(lambda x: gather(x, index), grouped), self.mesh)
+            # the forward's sums and the gradients then meet in one all-reduce per step
+            (_, info), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, count)
             stopped = stopped | (info["approx_kl"] > threshold)
             learning_rate = self.learning_rate(step)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
@@ -220,17 +224,19 @@ class Learner:
             return (params, opt_state, stopped), dict(info, kl_stop=stopped.astype(jnp.float32),
                                                       learning_rate=learning_rate)
 
-        def epoch(carry, key_and_steps):
-            epoch_key, steps = key_and_steps
+        def epoch_order(epoch_key):
             keys = epoch_key[None] if g == 1 else jax.random.split(epoch_key, g)  # g = 1: one global shuffle
             order = jax.vmap(lambda key: jax.random.permutation(key, t * b // g))(keys)  # [G, T * B / G]
-            order = order.reshape(g, cfg.minibatches, -1).swapaxes(0, 1)  # [minibatches, G, m / G]
-            return jax.lax.scan(minibatch, carry, (order, steps))
+            return order.reshape(g, cfg.minibatches, -1).swapaxes(0, 1)  # [minibatches, G, m / G]
 
+        orders = jax.vmap(epoch_order)(jax.random.split(key, cfg.epochs))  # [epochs, minibatches, G, m / G]
+        # every minibatch's valid steps, in one cross-device sum for the whole update
+        counts = jax.vmap(jax.vmap(lambda index: jnp.sum(gather(grouped[0].valid, index))))(orders)
         steps = iteration * self.steps_per_update + jnp.arange(self.steps_per_update).reshape(cfg.epochs,
                                                                                              cfg.minibatches)
-        (params, opt_state, _), info = jax.lax.scan(epoch, (params, opt_state, jnp.array(False)),
-                                                    (jax.random.split(key, cfg.epochs), steps))
+        (params, opt_state, _), info = jax.lax.scan(
+            lambda carry, epoch: jax.lax.scan(minibatch, carry, epoch), (params, opt_state, jnp.array(False)),
+            (orders, steps, counts.astype(jnp.float32)))
         metrics = jax.tree_util.tree_map(jnp.mean, info)
         metrics["explained_variance"] = explained_variance(values, returns, trajectory.valid)
         metrics["return"] = jnp.mean(jnp.sum(trajectory.reward * trajectory.valid, axis=0))

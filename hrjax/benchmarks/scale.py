@@ -50,6 +50,17 @@ def collective_bytes(hlo: str) -> dict:
     """{collective kind: bytes} moved by one execution of the entry computation of compiled HLO text:
     each collective's result bytes (an all-reduce's operand; an all-gather's gathered array), times
     the known trip counts of the while loops around it."""
+    return _collective_totals(hlo, _shape_bytes)
+
+
+def collective_executions(hlo: str) -> dict:
+    """{collective kind: how many times one execution of the entry computation runs it} (each one a
+    rendezvous of every device: latency that no overlap hides)."""
+    return _collective_totals(hlo, lambda shape: 1)
+
+
+def _collective_totals(hlo: str, size_of) -> dict:
+    """{collective kind: sum of size_of(result shape) over every collective executed}."""
     computations, entry, name = {}, None, None
     for line in hlo.splitlines():
         header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -68,7 +79,7 @@ def collective_bytes(hlo: str) -> dict:
         for line in computations[comp]:
             op = re.search(rf"= (.+?) ({kinds})(?:-start)?\(", line)
             if op:
-                out[op.group(2)] += _shape_bytes(op.group(1))
+                out[op.group(2)] += size_of(op.group(1))
                 continue
             called = re.findall(r"\bbody=%?([\w.\-]+)", line) or re.findall(r"\bcalls=%?([\w.\-]+)", line)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -112,8 +123,10 @@ def measure_devices(num_envs: int = 256, large_num_envs: int = 2048, num_prompts
     out = {"tree_num_envs": num_envs, "devices_available": jax.device_count()}
     for n in DEVICE_COUNTS:
         out[f"tree_env_steps_per_s_{n}dev"], run, carry, ppo = _tree_run(tree, num_envs, n, num_hops, iterations)
-    moved = collective_bytes(run.lower(carry, 1).compile().as_text())  # 8 devices, one iteration: rollout + update
+    hlo = run.lower(carry, 1).compile().as_text()  # 8 devices, one iteration: rollout + update
+    moved = collective_bytes(hlo)
     out["allreduce_bytes_per_update"] = moved.pop("all-reduce")
+    out["allreduces_per_update"] = collective_executions(hlo)["all-reduce"]
     out.update({f"{kind.replace('-', '')}_bytes_per_update": n for kind, n in moved.items() if n})
     out["param_bytes"] = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(carry.params)))
     out["gradient_steps_per_update"] = ppo.epochs * ppo.minibatches
