@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ import numpy as np
 from hrjax.env.mdp import EnvConfig
 from hrjax.env.tree import PathTree, level_offset
 from hrjax.errors import HrjaxError
-from hrjax.fsutil import atomic_file
+from hrjax.rundir import RunPath, as_path, open_for_writing
 
 OVERALL = "overall"
 ROUTER, ORACLE = "router", "oracle"
@@ -528,10 +527,10 @@ def _jsonable(x):
     return x
 
 
-def write_summary(path: str | os.PathLike, summary: dict) -> Path:
-    """Writes `summary` (from `summarize`) as JSON, atomically -> the path."""
-    path = Path(path)
-    with atomic_file(path, "w") as f:
+def write_summary(path: str | os.PathLike, summary: dict) -> RunPath:
+    """Writes `summary` (from `summarize`) as JSON to a local or gs:// path (`open_for_writing`) -> the path."""
+    path = as_path(path)
+    with open_for_writing(path, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=False)
         f.write("\n")
     return path

@@ -4,8 +4,8 @@ cost / quality table and the lambda a budget asks for.
   hrjax export --workdir=RUN --out=BUNDLE [--seed=S] [--checkpoint=latest|best] [--name=hrjax-router]
   hrjax calibrate --bundle=BUNDLE [--budget_cost=X | --budget_share=Y] [--json]
 
-RUN is a `hrjax train` workdir, or a `hrjax evaluate` workdir (`seed_<s>/` runs, `sweep_routers.npz`):
-then the seed is the one with the best final `eval/value` on the selection prompts unless `--seed`
+RUN (a local path or gs://) is a `hrjax train` workdir, or a `hrjax evaluate` workdir (`seed_<s>/` runs,
+`sweep_routers.npz`): then the seed is the one with the best final `eval/value` on the selection prompts unless `--seed`
 names one, and a fixed-lambda router brings its sweep's routers along (one parameter set per lambda),
 so the bundle offers every trained trade-off. The policy and the context encoder are exported with
 `jax.export` (StableHLO, symbolic batch and sequence dimensions, lowered for `PLATFORMS`); the
@@ -29,6 +29,7 @@ import numpy as np
 
 from hrjax.config import RunConfig, run_config
 from hrjax.errors import HrjaxError
+from hrjax.rundir import as_path, is_remote, run_dir
 from hrjax.serving.bundle import STOP, lambda_for_budget, load_bundle, offers, write_manifest
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -81,7 +82,8 @@ def restore_params(run: Path, checkpoint: str) -> tuple[int, dict]:
     """The router parameters of a train workdir's latest (or best) checkpoint -> (step, params)."""
     import orbax.checkpoint as ocp
 
-    directory = (run / ("checkpoints" if checkpoint == "latest" else "best")).absolute()
+    directory = run / ("checkpoints" if checkpoint == "latest" else "best")
+    directory = directory.absolute() if isinstance(directory, Path) else directory  # gs:// stays as it is
     if not directory.is_dir():
         raise ExportError(f"{directory}: no such checkpoint directory; train the run first (or pass "
                           "--checkpoint=latest).")
@@ -101,7 +103,8 @@ def load_trained(workdir: str | Path, seed: Optional[int] = None, checkpoint: st
     """The router a workdir holds (see the module docstring): its config and parameter sets."""
     from hrjax.pipeline import SWEEP_FILE, load_sweep
 
-    workdir = Path(workdir).expanduser()
+    # local, or gs:// (read through etils.epath; no gcsfs or credentials: one clear error first)
+    workdir = run_dir(workdir, write=False) if is_remote(workdir) else as_path(workdir)
     if checkpoint not in ("latest", "best"):
         raise ExportError(f"--checkpoint must be 'latest' or 'best', got '{checkpoint}'.")
     runs = seed_runs(workdir)
@@ -246,6 +249,7 @@ def export_bundle(workdir: str | Path, out: str | Path, seed: Optional[int] = No
 
     if "@" in served_name or not served_name:
         raise ExportError(f"--name '{served_name}' must be non-empty and without '@' (it prefixes '@cost=X').")
+    workdir = as_path(workdir)
     trained = load_trained(workdir, seed, checkpoint)
     config = trained.config
     actions = [m.name for m in config.pool] + ([STOP] if config.env.stop_action else [])
@@ -293,8 +297,8 @@ def export_bundle(workdir: str | Path, out: str | Path, seed: Optional[int] = No
                         "batch_size": ENCODER_BATCH,
                         "pad_token_id": encoder.tokenizer.pad_token_id or 0, "source": encoder.source},
             "calibration": "calibration.json", "config": "config.json",
-            "source": {"workdir": str(Path(workdir).expanduser().absolute()), "seed": trained.seed,
-                       "checkpoint": checkpoint, "step": trained.step},
+            "source": {"workdir": str(workdir.absolute() if isinstance(workdir, Path) else workdir),
+                       "seed": trained.seed, "checkpoint": checkpoint, "step": trained.step},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     digests.save()

@@ -1,26 +1,28 @@
 """`hrjax evaluate`: train the router over several seeds (or resume / reuse finished runs), then
 score it on held-out prompts against every baseline and write the report.
 
-Layout of the run directory: `seed_<s>/` (one `hrjax.train` workdir per seed), `summary.json`,
-`report.md` and its PNGs, and `sweep_routers.npz` (the lambda sweep's routers, which `hrjax export`
-turns into a bundle's calibration table). Everything is read from the one path tree of the training,
-selection and held-out prompts (generated once, cached; the seed runs train on it), so baselines and
-the oracle are exact. The held-out prompts are scored here only: the seed runs select on the others.
+Layout of the run directory (local or gs://, as `hrjax train`'s: `hrjax.rundir`): `seed_<s>/` (one
+`hrjax.train` workdir per seed), `summary.json`, `report.md` and its PNGs, and `sweep_routers.npz`
+(the lambda sweep's routers, which `hrjax export` turns into a bundle's calibration table). The chief
+alone writes them, each whole (`hrjax.rundir.open_for_writing`). Everything is read from the one path
+tree of the training, selection and held-out prompts (generated once, cached; the seed runs train on
+it), so baselines and the oracle are exact. The held-out prompts are scored here only: the seed runs
+select on the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from hrjax.config import RunConfig
-from hrjax.fsutil import atomic_file
 from hrjax.pool import resolve_pool
+from hrjax.rundir import RunPath, as_path, open_for_writing
 from hrjax.train import load_data, load_or_build_tree, train
 
 SWEEP_FILE = "sweep_routers.npz"
@@ -29,7 +31,7 @@ SWEEP_FILE = "sweep_routers.npz"
 class EvaluationRun(NamedTuple):
     summary: dict
     table: str  # Markdown
-    report: Path
+    report: RunPath  # report.md
 
 
 def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int], progress: bool) -> dict:
@@ -49,24 +51,26 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
     return out
 
 
-def save_sweep(path: str | Path, sweep: dict, seeds: list[int]) -> Path:
-    """Writes `sweep_routers`' result ({cost_lambda: params stacked over seeds}) to one .npz, atomically:
-    arrays '<i>/<param path>' for the i-th lambda, and 'meta' (JSON: the lambdas and seeds in order)."""
+def save_sweep(path: str | os.PathLike, sweep: dict, seeds: list[int]) -> RunPath:
+    """Writes `sweep_routers`' result ({cost_lambda: params stacked over seeds}) to one .npz, local or gs://
+    (`open_for_writing`): arrays '<i>/<param path>' for the i-th lambda, and 'meta' (JSON: the lambdas and
+    seeds in order)."""
     from flax.traverse_util import flatten_dict
 
     lambdas = sorted(sweep)
     arrays = {f"{i}/{name}": np.asarray(value) for i, lam in enumerate(lambdas)
               for name, value in flatten_dict(sweep[lam], sep="/").items()}
-    with atomic_file(Path(path)) as f:
+    path = as_path(path)
+    with open_for_writing(path) as f:
         np.savez(f, meta=np.array(json.dumps({"cost_lambdas": lambdas, "seeds": list(seeds)})), **arrays)
-    return Path(path)
+    return path
 
 
-def load_sweep(path: str | Path) -> tuple[list[int], dict]:
-    """-> (seeds, {cost_lambda: params stacked over seeds}) as `save_sweep` wrote them."""
+def load_sweep(path: str | os.PathLike) -> tuple[list[int], dict]:
+    """-> (seeds, {cost_lambda: params stacked over seeds}) as `save_sweep` wrote them (local or gs://)."""
     from flax.traverse_util import unflatten_dict
 
-    with np.load(path) as data:
+    with as_path(path).open("rb") as f, np.load(f) as data:
         meta = json.loads(str(data["meta"]))
         sweep = {}
         for i, lam in enumerate(meta["cost_lambdas"]):
@@ -76,22 +80,20 @@ def load_sweep(path: str | Path) -> tuple[list[int], dict]:
     return meta["seeds"], sweep
 
 
-def evaluate_run(config: RunConfig, workdir: str | Path, progress: bool = True) -> EvaluationRun:
+def evaluate_run(config: RunConfig, workdir: str | os.PathLike, progress: bool = True) -> EvaluationRun:
     """Trains `config.evaluate.seeds` routers (tree mode; online runs are scored on the same tree),
     and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep;
     then scores everything on the held-out prompts and writes summary.json, report.md and PNGs.
-    The workdir is held exclusively while the evaluation runs (each seed's run dir too)."""
-    from hrjax.rundir import RunDirError, is_remote, local_dir, locked_run_dir
+    `workdir`: a local path or gs:// (checked first: `hrjax.rundir.run_dir`). The workdir is held
+    exclusively while the evaluation runs (each seed's run dir too; a bucket is not locked)."""
+    from hrjax.rundir import local_dir, locked_run_dir
 
     local_dir(config.train.cache_dir, "config.train.cache_dir")
-    if is_remote(workdir):
-        raise RunDirError(f"--workdir={workdir}: hrjax evaluate writes its report to a local directory (gs:// is "
-                          "for hrjax train's run directories): pass a local path and copy the results after.")
     with locked_run_dir(workdir) as workdir:
         return _evaluate_in(config, workdir, progress)
 
 
-def _evaluate_in(config: RunConfig, workdir: Path, progress: bool) -> EvaluationRun:
+def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> EvaluationRun:
     from hrjax.agent.tree_mode import make_train
     from hrjax.evaluate import Split, evaluate, markdown_table, ppo_policy, summarize
     from hrjax.metrics import read_metrics

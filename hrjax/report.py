@@ -3,15 +3,14 @@
 Figures are plain `matplotlib.figure.Figure`s rendered with Agg (no pyplot, no display), and every
 number drawn on them is formatted by `hrjax.evaluate.fmt` from the same summary the tables use.
 `write_report(run_dir, summary, runs)` writes summary.json, pareto.png, paths.png,
-learning_curves.png (when the seeds' metrics rows are given) and report.md, each atomically.
+learning_curves.png (when the seeds' metrics rows are given) and report.md, each whole
+(`hrjax.rundir.open_for_writing`: atomically to a local directory, one object upload each on gs://).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from matplotlib.figure import Figure
 
 from hrjax.evaluate import (OVERALL, ROUTER, EvaluationError, anchors_label, fmt, markdown_table, method_label,
                             pareto_hull, write_summary)
-from hrjax.fsutil import atomic_file
+from hrjax.rundir import RunPath, as_path, open_for_writing
 
 LEARNING_CURVE_KEYS = ("return", "quality", "cost", "eval/quality", "eval/cost", "eval/value")
 SWEPT = ("best_fixed", "knn_one_shot", ROUTER, "oracle")  # methods whose points move with lambda
@@ -111,10 +110,11 @@ def learning_curves_figure(runs: Sequence[Sequence[Mapping]], keys: Sequence[str
     return fig
 
 
-def write_report(run_dir: str | os.PathLike, summary: dict, runs: Sequence[Sequence[Mapping]] | None = None) -> Path:
+def write_report(run_dir: str | os.PathLike, summary: dict,
+                 runs: Sequence[Sequence[Mapping]] | None = None) -> RunPath:
     """Writes summary.json, the PNGs and report.md (the tables, how their metrics are computed and
-    the PNGs) into `run_dir` -> the report.md path. `runs`: each seed's metrics.jsonl rows."""
-    run_dir = Path(run_dir)
+    the PNGs) into `run_dir` (local or gs://) -> the report.md path. `runs`: each seed's metrics.jsonl rows."""
+    run_dir = as_path(run_dir)
     write_summary(run_dir / "summary.json", summary)
     figures = {"pareto.png": ("Cost-quality trade-off", pareto_figure(summary)),
                "paths.png": ("Routing paths of the held-out prompts", paths_figure(summary))}
@@ -130,7 +130,7 @@ def write_report(run_dir: str | os.PathLike, summary: dict, runs: Sequence[Seque
     for name, (title, _) in figures.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     path = run_dir / "report.md"
-    with atomic_file(path, "w") as f:
+    with open_for_writing(path, "w") as f:
         f.write("\n".join(lines))
     return path
 
@@ -158,13 +158,12 @@ def metric_definitions(summary: dict) -> list[str]:
     ]
 
 
-def save_png(fig: Figure, path: str | os.PathLike) -> Path:
-    """Renders `fig` with Agg to a PNG, atomically."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    with atomic_file(Path(path)) as f:
-        f.write(buffer.getvalue())
-    return Path(path)
+def save_png(fig: Figure, path: str | os.PathLike) -> RunPath:
+    """Renders `fig` with Agg to a PNG at a local or gs:// path (`open_for_writing`) -> the path."""
+    path = as_path(path)
+    with open_for_writing(path) as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    return path
 
 
 def _figure(panels: int, width: float, height: float) -> Figure:

@@ -5,17 +5,19 @@ A run directory (`--workdir`) is a local path or a `gs://` URL (read and written
 `REMOTE_CHECK_S`). Caches (`config.train.cache_dir`) stay local: SQLite needs a local file system.
 A local run directory is locked (`hrjax.locking`) while a run uses it, by the chief alone in a
 multi-process job; a bucket has no `flock`, so a `gs://` one is not locked: two jobs on one bucket
-path must be kept apart by whoever launches them.
+path must be kept apart by whoever launches them. Files of a run directory are written through
+`open_for_writing`: atomically when local, as one whole object upload on gs://.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import threading
-from pathlib import Path
-from typing import Iterator, Union
+from pathlib import Path, PurePath
+from typing import IO, Iterator, Union
 
 from hrjax.errors import HrjaxError
 from hrjax.fsutil import atomic_file
@@ -58,10 +60,13 @@ def local_dir(raw: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def run_dir(raw: str | os.PathLike, name: str = "--workdir", timeout_s: float = REMOTE_CHECK_S) -> RunPath:
+def run_dir(raw: str | os.PathLike, name: str = "--workdir", timeout_s: float = REMOTE_CHECK_S,
+            write: bool = True) -> RunPath:
     """`raw` as a run directory: a checked local path (`local_dir`), or for `gs://` an `etils.epath.Path`
     once a test object written there (and removed) has gone through within `timeout_s` (no gcsfs, no
-    credentials, no network: one clear error naming the fix, never a hang). Other schemes are refused."""
+    credentials, no network: one clear error naming the fix, never a hang). Other schemes are refused.
+    `write=False` (a reader: `hrjax export`): a gs:// directory is listed instead, and TensorBoard's
+    package is not asked for."""
     text = os.fspath(raw)
     if not _URL.match(text):
         return local_dir(text, name)
@@ -75,7 +80,9 @@ def run_dir(raw: str | os.PathLike, name: str = "--workdir", timeout_s: float = 
     def look() -> None:  # a file test swallows errors (fsspec): writing a first object does not
         try:
             answer["is_file"] = path.is_file()
-            if not answer["is_file"]:
+            if not write:
+                next(iter(path.iterdir()), None)  # listing raises what a file test swallows
+            elif not answer["is_file"]:
                 path.mkdir(parents=True, exist_ok=True)
                 probe = path / f".hrjax-write-test.{os.getpid()}"
                 probe.write_text("ok")
@@ -100,7 +107,7 @@ def run_dir(raw: str | os.PathLike, name: str = "--workdir", timeout_s: float = 
         raise RunDirError(f"{name}={text}: cannot read the bucket ({type(error).__name__}: {detail}): {fix}.")
     import importlib.util
 
-    if importlib.util.find_spec("google.cloud.storage") is None:  # tensorboardX writes gs:// through it
+    if write and importlib.util.find_spec("google.cloud.storage") is None:  # tensorboardX writes gs:// through it
         raise RunDirError(f"{name}={text}: gs:// run directories need google-cloud-storage for TensorBoard: "
                           "`pip install google-cloud-storage`.")
     if answer["is_file"]:
@@ -108,14 +115,42 @@ def run_dir(raw: str | os.PathLike, name: str = "--workdir", timeout_s: float = 
     return path
 
 
-def write_text(path: RunPath, text: str) -> None:
-    """Writes `text` to a file of a run directory: atomically when local; a gs:// object appears whole
-    when its upload completes."""
+def as_path(raw: str | os.PathLike) -> RunPath:
+    """`raw` as a path object, unchecked (`run_dir` checks): an `etils.epath.Path` for a URL (also when
+    given as one), else a `pathlib.Path` (`~` expanded)."""
+    text = os.fspath(raw)
+    if _URL.match(text):
+        if isinstance(raw, PurePath):
+            return raw
+        from etils import epath
+
+        return epath.Path(text)
+    return raw if isinstance(raw, Path) else Path(text).expanduser()
+
+
+@contextlib.contextmanager
+def open_for_writing(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file (`mode` "wb", or "w" for text) that becomes `path` of a run directory when the block succeeds,
+    and nothing when it fails: locally `hrjax.fsutil.atomic_file` (a temp file renamed onto it); on
+    gs:// an in-memory buffer uploaded as one object (which appears whole when its upload completes)."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"open_for_writing writes whole files: mode 'wb' or 'w', not {mode!r}.")
+    path = as_path(path)
     if isinstance(path, Path):
-        with atomic_file(path, "w") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
+        with atomic_file(path, mode) as f:
+            yield f
+        return
+    buffer = io.BytesIO() if mode == "wb" else io.StringIO()
+    yield buffer
+    data = buffer.getvalue()
+    with path.open("wb") as f:  # one open, one write: the object is uploaded whole at close
+        f.write(data.encode("utf-8") if mode == "w" else data)
+
+
+def write_text(path: RunPath, text: str) -> None:
+    """Writes `text` to a file of a run directory (`open_for_writing`)."""
+    with open_for_writing(path, "w") as f:
+        f.write(text)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,16 @@
 """Held-out evaluation and reports: hand-worked trees where every metric is known, and a short PPO run."""
 
 import dataclasses
+import importlib.util
+import io
 import json
 import math
 
+import fsspec
 import jax
 import numpy as np
 import pytest
+from fsspec.registry import _registry as fsspec_implementations
 from PIL import Image
 from scipy import stats
 
@@ -19,6 +23,7 @@ from hrjax.evaluate import (EvaluationError, Split, action_table, evaluate, fmt,
                             knn_one_shot_models, markdown_table, method_eval, nodes_of_actions, pareto_hull,
                             ppo_policy, summarize, t_interval, uniform_random_nodes, write_summary)
 from hrjax.report import learning_curves_figure, paths_figure, pareto_figure, write_report
+from hrjax.rundir import open_for_writing
 from test_tree_learning import N, synthetic_tree
 
 
@@ -379,3 +384,143 @@ def test_learning_curves_draw_the_seed_mean_and_its_min_max_band():
     corners = {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
     assert {(0, 0.2), (0, 0.4), (10, 0.5), (10, 0.7)} <= corners  # min and max over seeds
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 3.0])
+
+
+class _Bucket(fsspec.AbstractFileSystem):
+    """gs:// for the tests (this host has neither gcsfs nor network): a bucket as a dict of objects, where
+    a folder is a prefix of an object's name and a file opened for writing becomes its object when it
+    closes, with whatever was written (as gcsfs's uploads do, also on an error); `credentials=False`:
+    every object write is refused as an unauthenticated caller's is. `uploads`: object names, one per
+    completed upload."""
+
+    protocol, root_marker = ("gs", "gcs"), ""
+    objects: dict = {}
+    uploads: list = []
+    credentials = True
+
+    def info(self, path, **kwargs):
+        path = self._strip_protocol(path)
+        if path in self.objects:
+            return {"name": path, "size": len(self.objects[path]), "type": "file"}
+        if any(name.startswith(path + "/") for name in self.objects):
+            return {"name": path, "size": 0, "type": "directory"}
+        raise FileNotFoundError(path)
+
+    def ls(self, path, detail=True, **kwargs):
+        path = self._strip_protocol(path)
+        children = sorted({path + "/" + name[len(path) + 1:].split("/")[0] for name in self.objects
+                           if name.startswith(path + "/")})
+        if not children:
+            raise FileNotFoundError(path)
+        return [self.info(c) for c in children] if detail else children
+
+    def rm_file(self, path):
+        del self.objects[self._strip_protocol(path)]
+
+    def _open(self, path, mode="rb", **kwargs):
+        if mode == "rb":
+            if path not in self.objects:
+                raise FileNotFoundError(path)
+            return io.BytesIO(self.objects[path])
+        if mode != "wb":
+            raise ValueError(f"a bucket object cannot be opened with mode {mode!r}")
+        if not self.credentials:
+            raise PermissionError("Anonymous caller does not have storage.objects.create access (no credentials)")
+        bucket = self
+
+        class Upload(io.BytesIO):
+            def close(self):
+                if not self.closed:
+                    bucket.objects[path] = self.getvalue()
+                    bucket.uploads.append(path)
+                super().close()
+
+        return Upload()
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """gs:// served by a fresh `_Bucket` (gcsfs's place in fsspec's registry) for the test -> its class."""
+    from etils.epath import backend
+
+    fs = type("Bucket", (_Bucket,), {"objects": {}, "uploads": []})
+    monkeypatch.setitem(fsspec_implementations, "gcs", fs)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield fs
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_the_report_sweep_and_seed_runs_go_to_gs_whole_and_read_back(trained, bucket, tmp_path, monkeypatch):
+    """hrjax evaluate's writers and hrjax export's readers through etils.epath on a gs:// run directory."""
+    from hrjax.export import best_seed, seed_runs
+    from hrjax.pipeline import SWEEP_FILE, load_sweep, save_sweep
+    from hrjax.rundir import as_path, write_text
+
+    monkeypatch.chdir(tmp_path)  # a gs:// path taken for a local one would appear here, as gs:/bucket/...
+    _, summary, runs, _ = trained
+    run = as_path("gs://bucket/eval")
+    report = write_report("gs://bucket/eval", summary, runs)
+    assert report == run / "report.md"
+    sweep = {0.5: {"dense": {"kernel": np.arange(12.0).reshape(3, 2, 2)}}, 2.0: {"dense": {"kernel": np.ones((3, 2))}}}
+    save_sweep(run / SWEEP_FILE, sweep, [0, 1, 2])
+    for seed, value in ((0, 0.2), (1, 0.7)):  # an evaluate workdir's seed runs, as hrjax train writes them
+        write_text(run / f"seed_{seed}" / "config.json", "{}")
+        write_text(run / f"seed_{seed}" / "metrics.jsonl", json.dumps({"step": 3, "eval/value": value}) + "\n")
+
+    names = ["summary.json", "pareto.png", "paths.png", "learning_curves.png", "report.md", SWEEP_FILE] + [
+        f"seed_{s}/{f}" for s in (0, 1) for f in ("config.json", "metrics.jsonl")]
+    assert bucket.uploads == [f"bucket/eval/{name}" for name in names]  # each file one whole object upload
+    assert sorted(bucket.objects) == sorted(bucket.uploads) and not list(tmp_path.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    text = report.read_text()
+    assert markdown_table(summary) in text
+    for png in ("pareto.png", "paths.png", "learning_curves.png"):
+        assert f"]({png})" in text
+        with Image.open(io.BytesIO((run / png).read_bytes())) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+            image.verify()
+    seeds, loaded = load_sweep(run / SWEEP_FILE)
+    assert seeds == [0, 1, 2] and loaded.keys() == sweep.keys()
+    for lam in sweep:
+        np.testing.assert_array_equal(loaded[lam]["dense"]["kernel"], sweep[lam]["dense"]["kernel"])
+    assert list(seed_runs(run)) == [0, 1] and best_seed(seed_runs(run)) == 1
+
+    # a write that fails leaves the object as it was (a gs:// upload would publish what was written so far)
+    with pytest.raises(RuntimeError), open_for_writing(run / "summary.json", "w") as f:
+        f.write("{")
+        raise RuntimeError("the writer failed")
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+@pytest.mark.parametrize("case", ["no credentials", "no gcsfs"])
+def test_a_gs_evaluate_workdir_that_cannot_be_written_is_one_clear_error(case, bucket, monkeypatch, tmp_path):
+    from runs import reduced_specialist_config
+
+    from hrjax.pipeline import evaluate_run
+    from hrjax.rundir import RunDirError
+
+    if case == "no credentials":
+        monkeypatch.setattr(bucket, "credentials", False)
+    else:
+        monkeypatch.delitem(fsspec_implementations, "gcs")  # fsspec imports gcsfs for it
+        if importlib.util.find_spec("gcsfs") is not None:
+            pytest.skip("gcsfs is installed here")
+    monkeypatch.chdir(tmp_path)  # where a gs:// path taken for a local one would appear, as gs:/bucket/...
+    with pytest.raises(RunDirError) as error:
+        evaluate_run(reduced_specialist_config(tmp_path), "gs://bucket/eval", progress=False)
+    expected = "cannot read the bucket (PermissionError" if case == "no credentials" else "need gcsfs"
+    assert str(error.value).startswith("--workdir=gs://bucket/eval: ") and expected in str(error.value)
+    assert "gcloud auth application-default login" in str(error.value)
+    assert not bucket.objects and not list(tmp_path.iterdir())  # refused first: no data, cache or tree made
+
+
+def test_exporting_a_gs_run_without_gcsfs_is_one_clear_error(bucket, monkeypatch, tmp_path):
+    from hrjax.export import export_bundle
+    from hrjax.rundir import RunDirError
+
+    monkeypatch.delitem(fsspec_implementations, "gcs")  # fsspec imports gcsfs for it
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(RunDirError, match=r"^--workdir=gs://bucket/eval: gs:// run directories need gcsfs"):
+        export_bundle("gs://bucket/eval", tmp_path / "bundle")
+    assert not list(tmp_path.iterdir())
