@@ -95,6 +95,33 @@ def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, us
     return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
+def prompt_positions(prompt_valid: jax.Array) -> jax.Array:
+    """[B, P] bool (left padding False) -> [B, P] int32 rotary positions (padding gets 0)."""
+    return jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], batch: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens [batch, prompt_len] int32, valid [batch, prompt_len] bool), left-padded;
+    filler rows past the prompts attend to one token so softmax stays finite."""
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    valid = np.zeros((batch, prompt_len), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, prompt_len - len(p):] = p
+        valid[i, prompt_len - len(p):] = True
+    valid[len(prompts):, -1] = True
+    return tokens, valid
+
+
+def row_generation(tokens: np.ndarray, logprobs: np.ndarray, length: int, stopped: bool,
+                   eos_ids: Sequence[int]) -> Generation:
+    """One row of the output buffers ([N] tokens and logprobs, its length, whether a stop sequence
+    ended it) -> its `Generation`."""
+    n = int(length)
+    row = tokens[:n]
+    reason = FINISH_STOP if stopped else (FINISH_EOS if n and int(row[-1]) in eos_ids else FINISH_LENGTH)
+    return Generation(row.astype(np.int32), logprobs[:n].astype(np.float32), reason)
+
+
 def _ends_with_stop(out_tokens, step, stop_seqs):
     """out_tokens [B, N]; stop_seqs [Q, L] right-aligned, -1 padded -> [B] bool: a stop sequence
     ends at index `step`."""
@@ -126,7 +153,7 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
     batch, prompt_len = prompt.shape
     slots = prompt_len + budget
     kv_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, budget), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
+    positions = prompt_positions(prompt_valid)
     real_lengths = prompt_valid.sum(axis=1).astype(jnp.int32)
     split_cache = functools.partial(_constrain_cache, config=config, mesh=mesh)
     cache = split_cache(KVCache.zeros(config, batch, slots))
@@ -235,21 +262,25 @@ class Sampler:
             table[i, length - len(s):] = s
         return table
 
+    def check_request(self, index: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
+        """Raises a clear error when prompt number `index` cannot be generated with `sampling`."""
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("Stop strings need a tokenizer: construct the Sampler with one.")
+        limit = self.config.max_position_embeddings
+        if len(prompt) == 0:
+            raise ValueError(f"Prompt {index} is empty: give at least one token (e.g. BOS).")
+        if len(prompt) + sampling.max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"Prompt {index} has {len(prompt)} tokens; with max_new_tokens={sampling.max_new_tokens} that "
+                f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
+                "max_new_tokens.")
+
     def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Generation]:
         """Token-id prompts -> one `Generation` per prompt, in order."""
         if not prompts:
             return []
-        if sampling.stop and self.tokenizer is None:
-            raise ValueError("Stop strings need a tokenizer: construct the Sampler with one.")
-        limit = self.config.max_position_embeddings
         for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"Prompt {i} is empty: give at least one token (e.g. BOS).")
-            if len(p) + sampling.max_new_tokens > limit:
-                raise PromptTooLongError(
-                    f"Prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that "
-                    f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
-                    "max_new_tokens.")
+            self.check_request(i, p, sampling)
         key = jax.random.PRNGKey(sampling.seed)
         results: list[Generation] = []
         for start in range(0, len(prompts), self.max_batch):
@@ -257,6 +288,13 @@ class Sampler:
             key, chunk_key = jax.random.split(key)
             results.extend(self._generate_chunk(chunk, sampling, chunk_key))
         return results
+
+    def generate_stream(self, prompts: Sequence[Sequence[int]], samplings, slots: int = 16) -> list[Generation]:
+        """Token-id prompts, each with its own `SamplingParams` (or one for all), through in-flight
+        batching over `slots` rows (`hrjax.generate.inflight`) -> one `Generation` per prompt, in order."""
+        from hrjax.generate.inflight import InflightEngine
+
+        return InflightEngine(self, slots).generate_stream(prompts, samplings)
 
     def lower(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> jax.stages.Lowered:
         """The program `generate_tokens` runs on `prompts` (at most `max_batch`), lowered: read its HLO,
@@ -273,12 +311,7 @@ class Sampler:
             batch = -(-batch // data) * data
         prompt_len = fine_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
-        tokens = np.zeros((batch, prompt_len), np.int32)
-        valid = np.zeros((batch, prompt_len), bool)
-        for i, p in enumerate(prompts):
-            tokens[i, prompt_len - len(p):] = p
-            valid[i, prompt_len - len(p):] = True
-        valid[len(prompts):, -1] = True  # filler rows attend to one token so softmax stays finite
+        tokens, valid = left_pad(prompts, batch, prompt_len)
         active = np.arange(batch) < len(prompts)
         if self.mesh is not None:
             tokens, valid, active = (jax.device_put(a, data_sharding(self.mesh, a.ndim))
@@ -295,14 +328,8 @@ class Sampler:
         args, static = self._program_inputs(prompts, sampling, key)
         self.compiled_shapes.add((*args[1].shape, *static.values()))
         out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(*args, **static))
-        results = []
-        for i in range(len(prompts)):
-            n = int(lengths[i])
-            row = out_tokens[i, :n]
-            reason = FINISH_STOP if stopped[i] else (
-                FINISH_EOS if n and int(row[-1]) in self.eos_ids else FINISH_LENGTH)
-            results.append(Generation(row.astype(np.int32), out_logprobs[i, :n].astype(np.float32), reason))
-        return results
+        return [row_generation(out_tokens[i], out_logprobs[i], lengths[i], stopped[i], self.eos_ids)
+                for i in range(len(prompts))]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams,
                  add_special_tokens: bool = True) -> list[Generation]:

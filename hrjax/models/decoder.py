@@ -150,12 +150,23 @@ def attention_mask(kv_valid: jax.Array, query_slots: jax.Array, window: Optional
     return (visible[None] & kv_valid[:, None, :])[:, None]
 
 
+def position_mask(key_positions: jax.Array, positions: jax.Array, window: Optional[int]) -> jax.Array:
+    """[B, 1, T, S] bool for a cache whose slot order is not time order (a ring buffer): key slot s is
+    visible to query t when it holds a token (key_positions[b, s] >= 0, -1 = empty) at a position <=
+    the query's and, for sliding layers, less than `window` positions back."""
+    key_pos, query_pos = key_positions[:, None, :], positions[:, :, None]
+    visible = (key_pos >= 0) & (key_pos <= query_pos)
+    if window is not None:
+        visible &= query_pos - key_pos < window
+    return visible[:, None]
+
+
 class Attention(nn.Module):
     config: DecoderConfig
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index):
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None):
         cfg = self.config
         dtype = cfg.jnp_dtype
         dense = lambda n, bias, name: nn.Dense(  # noqa: E731
@@ -189,7 +200,11 @@ class Attention(nn.Module):
         scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
         logits = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        mask = attention_mask(kv_valid[:, :k.shape[-1]], query_slots, cfg.sliding_window if sliding else None)
+        window = cfg.sliding_window if sliding else None
+        if key_positions is None:
+            mask = attention_mask(kv_valid[:, :k.shape[-1]], query_slots, window)
+        else:
+            mask = position_mask(key_positions, positions, window)
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         # Contract into [B, K, G, T, D] and transpose after: asking einsum for [B, T, ...] directly
@@ -218,11 +233,11 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index):
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.jnp_dtype, name=name)  # noqa: E731
         h, new_kv = Attention(cfg, self.layer, name="attn")(
-            norm("input_layernorm")(x), positions, kv_valid, query_slots, cache_kv, cache_index)
+            norm("input_layernorm")(x), positions, kv_valid, query_slots, cache_kv, cache_index, key_positions)
         if cfg.sandwich_norm:
             h = norm("post_attention_layernorm")(h)
         x = x + h
@@ -245,6 +260,9 @@ class Decoder(nn.Module):
       cache_index: int32 scalar, the slot of `tokens[:, 0]` in the cache; a Python 0 (prefill)
         attends within `tokens` only, skipping the still-empty slots.
       last_only: return only the last position's logits (prefill), never [B, T, V].
+      key_positions: [B, S] int32 or None; the rotary position of the token in each cache slot (-1:
+        empty). Given, it replaces `kv_valid` and slot-order causality (`position_mask`): for caches
+        whose slots are not in time order (in-flight batching's ring buffer).
     Returns (logits float32, new cache or None).
     """
 
@@ -252,7 +270,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, kv_valid, cache: Optional[KVCache] = None,
-                 cache_index=0, last_only: bool = False):
+                 cache_index=0, last_only: bool = False, key_positions=None):
         cfg = self.config
         dtype = cfg.jnp_dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
@@ -265,7 +283,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, (k, v) = DecoderLayer(cfg, i, name=f"layers_{i}")(
-                x, positions, kv_valid, query_slots, layer_kv, cache_index)
+                x, positions, kv_valid, query_slots, layer_kv, cache_index, key_positions)
             new_keys.append(k)
             new_values.append(v)
         if last_only:

@@ -1,0 +1,183 @@
+"""In-flight batching: greedy rows make exactly what one-at-a-time `Sampler.generate_tokens` makes, sampled
+rows depend on their own seed only, and a varied stream compiles a bounded number of programs."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from hrjax.generate.inflight import InflightEngine, InflightError, compiled_program_count
+from hrjax.generate.sampler import Sampler, SamplingParams
+from hrjax.models.decoder import Decoder, DecoderConfig
+from hrjax.models.hf import load_hf
+from hrjax.parallel import make_mesh
+from test_sampler import IdTokenizer
+
+EOS = 2
+
+
+def reference_sampler(sampler, max_new_tokens, longest_prompt=64):
+    """The same model, tokenizer and EOS ids with minimum buckets that cover every request: one-at-a-time
+    reference runs then share a few compiled programs (buckets do not change what decoding makes)."""
+    return Sampler(sampler.config, sampler.params, sampler.tokenizer, eos_ids=sampler.eos_ids,
+                   min_prompt_bucket=longest_prompt, min_budget_bucket=max_new_tokens)
+
+
+def one_at_a_time(sampler, prompts, samplings):
+    return [sampler.generate_tokens([p], s)[0] for p, s in zip(prompts, samplings)]
+
+
+def assert_same_greedy(ours, theirs, atol=1e-5):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert (a.tokens.tolist(), a.finish_reason) == (b.tokens.tolist(), b.finish_reason), f"prompt {i}"
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=atol, err_msg=f"prompt {i}")
+
+
+NEVER_MADE = "300 301"  # beyond the tiny vocabulary
+
+
+def mixed_stream(lm, num_prompts, max_len, budgets, seed=0):
+    """(sampler, prompts, samplings): varied lengths and budgets; per row of four: a two-token stop string
+    taken from the row's own greedy text (so it fires) beside a one-token one, two random stop strings,
+    the same with ignore_eos, plain. A second EOS id is a token that a fair share of the rows make, so EOS
+    ends rows too. Every stop table has one shape and the free-running probe is the reference's
+    ignore_eos program, so the reference compiles three programs."""
+    rng = np.random.RandomState(seed)
+    prompts = [list(rng.randint(3, 256, rng.randint(1, max_len + 1))) for _ in range(num_prompts)]
+    probe = reference_sampler(Sampler(lm.config, lm.params, IdTokenizer(), eos_ids=[EOS]), budgets[1])
+    free_runs = [g.tokens for g in one_at_a_time(probe, prompts, [SamplingParams(
+        budgets[1], ignore_eos=True, stop=(NEVER_MADE, NEVER_MADE))] * num_prompts)]
+    rows_with = {t: sum(t in run[:32] for run in free_runs) for t in range(3, 256)}
+    eos = min(rows_with, key=lambda t: abs(rows_with[t] - num_prompts // 4))
+    samplings = []
+    for i, run in enumerate(free_runs):
+        budget = int(rng.randint(budgets[0], budgets[1] + 1))
+        at = rng.randint(0, budget - 1)
+        pair = f"{run[at]} {run[at + 1]}"
+        kind = i % 4
+        one, two = str(rng.randint(3, 256)), " ".join(map(str, rng.randint(3, 256, 2)))
+        stop = () if kind == 3 else (pair, one) if kind == 0 else (one, two)
+        samplings.append(SamplingParams(max_new_tokens=budget, stop=stop, ignore_eos=kind == 2))
+    return Sampler(lm.config, lm.params, IdTokenizer(), eos_ids=[EOS, eos]), prompts, samplings
+
+
+@pytest.mark.parametrize("arch, num_prompts, max_len, budgets",
+                         [("llama", 64, 32, (4, 128)), ("mistral", 16, 16, (4, 48))])
+def test_greedy_stream_matches_one_at_a_time(tiny_decoder, arch, num_prompts, max_len, budgets):
+    """64 prompts through 4 slots, so slots are refilled many times (Mistral: sliding windows of 5
+    positions over a ring of columns)."""
+    sampler, prompts, samplings = mixed_stream(load_hf(tiny_decoder(arch)[0]), num_prompts, max_len, budgets)
+    ours = InflightEngine(sampler, slots=4).generate_stream(prompts, samplings)
+    theirs = one_at_a_time(reference_sampler(sampler, budgets[1]), prompts, samplings)
+    assert_same_greedy(ours, theirs)
+    reasons = [g.finish_reason for g in theirs]
+    assert {"stop", "eos", "length"} <= set(reasons), reasons
+    assert len({len(g.tokens) for g in theirs}) > num_prompts // 3  # rows end at many different steps
+
+
+def test_incremental_stream_grows_capacity_and_bounds_compilations():
+    """Requests arrive in two waves through submit/step, the second needing more room (longer prompts,
+    budgets and stop strings) while rows of the first still run; every greedy row still matches
+    one-at-a-time generation, sampled rows depend on their own seed only, and JAX compiles a bounded
+    number of programs (a fresh model config, so every compilation is counted)."""
+    config = DecoderConfig(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=48, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512)
+    params = Decoder(config).init(jax.random.PRNGKey(0), *(np.ones((1, 1), np.int32),) * 2, np.ones((1, 1), bool))
+    sampler = Sampler(config, params, IdTokenizer(), eos_ids=[EOS])
+    rng = np.random.RandomState(5)
+    before = compiled_program_count()
+    engine = InflightEngine(sampler, slots=4, steps_per_dispatch=8)
+    requests, finished, raw_shapes = {}, {}, set()
+    for wave, (max_len, max_budget) in enumerate([(12, 16), (24, 64)]):
+        for _ in range(20):
+            prompt = list(rng.randint(3, 256, rng.randint(1, max_len + 1)))
+            stop = (" ".join(map(str, rng.randint(3, 256, 3))),) * wave  # [1, 3] tables in the second wave
+            sampling = SamplingParams(max_new_tokens=int(rng.randint(1, max_budget + 1)), stop=stop,
+                                      temperature=float(rng.choice([0.0, 0.0, 1.0])), top_k=int(rng.choice([0, 50])),
+                                      seed=int(rng.randint(100)))
+            requests[engine.submit(prompt, sampling)] = (prompt, sampling)
+            raw_shapes.add((len(prompt), sampling.max_new_tokens))
+        for _ in range(3):
+            finished.update(engine.step())
+    assert len(finished) < 40 and not engine.idle  # rows of both waves still running
+    finished.update(engine.run_until_idle())
+    assert engine.idle and sorted(finished) == sorted(requests)
+    compiled = compiled_program_count() - before
+    # k in {1, 4} admission groups; first capacity: P = 16, decode; grown: P in {16, 24}, decode
+    assert compiled == len(engine.compiled_shapes) <= 2 * 1 + 1 + 2 * 2 + 1 < len(raw_shapes)
+
+    greedy = [h for h, (_, s) in requests.items() if s.greedy]
+    reference = one_at_a_time(reference_sampler(sampler, 64), *zip(*(requests[h] for h in greedy)))
+    assert_same_greedy([finished[h] for h in greedy], reference)
+
+    handle, (prompt, sampled) = next((h, r) for h, r in requests.items()
+                                     if not r[1].greedy and len(finished[h].tokens) > 8)
+    alone = engine.generate_stream([prompt], sampled)[0]  # another slot, ring column and batch-mates
+    np.testing.assert_array_equal(alone.tokens, finished[handle].tokens)
+    np.testing.assert_allclose(alone.logprobs, finished[handle].logprobs, atol=1e-5)
+    other_seed = engine.generate_stream([prompt], dataclasses.replace(sampled, seed=sampled.seed + 1))[0]
+    top1 = engine.generate_stream([prompt], dataclasses.replace(sampled, top_k=1))[0]
+    greedy_alone = engine.generate_stream([prompt], dataclasses.replace(sampled, temperature=0.0))[0]
+    assert other_seed.tokens.tolist() != alone.tokens.tolist() != greedy_alone.tokens.tolist()
+    np.testing.assert_array_equal(top1.tokens, greedy_alone.tokens)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_decoder):
+    lm = load_hf(tiny_decoder("llama")[0])
+    return Sampler(lm.config, lm.params, IdTokenizer(), eos_ids=[EOS])
+
+
+def test_bad_requests_are_named(llama):
+    engine = InflightEngine(llama, slots=2)
+    with pytest.raises(ValueError, match="Prompt 0 is empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(InflightError, match="one per prompt"):
+        engine.generate_stream([[5], [6]], [SamplingParams()] * 3)
+    engine.submit([5, 6], SamplingParams(max_new_tokens=3))
+    with pytest.raises(InflightError, match="idle engine"):
+        engine.generate_stream([[5]])
+    sharded = Sampler(llama.config, llama.params, eos_ids=[EOS], mesh=make_mesh())
+    with pytest.raises(InflightError, match="runs unsharded for now"):
+        InflightEngine(sharded)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from hrjax import assets
+    from hrjax.errors import CheckpointError
+    from hrjax.models.gguf import load_gguf
+
+    try:
+        path = assets.smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    return load_gguf(path)
+
+
+QUESTIONS = ("What is 17 + 25?", "Name the capital of France.", "Write a haiku about the sea.",
+             "List three prime numbers greater than ten.", "Why is the sky blue?", "Say hello in Spanish.")
+
+
+@pytest.mark.parametrize("num_prompts, max_budget", [
+    (12, 32), pytest.param(64, 128, marks=pytest.mark.skipif(not os.environ.get("HRJAX_LONG_TESTS"),
+                                                            reason="about 2 minutes: set HRJAX_LONG_TESTS=1"))])
+def test_smollm2_stream_matches_one_at_a_time(smollm2, num_prompts, max_budget):
+    """Chat prompts, budgets 4..max_budget, mixed stop strings, 4 slots. CI runs 12 prompts; the acceptance
+    stream of 64 prompts with budgets 4..128 runs with HRJAX_LONG_TESTS=1."""
+    tokenizer = smollm2.tokenizer
+    sampler = Sampler.from_loaded(smollm2)
+    rng = np.random.RandomState(0)
+    prompts, samplings = [], []
+    stops = ((".", "\n"), (" the", "!"), ("\n\n", ","))
+    for i in range(num_prompts):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer.encode(text + "x" * (i // len(QUESTIONS)), add_special_tokens=False))
+        samplings.append(SamplingParams(max_new_tokens=int(rng.randint(4, max_budget + 1)), stop=stops[i % 3]))
+    ours = InflightEngine(sampler, slots=4).generate_stream(prompts, samplings)
+    theirs = one_at_a_time(reference_sampler(sampler, max_budget), prompts, samplings)
+    assert_same_greedy(ours, theirs, atol=1e-4)
+    assert "stop" in {g.finish_reason for g in theirs}
