@@ -1,22 +1,21 @@
-"""The serving scheduler: concurrent requests share batched policy calls and batched sampler calls.
+"""The serving scheduler: concurrent requests share batched policy calls and in-flight batched generation.
 
 Each request is a coroutine that walks its route hop by hop (`Scheduler.route`): it asks for a decision,
 then, unless the router stops, for one generation from the chosen pool model, and advances its state.
-Those asks wait in queues:
 
-- decisions: every waiting state goes into one `router.decide` call (one batched policy evaluation);
-- generations: one queue per (pool model, sampling group). A sampling group is the request's
-  `SamplingParams` without `max_new_tokens`: greedy requests with the same stop strings share a call
-  whatever their `max_tokens` (the call runs to the largest, each row is cut to its own: greedy rows
-  are unchanged by a longer budget); unseeded sampled requests share a call per temperature/top-p/stop
-  (the call takes one of their fresh random seeds; each row draws its own noise); a request with a `seed`
-  and temperature > 0 runs alone, so the same seed gives the same text whatever else is being served.
+- Decisions wait in one queue; every waiting state goes into one `router.decide` call (one batched
+  policy evaluation). Before such a call the dispatcher waits up to `window_s` for the requests in
+  flight to queue their next step (the collection window: a lone request never waits, a burst is
+  gathered).
+- Generations go straight into their pool model's in-flight batching engine
+  (`hrjax.generate.inflight.InflightEngine`): a fixed set of decode slots where a finished row's slot
+  takes the next waiting prompt at once, each row with its own `max_tokens`, temperature, top-p, stop
+  strings and seed (a seeded row draws the same tokens whatever else is being served).
 
-One dispatcher task runs the queue whose oldest entry has waited longest, as one call in a single
-worker thread (the model calls leave the event loop free to accept and answer HTTP). Before each call
-it waits up to `window_s` for the requests in flight to queue their next step (the collection window:
-a lone request never waits, a burst is gathered). Admission is bounded: more than `max_queue` requests
-in flight are refused (`QueueFullError`, HTTP 429) instead of queuing without limit.
+One dispatcher task alternates between the decision queue and one decode dispatch of every busy engine,
+each run as one call in a single worker thread (the model calls leave the event loop free to accept and
+answer HTTP). Admission is bounded: more than `max_queue` requests in flight are refused
+(`QueueFullError`, HTTP 429) instead of queuing without limit.
 """
 
 from __future__ import annotations
@@ -28,10 +27,11 @@ import dataclasses
 import functools
 import secrets
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from hrjax.errors import HrjaxError
-from hrjax.generate.sampler import FINISH_LENGTH, Generation, SamplingParams
+from hrjax.generate.inflight import InflightEngine
+from hrjax.generate.sampler import SamplingParams
 
 
 class QueueFullError(HrjaxError, RuntimeError):
@@ -44,51 +44,39 @@ class RequestTooLongError(HrjaxError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class BatchLimits:
-    """window_s: the collection window (seconds); max_batch: rows per model call; max_queue: requests
-    in flight (routing or waiting) before new ones are refused."""
+    """window_s: the decisions' collection window (seconds); max_batch: decode slots per pool model (rows
+    generated together); steps_per_dispatch: decode steps per engine call between the dispatcher's other
+    work (a newcomer waits at most that long for its prefill); max_queue: requests in flight (routing or
+    waiting) before new ones are refused."""
 
     window_s: float = 0.002
     max_batch: int = 64
+    steps_per_dispatch: int = 16
     max_queue: int = 1024
 
     def __post_init__(self):
-        if self.window_s < 0 or self.max_batch < 1 or self.max_queue < 1:
-            raise ValueError(f"BatchLimits need window_s >= 0, max_batch >= 1, max_queue >= 1; got {self}.")
+        if self.window_s < 0 or self.max_batch < 1 or self.steps_per_dispatch < 1 or self.max_queue < 1:
+            raise ValueError(f"BatchLimits need window_s >= 0 and max_batch, steps_per_dispatch, max_queue >= 1; "
+                             f"got {self}.")
 
 
 @dataclasses.dataclass
 class _Job:
     """One queued step of one request: a decision (payload: (state, lam)) or a generation (payload:
-    (prompt ids, SamplingParams))."""
+    (model index, SamplingParams))."""
 
     payload: tuple
     future: asyncio.Future
-    enqueued: float
 
 
 @dataclasses.dataclass
 class BatchStats:
-    """What the dispatcher did, for /metrics: calls and rows per queue name ('decide' or a model)."""
+    """What the dispatcher did, for /metrics: calls, rows finished and worker seconds per queue name
+    ('decide' or a pool model's name)."""
 
     calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # in the worker
-
-
-def sampling_group(sampling: SamplingParams, seeded: bool, request_id: int) -> tuple:
-    """The key under which generations may share one sampler call (see the module docstring)."""
-    shared = dataclasses.replace(sampling, max_new_tokens=1, seed=0)
-    if sampling.greedy or not seeded:
-        return (shared,)
-    return (shared, request_id)
-
-
-def cut_to_budget(generation: Generation, max_new_tokens: int) -> Generation:
-    """A row of a call that ran to a larger budget, cut to its own `max_new_tokens`."""
-    if len(generation.tokens) <= max_new_tokens:
-        return generation
-    return dataclasses.replace(generation, tokens=generation.tokens[:max_new_tokens],
-                               logprobs=generation.logprobs[:max_new_tokens], finish_reason=FINISH_LENGTH)
 
 
 class Scheduler:
@@ -104,11 +92,15 @@ class Scheduler:
         self.stats = BatchStats()
         self.in_flight = 0
         self._decisions: collections.deque[_Job] = collections.deque()
-        self._generations: dict[tuple, collections.deque[_Job]] = {}
+        self._engines = [self._engine(model) for model in self.models]
+        self._generations: dict[tuple[int, int], _Job] = {}  # (model index, engine handle) -> its job
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._task: Optional[asyncio.Task] = None
         self._queued = asyncio.Event()
-        self._next_request_id = 0
+
+    def _engine(self, model) -> InflightEngine:
+        return InflightEngine(model.sampler, slots=self.limits.max_batch,
+                              steps_per_dispatch=self.limits.steps_per_dispatch)
 
     async def start(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hrjax-model")
@@ -121,7 +113,7 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        for job in [*self._decisions, *(j for q in self._generations.values() for j in q)]:
+        for job in [*self._decisions, *self._generations.values()]:
             job.future.cancel()
 
     @property
@@ -134,20 +126,17 @@ class Scheduler:
         if self.in_flight >= self.limits.max_queue:
             raise QueueFullError(f"{self.in_flight} requests in flight, the server's limit (--max_queue); retry later.")
         self.in_flight += 1
-        request_id, self._next_request_id = self._next_request_id, self._next_request_id + 1
-        if not (sampling.greedy or seeded):  # a fresh draw per request (its group's call uses one of them)
+        if not (sampling.greedy or seeded):  # a fresh draw per request
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(31))
         try:
             state = self.router.start(question)
             while not state.finished:
-                action = await self._enqueue(self._decisions, (state, lam))
+                action = await self._enqueue_decision(state, lam)
                 generation, prompt = None, None
                 if action < len(self.models):
                     prompt = self.router.prompt(state, action)
                     self._check_fits(action, prompt, sampling, len(state.hops))
-                    key = (action, *sampling_group(sampling, seeded, request_id))
-                    queue = self._generations.setdefault(key, collections.deque())
-                    generation = await self._enqueue(queue, (prompt, sampling))
+                    generation = await self._enqueue_generation(action, prompt, sampling)
                 state = self.router.advance(state, action, generation, None if prompt is None else len(prompt))
             return state
         finally:
@@ -160,7 +149,7 @@ class Scheduler:
         for action in range(len(self.models)):
             self._check_fits(action, self.router.prompt(state, action), sampling, 0)
 
-    def _check_fits(self, action: int, prompt: Sequence[int], sampling: SamplingParams, hop: int) -> None:
+    def _check_fits(self, action: int, prompt, sampling: SamplingParams, hop: int) -> None:
         model = self.models[action]
         context = model.sampler.config.max_position_embeddings
         if len(prompt) + sampling.max_new_tokens > context:
@@ -169,14 +158,22 @@ class Scheduler:
                 f"has {len(prompt)} tokens and max_tokens is {sampling.max_new_tokens}. Shorten the prompt or lower "
                 "max_tokens.")
 
-    def _enqueue(self, queue: collections.deque, payload: tuple) -> asyncio.Future:
+    def _enqueue_decision(self, state, lam: float) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        queue.append(_Job(payload, future, time.monotonic()))
+        self._decisions.append(_Job((state, lam), future))
+        self._queued.set()
+        return future
+
+    def _enqueue_generation(self, action: int, prompt, sampling: SamplingParams) -> asyncio.Future:
+        """Hands the row to its model's engine (a queue append: the engine admits it at its next dispatch)."""
+        future = asyncio.get_running_loop().create_future()
+        handle = self._engines[action].submit(prompt, sampling)
+        self._generations[(action, handle)] = _Job((action, sampling), future)
         self._queued.set()
         return future
 
     def _waiting(self) -> int:
-        return len(self._decisions) + sum(len(q) for q in self._generations.values())
+        return len(self._decisions) + len(self._generations)
 
     async def _gather(self) -> None:
         """Waits until something is queued, then up to `window_s` for every request in flight to queue
@@ -193,80 +190,60 @@ class Scheduler:
             except TimeoutError:
                 break
 
-    def _take(self, queue: collections.deque, fits: Callable[[list[_Job], _Job], bool]) -> list[_Job]:
-        """Up to max_batch live jobs from the front of `queue`, oldest first, while `fits`."""
-        jobs: list[_Job] = []
-        while queue and len(jobs) < self.limits.max_batch:
-            if queue[0].future.done():  # its request went away (client disconnected)
-                queue.popleft()
-            elif not fits(jobs, queue[0]):
-                break
-            else:
-                jobs.append(queue.popleft())
-        return jobs
-
-    def _oldest_queue(self) -> tuple[Optional[tuple], collections.deque]:
-        """(generation key or None for decisions, queue) of the queue whose front waited longest."""
-        candidates = [(None, self._decisions)] if self._decisions else []
-        candidates += [(key, q) for key, q in self._generations.items() if q]
-        return min(candidates, key=lambda c: c[1][0].enqueued)
-
     async def _dispatch(self) -> None:
         while True:
             await self._gather()
-            key, queue = self._oldest_queue()
-            if key is None:
-                name, jobs = "decide", self._take(queue, lambda jobs, job: True)
-                call = functools.partial(self._decide, jobs)
-            else:
-                model = self.models[key[0]]
-                name, jobs = model.spec.name, self._take(queue, self._fits_model(model))
-                call = functools.partial(self._generate, model, jobs)
-            for k in [k for k, q in self._generations.items() if not q]:
-                del self._generations[k]
+            jobs = [job for job in (self._decisions.popleft() for _ in range(len(self._decisions)))
+                    if not job.future.done()]  # a done future: its request went away (client disconnected)
             if jobs:
-                await self._run(name, jobs, call)
+                results = await self._run("decide", functools.partial(self._decide, jobs))
+                self._settle(jobs, results)
+            for action, engine in enumerate(self._engines):
+                if not engine.idle:
+                    finished = await self._run(self.models[action].spec.name,
+                                               functools.partial(self._step, action, engine))
+                    self._settle_generations(action, finished)
 
-    async def _run(self, name: str, jobs: list[_Job], call: Callable[[], list]) -> None:
-        """One call in the worker thread; each job's future gets its row, or the call's error (a failed call
-        fails its own requests, never the dispatcher). Futures already cancelled are left alone."""
+    async def _run(self, name: str, call: Callable[[], list]) -> list | BaseException:
+        """One call in the worker thread -> its result, or the error it raised (handed to the requests
+        it served; never the dispatcher's)."""
         self.stats.calls[name] += 1
-        self.stats.rows[name] += len(jobs)
         started = time.perf_counter()
-        results, error = None, None
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except Exception as e:  # noqa: BLE001 -- handed to the requests of this call
-            error = e
+            return e
         finally:
             self.stats.seconds[name] += time.perf_counter() - started
+
+    @staticmethod
+    def _settle(jobs: list[_Job], results: list | BaseException) -> None:
+        """Each job's future gets its row, or the call's error; futures already cancelled are left alone."""
         for i, job in enumerate(jobs):
             if not job.future.done():
-                if error is None:
-                    job.future.set_result(results[i])
+                if isinstance(results, BaseException):
+                    job.future.set_exception(results)
                 else:
-                    job.future.set_exception(error)
+                    job.future.set_result(results[i])
+
+    def _settle_generations(self, action: int, finished: list | BaseException) -> None:
+        name = self.models[action].spec.name
+        if isinstance(finished, BaseException):  # the engine's rows are lost: fail them, start it afresh
+            jobs = [self._generations.pop(key) for key in [k for k in self._generations if k[0] == action]]
+            self._engines[action] = self._engine(self.models[action])
+            self._settle(jobs, finished)
+            return
+        self.stats.rows[name] += len(finished)
+        for handle, generation in finished:
+            self._settle([self._generations.pop((action, handle))], [generation])
 
     def _decide(self, jobs: list[_Job]) -> list[int]:
+        self.stats.rows["decide"] += len(jobs)
         return self.router.decide([j.payload[0] for j in jobs], [j.payload[1] for j in jobs])
 
-    @staticmethod
-    def _fits_model(model) -> Callable[[list[_Job], _Job], bool]:
-        """A generation joins a call while the longest prompt plus the largest budget fits the context."""
-        context = model.sampler.config.max_position_embeddings
-
-        def fits(jobs: list[_Job], job: _Job) -> bool:
-            rows = [*jobs, job]
-            return (max(len(j.payload[0]) for j in rows) + max(j.payload[1].max_new_tokens for j in rows)
-                    <= context)
-        return fits
-
-    @staticmethod
-    def _generate(model, jobs: list[_Job]) -> list[Generation]:
-        """One sampler call for rows of one sampling group, each cut to its own max_new_tokens and decoded
-        (cut before the first stop string)."""
-        budget = max(j.payload[1].max_new_tokens for j in jobs)
-        call_sampling = dataclasses.replace(jobs[0].payload[1], max_new_tokens=budget)
-        generations = model.sampler.generate_tokens([j.payload[0] for j in jobs], call_sampling)
-        return [model.sampler.with_text(cut_to_budget(g, j.payload[1].max_new_tokens), call_sampling.stop)
-                for g, j in zip(generations, jobs)]
+    def _step(self, action: int, engine: InflightEngine) -> list:
+        """One decode dispatch of a model's engine -> [(handle, Generation with its text cut at its stop
+        strings)] of the rows that finished."""
+        sampler = self.models[action].sampler
+        return [(handle, sampler.with_text(generation, self._generations[(action, handle)].payload[1].stop))
+                for handle, generation in engine.step()]

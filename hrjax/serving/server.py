@@ -354,9 +354,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_chars", type=int, default=defaults.max_prompt_chars)
     p.add_argument("--max_tokens", type=int, default=defaults.max_tokens, help="largest max_tokens (per hop) allowed")
     p.add_argument("--max_queue", type=int, default=defaults.batch.max_queue, help="requests in flight before 429")
-    p.add_argument("--max_batch", type=int, default=defaults.batch.max_batch, help="rows per model call")
+    p.add_argument("--max_batch", type=int, default=defaults.batch.max_batch,
+                   help="decode slots per pool model (rows generated together)")
+    p.add_argument("--steps_per_dispatch", type=int, default=defaults.batch.steps_per_dispatch,
+                   help="decode steps per engine call (how long a new request may wait for its prefill)")
     p.add_argument("--batch_window_ms", type=float, default=defaults.batch.window_s * 1e3,
-                   help="how long a model call waits for requests in flight to join it")
+                   help="how long a policy call waits for requests in flight to join it")
     p.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -372,7 +375,7 @@ def main(argv: Sequence[str]) -> int:
     limits = ServerLimits(api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
                           max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
                           batch=BatchLimits(window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
-                                            max_queue=args.max_queue))
+                                            steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue))
     router = BundleRouter(load_bundle(args.bundle))
     app = create_app(router, limits)
     print(f"hrjax serve: {args.bundle} on http://{args.host}:{args.port}/v1 (models: {', '.join(router.offers())})",
