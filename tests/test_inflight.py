@@ -130,6 +130,27 @@ def llama(tiny_decoder):
     return Sampler(lm.config, lm.params, IdTokenizer(), eos_ids=[EOS])
 
 
+def test_slots_follow_the_load(llama):
+    """A lone request decodes at S = 1, a burst grows S to hold it, and the long row left after the burst
+    goes back to S = 1; the rows make the one-at-a-time tokens through every resize."""
+    engine = InflightEngine(llama, slots=16, steps_per_dispatch=4)
+    long, short = SamplingParams(max_new_tokens=40, ignore_eos=True), SamplingParams(max_new_tokens=6,
+                                                                                     ignore_eos=True)
+    requests = {engine.submit([7, 8, 9], long): ([7, 8, 9], long)}
+    finished = dict(engine.step())
+    assert engine.slots == 1 and engine._state.key_positions.shape[0] == 1
+    for i in range(5):
+        requests[engine.submit([11 + i, 3, 50 + i], short)] = ([11 + i, 3, 50 + i], short)
+    finished.update(engine.step())
+    assert engine.slots == 16  # 1 running + 5 waiting -> the next power of four
+    while len(finished) < 6 and engine.slots > 1:
+        finished.update(engine.step())
+    assert len(finished) == 5 and engine.slots == 1  # the five short rows are done: the long one runs alone
+    finished.update(engine.run_until_idle())
+    reference = one_at_a_time(reference_sampler(llama, 64), *zip(*requests.values()))
+    assert_same_greedy([finished[h] for h in requests], reference)
+
+
 def test_bad_requests_are_named(llama):
     engine = InflightEngine(llama, slots=2)
     with pytest.raises(ValueError, match="Prompt 0 is empty"):

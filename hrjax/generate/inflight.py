@@ -21,11 +21,15 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
   only, not on its slot, ring column or batch-mates (so rows that should differ need different seeds).
   Greedy rows make the same tokens as `Sampler.generate_tokens` on the prompt alone (and
   log-probabilities equal to float32 rounding). `generate_stream` admits the largest budgets first.
+- Slots S follow the load (`_fit_slots`, between dispatches): the power of four that holds the running
+  and waiting requests, or `max_slots`; when nothing waits, a dispatch ends once 3/4 of the slots
+  are free and the live rows move into a state a quarter the size. A decode step computes every slot,
+  so a lone request decodes at S = 1 and a stream's long tail at a few slots, not at `max_slots`.
 - Capacity (W, N, Q, L) grows when a request needs more, live rows included (`_grown`: the ring gets
   empty columns after its last one); a grown size at least doubles, so few capacities are compiled.
   `generate_stream` sizes it once for its whole list.
 - Compiled programs, per capacity (S, W, N, Q, L): one decode program and one admission program per
-  (k, P) bucket pair.
+  (k, P) bucket pair; S takes at most log4(max_slots) + 2 values.
 - One device: a `Sampler` with a mesh is refused (in-flight batching runs unsharded for now).
 
 Two front ends over one engine: `InflightEngine.generate_stream` (a known list; results in input order)
@@ -49,7 +53,7 @@ from hrjax.errors import HrjaxError
 from hrjax.generate.sampler import (Generation, Sampler, SamplingParams, _ends_with_stop, _select_tokens, left_pad,
                                     prompt_positions, row_generation)
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
-from hrjax.shapes import fine_bucket, pow2_bucket
+from hrjax.shapes import fine_bucket, pow2_bucket, pow4_bucket
 
 
 class InflightError(HrjaxError, ValueError):
@@ -226,6 +230,21 @@ def _grown(state: SlotState, width: int, budget: int, num_stops: int, stop_len: 
     return SlotState(cache, _pad_to(state.key_positions, 1, width, -1), state.column, rows)
 
 
+@functools.partial(jax.jit, static_argnames=("slots", "config"))
+def _resized(state: SlotState, order, *, slots: int, config: DecoderConfig) -> SlotState:
+    """`state` with `slots` slots: row i is its row order[i] (order [min(S, slots)] int32: live rows
+    first, then free ones), then, when growing, free rows; W, N, Q, L and the shared column unchanged.
+    One program per (S, slots, capacity)."""
+    rows, cache, key_positions = jax.tree.map(lambda x: x[order], (state.rows, state.cache, state.key_positions))
+    extra = slots - order.shape[0]
+    if extra:
+        free = _empty_state(config, extra, key_positions.shape[1], rows.tokens.shape[1],
+                            *rows.settings.stops.shape[1:])
+        rows, cache, key_positions = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (rows, cache, key_positions),
+                                                  (free.rows, free.cache, free.key_positions))
+    return SlotState(cache, key_positions, state.column, rows)
+
+
 def _empty_state(config: DecoderConfig, slots: int, width: int, budget: int, num_stops: int,
                  stop_len: int) -> SlotState:
     """Every slot free (done)."""
@@ -251,7 +270,8 @@ class _Request:
 class InflightEngine:
     """In-flight batching over one `Sampler`'s model (see the module docstring).
 
-    slots: S, rows decoded together (rounded up to a power of two).
+    slots: the most rows decoded together (rounded up to a power of two); the engine decodes at the
+      smallest power of four S that holds its running and waiting requests (`_fit_slots`), or `slots`.
     steps_per_dispatch: decode steps per compiled call in `step()` (bounds how long a new request waits
       for a free slot to be noticed); `run_until_idle` with nothing arriving uses whole budgets.
     refill_batch: while more requests wait, a decode dispatch runs until this many slots are free, so
@@ -267,14 +287,13 @@ class InflightEngine:
             raise InflightError(f"slots, steps_per_dispatch and refill_batch must be >= 1, got {slots}, "
                                 f"{steps_per_dispatch} and {refill_batch}.")
         self.sampler = sampler
-        self.slots = pow2_bucket(slots)
+        self.max_slots = pow2_bucket(slots)
         self.steps_per_dispatch = steps_per_dispatch
-        self.refill_batch = min(max(refill_batch or self.slots // 4, 1), self.slots)
-        self.admit_sizes = sorted({min(4 ** i, self.slots) for i in range(self.slots.bit_length())})
+        self._refill_batch = refill_batch
         self.compiled_shapes: set[tuple] = set()  # ('admit', k, P, S, W, N, Q, L) / ('decode', S, W, N, Q, L)
         self._eos_ids = jnp.asarray(sampler.eos_ids, jnp.int32)
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._occupant: list[Optional[_Request]] = [None] * self.slots
+        self._occupant: list[Optional[_Request]] = [None]  # one per slot: S = len
         self._handles = itertools.count()
         self._state: Optional[SlotState] = None
 
@@ -287,6 +306,15 @@ class InflightEngine:
         stops = self.sampler._stop_token_seqs(sampling.stop)
         self._waiting.append(_Request(handle, [int(t) for t in prompt_ids], sampling, stops))
         return handle
+
+    @property
+    def slots(self) -> int:
+        """S, the slots decoded now: the power of four that fits the load, or `max_slots` (`_fit_slots`)."""
+        return len(self._occupant)
+
+    @property
+    def refill_batch(self) -> int:
+        return min(max(self._refill_batch or self.slots // 4, 1), self.slots)
 
     @property
     def idle(self) -> bool:
@@ -314,7 +342,10 @@ class InflightEngine:
             return []
         capacity = self._capacity()
         self.compiled_shapes.add(("decode", *capacity))
-        leave_when_done = min(len(self._waiting), self.refill_batch) if self._waiting else self.slots + 1
+        # while requests wait: until refill_batch slots are free for them; else until 3/4 of the slots are
+        # free, when the state shrinks to the rows still running (a long row's tail runs at a small S)
+        waiting = len(self._waiting)
+        leave_when_done = min(waiting, self.refill_batch) if waiting else self.slots - self.slots // 4
         self._state, _ = decode_program(self.sampler.params, self._state, self._eos_ids,
                                         jnp.int32(max_steps or capacity[2]), jnp.int32(leave_when_done),
                                         config=self.sampler.config)
@@ -370,13 +401,31 @@ class InflightEngine:
         if new != (old_width, old_budget, old_q, old_l):
             self._state = _grown(self._state, *new)
 
+    def _fit_slots(self) -> None:
+        """Resizes the slots to the load (live rows in their order, then free ones): up to the power of four
+        that holds every running and waiting request (or `max_slots`), or, when nothing waits and at most a
+        quarter of the slots run, down to the power of four that holds the running rows. A decode step
+        computes every slot, so a lone request runs at S = 1, not at `max_slots`; powers of four keep the
+        programs compiled for a varying load few (S, and with it each program's shapes, takes
+        log4(max_slots) + 2 values at most)."""
+        live = [s for s, o in enumerate(self._occupant) if o is not None]
+        need = min(pow4_bucket(len(live) + len(self._waiting)), self.max_slots)
+        if not (need > self.slots or (not self._waiting and 4 * len(live) <= self.slots and need < self.slots)):
+            return
+        order = (live + [s for s, o in enumerate(self._occupant) if o is None])[:need]
+        if self._state is not None:
+            self._state = _resized(self._state, jnp.asarray(order, jnp.int32), slots=need, config=self.sampler.config)
+        self._occupant = [self._occupant[s] for s in order] + [None] * (need - len(order))
+
     def _admit_waiting(self) -> None:
+        self._fit_slots()
+        admit_sizes = sorted({min(4 ** i, self.slots) for i in range(self.slots.bit_length())})
         free = [s for s, o in enumerate(self._occupant) if o is None]
         while free and self._waiting:
             count = min(len(free), len(self._waiting))
-            k = next(size for size in self.admit_sizes if size >= count)  # count <= S = the largest
+            k = next(size for size in admit_sizes if size >= count)  # count <= S = the largest
             if 4 * count < 3 * k:  # more than a quarter of the prefill would be filler rows: a smaller group
-                k = count = max(size for size in self.admit_sizes if size <= count)
+                k = count = max(size for size in admit_sizes if size <= count)
             count = min(count, k)
             newcomers = [self._waiting.popleft() for _ in range(count)]
             self._reserve(newcomers + list(self._waiting))  # room for everything queued: grows once per wave

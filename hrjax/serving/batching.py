@@ -50,7 +50,7 @@ class BatchLimits:
     waiting) before new ones are refused."""
 
     window_s: float = 0.002
-    max_batch: int = 64
+    max_batch: int = 32
     steps_per_dispatch: int = 16
     max_queue: int = 1024
 
