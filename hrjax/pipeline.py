@@ -7,14 +7,17 @@ Layout of the run directory (local or gs://, as `hrjax train`'s: `hrjax.rundir`)
 alone writes them, each whole (`hrjax.rundir.open_for_writing`). Everything is read from the one path
 tree of the training, selection and held-out prompts (generated once, cached; the seed runs train on
 it), so baselines and the oracle are exact. The held-out prompts are scored here only: the seed runs
-select on the others.
+select on the others. The job ends by printing the wall seconds of its phases (`EvaluationRun.seconds`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -32,29 +35,70 @@ class EvaluationRun(NamedTuple):
     summary: dict
     table: str  # Markdown
     report: RunPath  # report.md
+    seconds: dict  # wall seconds per phase (pool, tree, seed runs, sweep, evaluation, report), then 'total'
 
 
-def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int], progress: bool) -> dict:
+class PhaseClock:
+    """Wall seconds per named phase of a job: `with clock.phase("tree"): ...`; `clock.seconds`."""
+
+    def __init__(self):
+        self.seconds, self._start = {}, time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def with_total(self) -> dict:
+        """The phases' seconds in the order they first ran, then 'total' (since the clock was made)."""
+        return {**self.seconds, "total": time.perf_counter() - self._start}
+
+
+def timing_line(seconds: dict) -> str:
+    """'phase seconds: pool 12.3 s, tree 4.5 s, ..., total 80.1 s' of `EvaluationRun.seconds`."""
+    return "phase seconds: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
+
+
+def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int]) -> dict:
     """{cost_lambda: params stacked over seeds} for every lambda of the evaluation sweep but the run's
-    own: fixed-lambda routers trained like the seed runs (same keys), vmapped over seeds, in memory."""
-    from tqdm.auto import tqdm
-
+    own: fixed-lambda routers trained like the seed runs (same keys), in memory, as one jitted program
+    vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once. The same
+    routers as one program per lambda, up to float32 rounding."""
     from hrjax.agent.tree_mode import make_train
 
+    lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+    if not lambdas:
+        return {}
+    trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
-    out = {}
-    for lam in tqdm([x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda], desc="lambda sweep",
-                    disable=not progress):
-        env = dataclasses.replace(config.env, cost_lambda=lam)
-        trainer = make_train(config.ppo, config.network, env, tree, train_rows, config.train.num_iterations)
-        out[lam] = jax.jit(jax.vmap(trainer.train))(keys)[0]
-    return out
+    over_seeds = jax.vmap(lambda key, lam: trainer.train(key, lam)[0], (0, None))
+    params = jax.jit(jax.vmap(over_seeds, (None, 0)))(keys, jax.numpy.asarray(lambdas, jax.numpy.float32))
+    params = jax.device_get(params)  # [lambdas, seeds, ...] each
+    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i], params) for i, lam in enumerate(lambdas)}
 
 
-def save_sweep(path: str | os.PathLike, sweep: dict, seeds: list[int]) -> RunPath:
+def sweep_key(config: RunConfig, seeds: list[int]) -> str:
+    """16 hex digits over everything the sweep's routers depend on: the resolved config (pool, task,
+    env, PPO, network, iterations, lambdas) and the seeds."""
+    return hashlib.sha256(json.dumps([config.to_dict(), list(seeds)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def saved_sweep_key(path: str | os.PathLike) -> str:
+    """The `sweep_key` a saved sweep was trained under ('' if none is saved there, or it has none)."""
+    path = as_path(path)
+    if not path.exists():
+        return ""
+    with path.open("rb") as f, np.load(f) as data:
+        return json.loads(str(data["meta"])).get("key", "")
+
+
+def save_sweep(path: str | os.PathLike, sweep: dict, seeds: list[int], key: str = "") -> RunPath:
     """Writes `sweep_routers`' result ({cost_lambda: params stacked over seeds}) to one .npz, local or gs://
     (`open_for_writing`): arrays '<i>/<param path>' for the i-th lambda, and 'meta' (JSON: the lambdas and
-    seeds in order)."""
+    seeds in order, and the `sweep_key`)."""
     from flax.traverse_util import flatten_dict
 
     lambdas = sorted(sweep)
@@ -62,7 +106,8 @@ def save_sweep(path: str | os.PathLike, sweep: dict, seeds: list[int]) -> RunPat
               for name, value in flatten_dict(sweep[lam], sep="/").items()}
     path = as_path(path)
     with open_for_writing(path) as f:
-        np.savez(f, meta=np.array(json.dumps({"cost_lambdas": lambdas, "seeds": list(seeds)})), **arrays)
+        np.savez(f, meta=np.array(json.dumps({"cost_lambdas": lambdas, "seeds": list(seeds), "key": key})),
+                 **arrays)
     return path
 
 
@@ -82,7 +127,8 @@ def load_sweep(path: str | os.PathLike) -> tuple[list[int], dict]:
 
 def evaluate_run(config: RunConfig, workdir: str | os.PathLike, progress: bool = True) -> EvaluationRun:
     """Trains `config.evaluate.seeds` routers (tree mode; online runs are scored on the same tree),
-    and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep;
+    and for a router that is not lambda-conditioned, one per seed at every other lambda of the sweep
+    (reused from the workdir's sweep_routers.npz when saved there under the same config and seeds);
     then scores everything on the held-out prompts and writes summary.json, report.md and PNGs.
     `workdir`: a local path or gs:// (checked first: `hrjax.rundir.run_dir`). The workdir is held
     exclusively while the evaluation runs (each seed's run dir too; a bucket is not locked)."""
@@ -100,27 +146,41 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
     from hrjax.parallel import is_chief
     from hrjax.report import write_report
 
-    config = resolve_pool(config, progress)
+    clock = PhaseClock()
+    with clock.phase("pool"):
+        config = resolve_pool(config, progress)
+    with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
+        data = load_data(config)
+        tree = load_or_build_tree(config, data.examples, progress)
     seeds = [config.seed + s for s in range(config.evaluate.seeds)]
-    params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
+    with clock.phase("seed runs"):
+        params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
 
-    data = load_data(config)
-    tree = load_or_build_tree(config, data.examples, progress)  # the seed runs' tree: train, select, eval
     train_rows = data.rows("train")
     learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
                          config.train.num_iterations).learner
     if not config.ppo.conditioned:
-        sweep = sweep_routers(config, tree, train_rows, seeds, progress)
-        if is_chief():
-            save_sweep(workdir / SWEEP_FILE, sweep, seeds)
+        with clock.phase("sweep"):  # a rerun reuses the saved sweep of the same config, as it does the seed runs
+            key = sweep_key(config, seeds)
+            if saved_sweep_key(workdir / SWEEP_FILE) == key:
+                sweep = load_sweep(workdir / SWEEP_FILE)[1]
+            else:
+                sweep = sweep_routers(config, tree, train_rows, seeds)
+                if is_chief():
+                    save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
         stacked = {config.env.cost_lambda: stacked, **sweep}
-    result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
-                      Split(tree, data.rows("eval"), [e.task for e in data.eval]),
-                      config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
-                      min(config.evaluate.knn_k, len(data.train)), [m.name for m in config.pool])
-    summary = summarize(result)
+    with clock.phase("evaluation"):
+        result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
+                          Split(tree, data.rows("eval"), [e.task for e in data.eval]),
+                          config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
+                          min(config.evaluate.knn_k, len(data.train)), [m.name for m in config.pool])
+        summary = summarize(result)
     report = workdir / "report.md"
-    if is_chief():  # in a multi-process job every process evaluated; the chief alone writes
-        write_report(workdir, summary, [read_metrics(workdir / f"seed_{s}" / "metrics.jsonl") for s in seeds])
-    return EvaluationRun(summary, markdown_table(summary), report)
+    with clock.phase("report"):
+        if is_chief():  # in a multi-process job every process evaluated; the chief alone writes
+            write_report(workdir, summary, [read_metrics(workdir / f"seed_{s}" / "metrics.jsonl") for s in seeds])
+    seconds = clock.with_total()
+    if is_chief():
+        print(timing_line(seconds), flush=True)
+    return EvaluationRun(summary, markdown_table(summary), report, seconds)

@@ -4,17 +4,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from hrjax.env.cache import ResponseCache
 from hrjax.env.mdp import Context, EnvConfig, RoutingEnv, hop_prompt
 from hrjax.env.tree import build_tree
-from hrjax.errors import TrainingDivergedError
+from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import Pool
 from hrjax.specialists.build import Member, Recipe, build_pool, is_built, recipe_hash, training_pairs
-from hrjax.specialists.sft import SFTConfig, encode_pairs, train
+from hrjax.specialists.sft import SFTConfig, encode_pairs, train, train_together
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
 from hrjax.tasks.builders import SPLITS
 from hrjax.tasks.datasets import load_task
@@ -116,6 +117,31 @@ def test_sft_lowers_the_masked_loss():
     assert losses.shape == (150,) and np.all(np.isfinite(losses))
     assert losses[:5].mean() > np.log(len(tok)) - 0.5  # starts near uniform
     assert losses[-10:].mean() < 0.6 * losses[:5].mean()
+
+
+def test_models_of_one_shape_train_together_as_if_alone():
+    """One vmapped program over models with their own data sizes, seeds and schedules gives each what
+    it gets alone (float32 rounding of the batched program aside)."""
+    tok = char_tokenizer(ALPHABET)
+
+    def encoded(task_type, n):
+        pairs = [p[1:] for p in map(first_hop_pair, specialist_examples("train", n, task_types=(task_type,)))]
+        return encode_pairs(tok, pairs, max_length=64)
+
+    data = [encoded("add", 24), encoded("rev", 40)]
+    assert data[0][0].shape[1] < data[1][0].shape[1]  # the first is padded to the second's length and rows
+    configs = [dataclasses.replace(TINY, seed=1), dataclasses.replace(TINY, learning_rate=1e-2, seed=2)]
+    together = list(train_together(configs, data, len(tok)))
+    assert [i for i, _, _ in together] == [0, 1]
+    (_, params, losses), (_, other, _) = together
+    alone_params, alone_losses = train(configs[0], *data[0], len(tok))
+    assert losses.shape == (TINY.steps,)
+    np.testing.assert_allclose(losses, alone_losses, atol=1e-5, rtol=0)
+    for got, want, of_other in zip(*map(jax.tree_util.tree_leaves, (params, alone_params, other))):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert not np.allclose(got, of_other, atol=1e-3)  # each model its own
+    with pytest.raises(HrjaxError, match="share their shape"):
+        next(train_together([TINY, dataclasses.replace(TINY, batch_size=4)], data, len(tok)))
 
 
 def test_expert_learns_its_skill_through_the_pool_and_env(built, env):

@@ -1,10 +1,11 @@
 """Tree mode (PureJaxRL style): with a path tree the environment is array look-ups, so rollout and
 update run together in one jit-compiled `lax.scan` over iterations.
 
-`make_train(...)` returns pure functions: `init(rng) -> TrainCarry`, `run(carry, n) -> (carry,
-metrics [n])` (n static) and `train(rng)`, all jittable and vmappable over seeds. The environment
-follows `EnvConfig`: L hops, STOP when enabled (action M, not at hop 0: stopping at a node scores
-that node's answer), the cost charged at the end or per hop.
+`make_train(...)` returns pure functions: `init(rng) -> TrainCarry`, `run(carry, n, cost_lambda=None)
+-> (carry, metrics [n])` (n static) and `train(rng, cost_lambda=None)`, all jittable and vmappable over
+seeds and, for a fixed-lambda router, over the cost lambda (a traced scalar; None: the env config's).
+The environment follows `EnvConfig`: L hops, STOP when enabled (action M, not at hop 0: stopping at a
+node scores that node's answer), the cost charged at the end or per hop.
 Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L hops, M models.
 """
 
@@ -124,8 +125,8 @@ class TreeTrainer(NamedTuple):
     learner: Learner
     env: TreeEnv
     init: callable  # (rng) -> TrainCarry
-    run: callable  # (carry, n) -> (carry, metrics with leading axis n); n static
-    train: callable  # (rng) -> (params, metrics [num_iterations])
+    run: callable  # (carry, n, cost_lambda=None) -> (carry, metrics with leading axis n); n static
+    train: callable  # (rng, cost_lambda=None) -> (params, metrics [num_iterations])
 
 
 def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tree: PathTree,
@@ -134,16 +135,19 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
     With a `mesh` (`hrjax.parallel.make_mesh`), each iteration's B episodes are split over its 'data'
     axis and the parameters and optimiser state kept whole on every device: the same program, with
     XLA reducing the gradients across the data axis (B must divide by the data axis size). The metrics
-    come out whole on every device, so each process of a multi-process job can read them."""
+    come out whole on every device, so each process of a multi-process job can read them. `run` and
+    `train` take the episodes' fixed cost lambda as an argument (a float or traced scalar [], so one
+    program serves a vmapped sweep; None: `env_config.cost_lambda`); a lambda-conditioned router
+    (`ppo.lambda_range`) draws its own and ignores it."""
     env = TreeEnv.create(tree, env_config)
     learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations, mesh)
     prompts = jnp.asarray(prompts)
     b = ppo.num_envs
 
-    def rollout(params, key):
+    def rollout(params, key, fixed_lambda):
         """-> (trajectory [L, B], final state)."""
         pick, draw, act = jax.random.split(key, 3)
-        cost_lambda = sample_cost_lambda(ppo, env_config.cost_lambda, draw, b)
+        cost_lambda = sample_cost_lambda(ppo, fixed_lambda, draw, b)
         state = constrain_batch(env.reset(jax.random.choice(pick, prompts, (b,)), cost_lambda), mesh)
 
         def step(state, step_key):
@@ -156,9 +160,9 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
         final, trajectory = jax.lax.scan(step, state, jax.random.split(act, env.num_hops))
         return constrain_batch(trajectory, mesh, axis=1), final
 
-    def iteration(carry: TrainCarry, _):
+    def iteration(carry: TrainCarry, fixed_lambda):
         rng, rollout_key, update_key = jax.random.split(carry.rng, 3)
-        trajectory, final = rollout(carry.params, rollout_key)
+        trajectory, final = rollout(carry.params, rollout_key, fixed_lambda)
         params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key,
                                                     carry.iteration)
         params, opt_state = constrain_replicated((params, opt_state), mesh)
@@ -173,11 +177,12 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
         params, opt_state = learner.init(init_key, tree.root_embedding.shape[-1])
         return TrainCarry(params, opt_state, rng, jnp.zeros((), jnp.int32))
 
-    def run(carry: TrainCarry, n: int):
-        return jax.lax.scan(iteration, carry, None, n)
+    def run(carry: TrainCarry, n: int, cost_lambda=None):
+        fixed_lambda = env_config.cost_lambda if cost_lambda is None else cost_lambda
+        return jax.lax.scan(lambda c, _: iteration(c, fixed_lambda), carry, None, n)
 
-    def train(rng):
-        carry, metrics = run(init(rng), num_iterations)
+    def train(rng, cost_lambda=None):
+        carry, metrics = run(init(rng), num_iterations, cost_lambda)
         return carry.params, metrics
 
     return TreeTrainer(learner, env, init, run, train)

@@ -5,7 +5,8 @@ solved answer survives later hops), and a larger generalist trained briefly on a
 everything and about 3.5x as costly per token. `build_pool` trains every member that is not cached
 yet, saves each as an ordinary HF checkpoint (config.json + safetensors + the shared character
 tokenizer) under `<cache_dir>/<recipe hash>/<name>`, atomically, and returns the pool's
-`ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. The hash covers the recipe, the world's
+`ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. Members of one shape train together, in one
+vmapped program (`hrjax.specialists.sft.train_together`). The hash covers the recipe, the world's
 alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code changes) and the
 JAX / Flax / optax versions, so a cached member is always what the recipe would train now.
 """
@@ -19,14 +20,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from hrjax.errors import HrjaxError
+from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.fsutil import atomic_file
 from hrjax.pool import ModelSpec
 from hrjax.specialists.sft import SFTConfig
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: members of one shape trained together (vmapped), hand-written schedule
 METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
 
 
@@ -137,31 +138,44 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
 
 
 def _train_members(recipe: Recipe, todo: list, root: Path, digest: str, progress: bool) -> None:
-    """Trains the `todo` members of `recipe` (one tqdm bar over all their steps), each saved
-    atomically under `root` when its training ends."""
+    """Trains the `todo` members of `recipe` (one tqdm bar over all their steps), those of one shape
+    (`SFTConfig.shape`) together in one vmapped program (`train_together`), each saved atomically
+    under `root` when its training ends. A member whose loss diverges is dropped and the others
+    finish; then the first such error is raised."""
     from tqdm.auto import tqdm
 
     from hrjax.models.hf import save_hf
-    from hrjax.specialists.sft import encode_pairs, loaded_lm, train
+    from hrjax.specialists.sft import encode_pairs, loaded_lm, train_together
     from hrjax.specialists.tokenizer import char_tokenizer
 
     with atomic_file(root / "recipe.json", "w") as f:
         json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
     tokenizer = char_tokenizer(ALPHABET)
-    bar = tqdm(total=sum(m.sft.steps for m in todo), desc="specialists", unit="step", disable=not progress)
+    stacks = {}
     for member in todo:
-        bar.set_description(f"specialist {member.name}")
-        tokens, mask = encode_pairs(tokenizer, training_pairs(recipe, member), member.sft.max_position_embeddings)
+        stacks.setdefault(member.sft.shape, []).append(member)
+    bar = tqdm(total=sum(m.sft.steps for m in todo), desc="specialists", unit="step", disable=not progress)
+    diverged = None
+    for stack in stacks.values():
+        bar.set_description(f"specialists {'+'.join(m.name for m in stack)}")
+        data = [encode_pairs(tokenizer, training_pairs(recipe, m), m.sft.max_position_embeddings) for m in stack]
         start = bar.n
 
         def advance(steps_done: int, loss: float):
             bar.update(start + steps_done - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        params, losses = train(member.sft, tokens, mask, len(tokenizer), advance)
-        metadata = {"recipe": digest, "member": dataclasses.asdict(member), "pairs": len(tokens),
-                    "final_loss": float(losses[-20:].mean())}
-        config = member.sft.decoder_config(len(tokenizer))
-        save_hf(loaded_lm(config, params, tokenizer, str(root / member.name), **{METADATA_KEY: metadata}),
-                root / member.name)
+        try:
+            for index, params, losses in train_together([m.sft for m in stack], data, len(tokenizer), advance,
+                                                         [f"member '{m.name}'" for m in stack]):
+                member = stack[index]
+                metadata = {"recipe": digest, "member": dataclasses.asdict(member), "pairs": len(data[index][0]),
+                            "final_loss": float(losses[-20:].mean())}
+                config = member.sft.decoder_config(len(tokenizer))
+                save_hf(loaded_lm(config, params, tokenizer, str(root / member.name), **{METADATA_KEY: metadata}),
+                        root / member.name)
+        except TrainingDivergedError as error:
+            diverged = diverged or error
     bar.close()
+    if diverged is not None:
+        raise diverged

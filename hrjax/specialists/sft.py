@@ -4,13 +4,15 @@ A training set is (prompt, response) text pairs; each becomes `<s> prompt respon
 right-padded. The loss is the mean negative log-likelihood of the response tokens and the EOS
 (prompt and padding are masked out), so the model learns to answer and then stop. Batches are drawn
 uniformly with replacement inside the jitted update, `STEPS_PER_CALL` updates per call under
-`lax.scan`. Shapes: N pairs, T sequence length, B batch, V vocabulary.
+`lax.scan`. Models of one shape train together (`train_together`): the update vmapped over them, each
+with its own data, initialisation, batches and schedule. Shapes: N pairs, T sequence length, B batch,
+V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,12 @@ class SFTConfig:
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}), got {self.warmup_steps}: "
                              "lower it or train longer.")
+
+    @property
+    def shape(self) -> tuple:
+        """What models trained in one program (`train_together`) share: the model's size and the batch size."""
+        return (self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads,
+                self.max_position_embeddings, self.batch_size)
 
     def decoder_config(self, vocab_size: int) -> DecoderConfig:
         return DecoderConfig(
@@ -101,56 +109,127 @@ def sequence_loss(model: Decoder, params, tokens: jax.Array, mask: jax.Array) ->
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
-                                                  config.steps, config.learning_rate * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=config.weight_decay))
+class Schedule(NamedTuple):
+    """A model's optimiser settings as numbers, so that models trained in one program (vmapped) may
+    differ in them: each a scalar, or [models] when stacked."""
+
+    learning_rate: Any  # peak
+    warmup_steps: Any
+    steps: Any
+    weight_decay: Any
+
+    @classmethod
+    def of(cls, configs: Sequence[SFTConfig]) -> "Schedule":
+        """[models] arrays of each config's settings."""
+        return cls(*(np.array([getattr(c, f) for c in configs], dtype) for f, dtype in
+                     (("learning_rate", np.float32), ("warmup_steps", np.int32), ("steps", np.int32),
+                      ("weight_decay", np.float32))))
 
 
-def make_update(model: Decoder, optimizer: optax.GradientTransformation, batch_size: int) -> Callable:
-    """`update(state, keys [S, 2], tokens [N, T], mask [N, T]) -> (state, losses [S])`: S updates,
-    each on B pairs drawn uniformly; state = (params, opt_state). Pure; jit it."""
+def learning_rate_at(count: jax.Array, schedule: Schedule) -> jax.Array:
+    """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine decay to 5% of it at `steps`."""
+    warmup, decay_steps = schedule.warmup_steps, schedule.steps - schedule.warmup_steps
+    progress = jnp.clip(count - warmup, 0, decay_steps) / jnp.maximum(decay_steps, 1)
+    cosine = schedule.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    return jnp.where(count < warmup, schedule.learning_rate * count / jnp.maximum(warmup, 1), cosine)
 
-    def one(state, key, tokens, mask):
-        params, opt_state = state
-        rows = jax.random.randint(key, (batch_size,), 0, tokens.shape[0])
-        loss, grads = jax.value_and_grad(lambda p: sequence_loss(model, p, tokens[rows], mask[rows]))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
 
-    def update(state, keys, tokens, mask):
-        return jax.lax.scan(lambda s, k: one(s, k, tokens, mask), state, keys)
+def make_optimizer(schedule: Schedule) -> optax.GradientTransformation:
+    """AdamW after clipping the global gradient norm to 1; `schedule` may hold traced scalars."""
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(lambda count: learning_rate_at(count, schedule),
+                                   weight_decay=schedule.weight_decay))
+
+
+def make_update(model: Decoder, batch_size: int) -> Callable:
+    """`update(state, keys [S, 2], tokens [N, T], mask [N, T], rows [], schedule) -> (state, losses [S])`:
+    S updates, each on B pairs drawn uniformly from the first `rows` (the rest is padding); state =
+    (params, opt_state). Pure; vmap it over models, jit it."""
+
+    def update(state, keys, tokens, mask, rows, schedule):
+        optimizer = make_optimizer(schedule)
+
+        def one(state, key):
+            params, opt_state = state
+            batch = jax.random.randint(key, (batch_size,), 0, rows)
+            loss, grads = jax.value_and_grad(lambda p: sequence_loss(model, p, tokens[batch], mask[batch]))(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        return jax.lax.scan(one, state, keys)
 
     return update
 
 
+def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray, np.ndarray]], vocab_size: int,
+                   on_progress: Optional[Callable[[int, float], None]] = None,
+                   labels: Optional[Sequence[str]] = None) -> Iterator[tuple[int, Any, np.ndarray]]:
+    """Trains one fresh decoder per config, each on its encoded pairs `data[i]` = (tokens [N_i, T_i],
+    mask [N_i, T_i]), all in one jitted program vmapped over the models (the configs must share
+    `SFTConfig.shape`), each with its own initialisation, batches and schedule from its own seed and
+    settings, as if alone. The pairs are padded to a common [N, T]; `STEPS_PER_CALL` updates per call,
+    and a model leaves the stack when its steps are done. Yields (index, params, per-step losses [steps]
+    float32) as each model finishes, shortest first. `on_progress(steps_done, mean last loss)` (steps
+    summed over the models) after every call. A model whose loss turns non-finite is dropped at once;
+    `TrainingDivergedError` is raised when the others are done."""
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(configs))]
+    if len({c.shape for c in configs}) != 1:
+        raise HrjaxError(f"Models trained together must share their shape and batch size (SFTConfig.shape), got "
+                         f"{sorted({c.shape for c in configs})}: train each shape group separately.")
+    config = configs[0]
+    model = Decoder(config.decoder_config(vocab_size))
+    n, t = max(x.shape[0] for x, _ in data), max(x.shape[1] for x, _ in data)
+    tokens = np.full((len(data), n, t), PAD_ID, np.int32)
+    mask = np.zeros((len(data), n, t), np.float32)
+    for i, (x, m) in enumerate(data):
+        tokens[i, :x.shape[0], :x.shape[1]], mask[i, :m.shape[0], :m.shape[1]] = x, m
+    rows = np.array([x.shape[0] for x, _ in data], np.int32)
+    schedule = Schedule.of(configs)
+    one_token = jnp.zeros((1, 1), jnp.int32)
+    optimizer = make_optimizer(schedule)  # for its state, whose structure does not depend on the settings
+    params, keys = [], []
+    for c in configs:
+        init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
+        params.append(model.init(init_key, one_token, one_token, jnp.ones((1, 1), bool)))
+        keys.append(jax.random.split(data_key, c.steps))
+    state = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[(p, optimizer.init(p)) for p in params])
+    update = jax.jit(jax.vmap(make_update(model, config.batch_size)), donate_argnums=0)
+    active, losses, done, failures = list(range(len(configs))), [[] for _ in configs], 0, []
+    stacked = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rows), Schedule(*map(jnp.asarray, schedule)))
+    while active:
+        count = min(STEPS_PER_CALL, min(configs[i].steps for i in active) - done)
+        chunk_keys = jnp.stack([keys[i][done:done + count] for i in active])
+        state, chunk = update(state, chunk_keys, *stacked)
+        chunk, done = np.asarray(chunk), done + count
+        keep = []
+        for position, i in enumerate(active):
+            losses[i].append(chunk[position])
+            if not np.all(np.isfinite(chunk[position])):
+                bad = int(np.argmin(np.isfinite(chunk[position])))
+                failures.append(TrainingDivergedError(
+                    f"The SFT loss of {labels[i]} became {chunk[position, bad]} at step {done - count + bad}: lower "
+                    f"learning_rate (now {configs[i].learning_rate}) or raise warmup_steps (now "
+                    f"{configs[i].warmup_steps})."))
+            elif done == configs[i].steps:
+                yield i, jax.device_get(jax.tree_util.tree_map(lambda x: x[position], state[0])), \
+                    np.concatenate(losses[i])
+            else:
+                keep.append(position)
+        if on_progress is not None:
+            on_progress(sum(min(done, c.steps) for c in configs), float(chunk[:, -1].mean()))
+        if len(keep) < len(active):
+            state, stacked = jax.tree_util.tree_map(lambda x: x[np.array(keep, int)], (state, stacked))
+            active = [active[p] for p in keep]
+    if failures:
+        raise failures[0]
+
+
 def train(config: SFTConfig, tokens: np.ndarray, mask: np.ndarray, vocab_size: int,
           on_progress: Optional[Callable[[int, float], None]] = None) -> tuple[Any, np.ndarray]:
-    """Trains a fresh decoder on encoded pairs -> (params, per-step losses [steps] float32).
-    `on_progress(steps_done, last_loss)` is called after every `STEPS_PER_CALL` updates. Raises
-    `TrainingDivergedError` as soon as a loss is not finite."""
-    model = Decoder(config.decoder_config(vocab_size))
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    one_token = jnp.zeros((1, 1), jnp.int32)
-    params = model.init(init_key, one_token, one_token, jnp.ones((1, 1), bool))
-    optimizer = make_optimizer(config)
-    update = jax.jit(make_update(model, optimizer, config.batch_size), donate_argnums=0)
-    state = (params, optimizer.init(params))
-    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    keys = jax.random.split(data_key, config.steps)
-    losses = []
-    for start in range(0, config.steps, STEPS_PER_CALL):
-        state, chunk = update(state, keys[start:start + STEPS_PER_CALL], tokens, mask)
-        chunk = np.asarray(chunk)
-        if not np.all(np.isfinite(chunk)):
-            bad = start + int(np.argmin(np.isfinite(chunk)))
-            raise TrainingDivergedError(
-                f"The SFT loss became {chunk[bad - start]} at step {bad}: lower learning_rate (now "
-                f"{config.learning_rate}) or raise warmup_steps (now {config.warmup_steps}).")
-        losses.append(chunk)
-        if on_progress is not None:
-            on_progress(start + len(chunk), float(chunk[-1]))
-    return state[0], np.concatenate(losses)
+    """Trains a fresh decoder on encoded pairs -> (params, per-step losses [steps] float32): `train_together`
+    with one model. Raises `TrainingDivergedError` as soon as a loss is not finite."""
+    ((_, params, losses),) = train_together([config], [(tokens, mask)], vocab_size, on_progress)
+    return params, losses
 
 
 def loaded_lm(config: DecoderConfig, params, tokenizer, source: str, **hf_extra) -> LoadedLM:

@@ -1,0 +1,69 @@
+"""The main job end to end: `hrjax evaluate --config=experiments/configs/specialist_world.py` in a fresh
+cache directory (nothing cached: pool build, path tree, 3 seed runs, lambda sweep, evaluation, report),
+as the command runs it (JAX's compilation cache in the cache directory). Figures: total and per-phase
+wall seconds, and `speedup_vs_sequential_sweep`: the sweep as one program vmapped over lambda x seed
+(the job's phase) against one program per lambda vmapped over seeds (what the job ran before), timed
+afterwards in the same process on the same path tree, compilation included in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from hrjax.benchmarks.common import host_isa
+
+CONFIG_FILE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "specialist_world.py"
+
+
+def main_job_config(root: Path, recipe: str = "default"):
+    """The main job's `RunConfig` (recipe 'default', or 'reduced': the CI world), caches and data under `root`."""
+    from hrjax.config import run_config
+
+    spec = importlib.util.spec_from_file_location("specialist_world", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(recipe)
+    config.train.cache_dir, config.task.data_dir = str(root / "cache"), str(root / "data")
+    return run_config(config.to_dict())
+
+
+def sequential_sweep_seconds(config, seeds: list[int]) -> float:
+    """Wall seconds of the sweep as one jitted program per lambda (each vmapped over seeds, the lambda a
+    constant of its program), over the run's cached pool and tree."""
+    from hrjax.agent.tree_mode import make_train
+    from hrjax.pool import resolve_pool
+    from hrjax.train import load_data, load_or_build_tree
+
+    config = resolve_pool(config, progress=False)
+    data = load_data(config)
+    tree, rows = load_or_build_tree(config, data.examples, progress=False), data.rows("train")
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
+    start = time.perf_counter()
+    for lam in (x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda):
+        env = dataclasses.replace(config.env, cost_lambda=lam)
+        trainer = make_train(config.ppo, config.network, env, tree, rows, config.train.num_iterations)
+        jax.block_until_ready(jax.jit(jax.vmap(trainer.train))(keys)[0])
+    return time.perf_counter() - start
+
+
+def run(recipe: str = "default") -> dict:
+    from hrjax.pipeline import evaluate_run
+    from hrjax.runtime import use_compilation_cache
+
+    with tempfile.TemporaryDirectory(prefix="hrjax-bench-quickstart-") as root:
+        config = main_job_config(Path(root), recipe)
+        use_compilation_cache(Path(root) / "cache" / "xla")  # as `hrjax evaluate` does
+        job = evaluate_run(config, Path(root) / "run", progress=False)
+        sequential = sequential_sweep_seconds(config, [config.seed + s for s in range(config.evaluate.seeds)])
+    seconds = {name: round(value, 1) for name, value in job.seconds.items()}
+    return {"host_isa": host_isa(), "recipe": recipe, "total_seconds": seconds.pop("total"),
+            "phase_seconds": seconds, "sequential_sweep_seconds": round(sequential, 1),
+            "speedup_vs_sequential_sweep": round(sequential / job.seconds["sweep"], 2),
+            "router_quality": round(job.summary["router_quality"], 3),
+            "best_single_quality": round(job.summary["best_single_quality"], 3)}

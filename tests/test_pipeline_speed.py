@@ -1,0 +1,51 @@
+"""The main job's fast paths give what the slow ones gave: the lambda sweep as one program vmapped over
+lambda x seed equals one program per lambda; a rerun reuses the saved sweep; the job prints its phase
+timings."""
+
+import dataclasses
+
+import jax
+import numpy as np
+from runs import config_of, reduced_specialist_config
+
+from hrjax.agent.tree_mode import make_train
+from hrjax.benchmarks.common import random_tree
+from hrjax.pipeline import SWEEP_FILE, evaluate_run, sweep_routers, timing_line
+
+POOL = dict(pool=[dict(name=f"m{i}", checkpoint="/unused", base_rate=1.0 + i) for i in range(2)],
+            data_dir="/unused", cache_dir="/unused")
+# float32 rounding differs between the batched and unbatched programs; over a few PPO iterations it
+# stays below this (another lambda moves the parameters by over 10x this: checked below)
+TOLERANCE = 1e-4
+
+
+def test_sweep_is_one_program_equal_to_one_per_lambda():
+    config = config_of(POOL, iterations=6, **{"evaluate.cost_lambdas": (0.0, 0.5, 2.0), "env.stop_action": True})
+    assert config.env.cost_lambda == 0.5
+    tree = random_tree(16, 8, num_models=2, num_hops=2)
+    rows, seeds = np.arange(12), [3, 4]
+    sweep = sweep_routers(config, tree, rows, seeds)
+    assert sorted(sweep) == [0.0, 2.0]  # every lambda of the sweep but the run's own (0.5)
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
+    # the last lambda's routers as the old sweep trained them: a program of their own, lambda a constant
+    env = dataclasses.replace(config.env, cost_lambda=2.0)
+    trainer = make_train(config.ppo, config.network, env, tree, rows, config.train.num_iterations)
+    alone = jax.jit(jax.vmap(trainer.train))(keys)[0]
+    for got, want in zip(jax.tree_util.tree_leaves(sweep[2.0]), jax.tree_util.tree_leaves(alone)):
+        assert got.shape == want.shape and got.shape[0] == len(seeds)
+        np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
+    first, last = (jax.tree_util.tree_leaves(sweep[lam]) for lam in (0.0, 2.0))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(first, last)) > 10 * TOLERANCE  # lambda reaches the run
+
+
+def test_main_job_prints_its_phase_seconds_and_a_rerun_reuses_the_sweep(reduced_quickstart, capsys):
+    root, run = reduced_quickstart
+    phases = ["pool", "tree", "seed runs", "sweep", "evaluation", "report"]
+    assert list(run.seconds) == [*phases, "total"]
+    assert all(run.seconds[p] >= 0 for p in phases) and run.seconds["total"] >= sum(run.seconds[p] for p in phases)
+    saved = (root / "run" / SWEEP_FILE).stat()
+    again = evaluate_run(reduced_specialist_config(root), root / "run", progress=False)
+    assert timing_line(again.seconds) in capsys.readouterr().out.splitlines()
+    assert again.summary["aiq_by_method"] == run.summary["aiq_by_method"]
+    after = (root / "run" / SWEEP_FILE).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)  # read back, not trained again
