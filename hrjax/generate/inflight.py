@@ -290,7 +290,8 @@ class InflightEngine:
         self.max_slots = pow2_bucket(slots)
         self.steps_per_dispatch = steps_per_dispatch
         self._refill_batch = refill_batch
-        self.compiled_shapes: set[tuple] = set()  # ('admit', k, P, S, W, N, Q, L) / ('decode', S, W, N, Q, L)
+        # ('admit', k, P, S, W, N, Q, L) / ('decode', S, W, N, Q, L) / ('resize', S, S', W, N, Q, L)
+        self.compiled_shapes: set[tuple] = set()
         self._eos_ids = jnp.asarray(sampler.eos_ids, jnp.int32)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._occupant: list[Optional[_Request]] = [None]  # one per slot: S = len
@@ -414,6 +415,7 @@ class InflightEngine:
             return
         order = (live + [s for s, o in enumerate(self._occupant) if o is None])[:need]
         if self._state is not None:
+            self.compiled_shapes.add(("resize", self.slots, need, *self._capacity()[1:]))
             self._state = _resized(self._state, jnp.asarray(order, jnp.int32), slots=need, config=self.sampler.config)
         self._occupant = [self._occupant[s] for s in order] + [None] * (need - len(order))
 
@@ -473,5 +475,5 @@ class InflightEngine:
 
 
 def compiled_program_count() -> int:
-    """How many programs JAX has compiled for in-flight batching in this process (admission + decode)."""
-    return admit_program._cache_size() + decode_program._cache_size()
+    """How many programs JAX has compiled for in-flight batching in this process (admission, decode, resize)."""
+    return admit_program._cache_size() + decode_program._cache_size() + _resized._cache_size()
