@@ -345,8 +345,9 @@ class InflightEngine:
         self.compiled_shapes.add(("decode", *capacity))
         # while requests wait: until refill_batch slots are free for them; else until 3/4 of the slots are
         # free, when the state shrinks to the rows still running (a long row's tail runs at a small S)
-        waiting = len(self._waiting)
+        waiting, free = len(self._waiting), self._occupant.count(None)
         leave_when_done = min(waiting, self.refill_batch) if waiting else self.slots - self.slots // 4
+        leave_when_done = max(leave_when_done, free + 1)  # at least one running row finishes: progress
         self._state, _ = decode_program(self.sampler.params, self._state, self._eos_ids,
                                         jnp.int32(max_steps or capacity[2]), jnp.int32(leave_when_done),
                                         config=self.sampler.config)
