@@ -127,22 +127,13 @@ def _serve(bundle: Path, log: Path):
 
 def specialist_bundle(root: Path) -> Path:
     """The reduced specialist world trained (or reused) under `root`, exported to root/bundle."""
-    from hrjax.config import run_config
+    from hrjax.benchmarks.quickstart import main_job_config
     from hrjax.export import export_bundle
     from hrjax.pipeline import evaluate_run
 
     bundle = root / "bundle"
     if not bundle.exists():
-        import importlib.util
-
-        repo = Path(__file__).resolve().parents[2]
-        spec = importlib.util.spec_from_file_location("specialist_world",
-                                                      repo / "experiments/configs/specialist_world.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config("reduced")
-        config.train.cache_dir, config.task.data_dir = str(root / "cache"), str(root / "data")
-        evaluate_run(run_config(config.to_dict()), root / "run", progress=False)
+        evaluate_run(main_job_config(root, "reduced"), root / "run", progress=False)
         export_bundle(root / "run", bundle, progress=False)
     return bundle
 
