@@ -153,6 +153,25 @@ def test_slots_follow_the_load(llama):
     assert_same_greedy([finished[h] for h in requests], reference)
 
 
+def test_cancelled_requests_free_their_slots_and_leave_the_others_unchanged(llama):
+    """A cancelled running row frees its slot at the next step (a waiting request takes it), a cancelled
+    waiting one is never admitted, neither is reported, and the rest make their one-at-a-time tokens."""
+    engine = InflightEngine(llama, slots=2, steps_per_dispatch=2)
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = {engine.submit([5 + i, 9, 4], long): [5 + i, 9, 4] for i in range(4)}
+    handles = list(prompts)
+    assert engine.step() == [] and engine.slots == 2  # the first two run, two wait
+    engine.cancel(handles[0])  # running
+    engine.cancel(handles[3])  # waiting
+    assert engine.step() == []
+    running = {o.handle for o in engine._occupant if o is not None}
+    assert running == {handles[1], handles[2]}  # the freed slot went to the waiting request not cancelled
+    finished = dict(engine.run_until_idle())
+    assert sorted(finished) == handles[1:3] and engine.idle and not engine._waiting
+    reference = one_at_a_time(reference_sampler(llama, 64), [prompts[h] for h in handles[1:3]], [long] * 2)
+    assert_same_greedy([finished[h] for h in handles[1:3]], reference)
+
+
 def test_bad_requests_are_named(llama):
     engine = InflightEngine(llama, slots=2)
     with pytest.raises(ValueError, match="Prompt 0 is empty"):

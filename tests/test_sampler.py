@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hrjax.errors import PromptTooLongError
-from hrjax.generate.sampler import Sampler, SamplingParams, generate_arrays
+from hrjax.generate.sampler import Generation, Sampler, SamplingParams, generate_arrays
 from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.hf import load_hf
 from references import hf_greedy
@@ -77,6 +77,13 @@ def test_ignore_eos_gives_exact_length_and_eos_ends_rows(llama_sampler):
     stopped = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[first]).generate_tokens(
         prompts[:1], SamplingParams(max_new_tokens=40))[0]
     assert stopped.tokens.tolist() == [first] and stopped.finish_reason == "eos"
+    # ignore_eos rows run their length and finish as 'length', even when their last token is an EOS id
+    last = int(exact[0].tokens[-1])
+    for engine in ("static", "inflight"):
+        sampler = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[last])
+        generate = sampler.generate_tokens if engine == "static" else sampler.generate_stream
+        again = generate(prompts[:1], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+        assert again.tokens.tolist() == exact[0].tokens.tolist() and again.finish_reason == "length", engine
 
 
 class IdTokenizer:
@@ -100,6 +107,34 @@ def test_stop_strings_end_generation_and_cut_text(llama_sampler):
     assert cut.finish_reason == "stop"
     assert cut.tokens.tolist() == full.tokens[:6].tolist()
     assert cut.text == full.text[:full.text.index(stop)]
+
+
+def test_a_stop_found_only_in_the_text_trims_the_tokens(llama_sampler):
+    """Token ids 15, 6 decode to '15 6', which holds the stop '5 6' that the token-level check (ids 5, 6)
+    cannot see: the tokens are trimmed to the one that completed it, so cost counts what was kept."""
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, IdTokenizer())
+    generation = Generation(np.array([9, 15, 6, 7, 8], np.int32), np.arange(5, dtype=np.float32), "length")
+    cut = sampler.with_text(generation, stop=("7 8", "5 6"))
+    assert (cut.tokens.tolist(), cut.logprobs.tolist(), cut.finish_reason, cut.text) == ([9, 15, 6], [0, 1, 2],
+                                                                                       "stop", "9 1")
+    kept = sampler.with_text(generation, stop=("6 9",))
+    assert (kept.tokens.tolist(), kept.finish_reason, kept.text) == ([9, 15, 6, 7, 8], "length", "9 15 6 7 8")
+
+
+def test_stop_tables_eos_and_top_k_are_bucketed(llama_sampler):
+    """Greedy requests with different stop tables, ignore_eos or not and any top_k share one program;
+    sampled top_k 3 and 4 share the bucket 4. JAX's own cache grows by what `compiled_shapes` records."""
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, IdTokenizer())
+    prompts = varied_prompts(lengths=(3, 7, 12, 5, 9))  # a batch bucket (6) no other test compiles
+    before = generate_arrays._cache_size()
+    for stop, ignore_eos, top_k in [((), False, 0), (("7",), True, 5), (("7 9", "3 4 5"), False, 1),
+                                    (("1", "2", "3"), True, 0)]:
+        sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=8, stop=stop, ignore_eos=ignore_eos,
+                                                        top_k=top_k))
+    assert generate_arrays._cache_size() - before == len(sampler.compiled_shapes) == 1
+    for top_k in (3, 4):
+        sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=top_k))
+    assert generate_arrays._cache_size() - before == len(sampler.compiled_shapes) == 2
 
 
 def test_shape_buckets_bound_compilations(llama_sampler):

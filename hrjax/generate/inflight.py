@@ -34,7 +34,7 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
 
 Two front ends over one engine: `InflightEngine.generate_stream` (a known list; results in input order)
 and `submit` / `step` / `run_until_idle` for a scheduler loop (the server). The engine is synchronous:
-`submit` may be called from any thread (a deque append), `step` from one thread at a time.
+`submit` may be called from any thread (a deque append), `step` and `cancel` from one thread at a time.
 """
 
 from __future__ import annotations
@@ -245,6 +245,12 @@ def _resized(state: SlotState, order, *, slots: int, config: DecoderConfig) -> S
     return SlotState(cache, key_positions, state.column, rows)
 
 
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _ended(state: SlotState, rows_to_end) -> SlotState:
+    """`state` with the rows of `rows_to_end` [S] bool marked done (their slots free for admission)."""
+    return state._replace(rows=state.rows._replace(done=state.rows.done | rows_to_end))
+
+
 def _empty_state(config: DecoderConfig, slots: int, width: int, budget: int, num_stops: int,
                  stop_len: int) -> SlotState:
     """Every slot free (done)."""
@@ -290,13 +296,14 @@ class InflightEngine:
         self.max_slots = pow2_bucket(slots)
         self.steps_per_dispatch = steps_per_dispatch
         self._refill_batch = refill_batch
-        # ('admit', k, P, S, W, N, Q, L) / ('decode', S, W, N, Q, L) / ('resize', S, S', W, N, Q, L)
+        # ('admit', k, P, S, W, N, Q, L) / ('decode' | 'end', S, W, N, Q, L) / ('resize', S, S', W, N, Q, L)
         self.compiled_shapes: set[tuple] = set()
         self._eos_ids = jnp.asarray(sampler.eos_ids, jnp.int32)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._occupant: list[Optional[_Request]] = [None]  # one per slot: S = len
         self._handles = itertools.count()
         self._state: Optional[SlotState] = None
+        self._cancelled: set[int] = set()  # handles to drop at the next step
 
     # ---- front end: a scheduler loop ----
 
@@ -307,6 +314,12 @@ class InflightEngine:
         stops = self.sampler._stop_token_seqs(sampling.stop)
         self._waiting.append(_Request(handle, [int(t) for t in prompt_ids], sampling, stops))
         return handle
+
+    def cancel(self, handle: int) -> None:
+        """Drops a submitted request (its client went away) at the next `step`: a waiting one is never
+        admitted, a running one frees its slot. Unknown or finished handles are ignored. Call it from the
+        thread that calls `step`."""
+        self._cancelled.add(handle)
 
     @property
     def slots(self) -> int:
@@ -338,6 +351,7 @@ class InflightEngine:
 
     def _step(self, max_steps: Optional[int]) -> list[tuple[int, Generation]]:
         """`step`; max_steps None: the output buffer's length (every running row can finish)."""
+        self._drop_cancelled()
         self._admit_waiting()
         if self.idle:
             return []
@@ -430,7 +444,10 @@ class InflightEngine:
             if 4 * count < 3 * k:  # more than a quarter of the prefill would be filler rows: a smaller group
                 k = count = max(size for size in admit_sizes if size <= count)
             count = min(count, k)
-            newcomers = [self._waiting.popleft() for _ in range(count)]
+            newcomers = [r for r in (self._waiting.popleft() for _ in range(count)) if r.handle not in self._cancelled]
+            if not newcomers:
+                continue
+            count = len(newcomers)
             self._reserve(newcomers + list(self._waiting))  # room for everything queued: grows once per wave
             slots = free[:count]
             free = free[count:]
@@ -460,6 +477,18 @@ class InflightEngine:
         self._state = admit_program(self.sampler.params, self._state, slot_ids, tokens, valid, settings, self._eos_ids,
                                     config=self.sampler.config)
 
+    def _drop_cancelled(self) -> None:
+        """Frees the slots of cancelled running requests (their rows end as done; nothing is reported)."""
+        if not self._cancelled:
+            return
+        dropped = [s for s, o in enumerate(self._occupant) if o is not None and o.handle in self._cancelled]
+        self._cancelled &= {r.handle for r in list(self._waiting)}  # the rest are skipped at admission
+        if dropped:
+            self.compiled_shapes.add(("end", *self._capacity()))
+            self._state = _ended(self._state, jnp.asarray(np.isin(np.arange(self.slots), dropped)))
+            for s in dropped:
+                self._occupant[s] = None
+
     def _harvest(self) -> list[tuple[int, Generation]]:
         rows = self._state.rows
         done = np.asarray(rows.done)
@@ -469,12 +498,14 @@ class InflightEngine:
         tokens, logprobs, count, stopped = jax.device_get((rows.tokens, rows.logprobs, rows.count, rows.stopped))
         results = []
         for s in finished:
-            results.append((self._occupant[s].handle,
-                            row_generation(tokens[s], logprobs[s], count[s], stopped[s], self.sampler.eos_ids)))
+            request = self._occupant[s]
+            eos_ids = () if request.sampling.ignore_eos else self.sampler.eos_ids
+            results.append((request.handle, row_generation(tokens[s], logprobs[s], count[s], stopped[s], eos_ids)))
             self._occupant[s] = None
         return results
 
 
 def compiled_program_count() -> int:
     """How many programs JAX has compiled for in-flight batching in this process (admission, decode, resize)."""
-    return admit_program._cache_size() + decode_program._cache_size() + _resized._cache_size()
+    return (admit_program._cache_size() + decode_program._cache_size() + _resized._cache_size()
+            + _ended._cache_size())

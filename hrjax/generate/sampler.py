@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
@@ -71,8 +73,9 @@ def _argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == best, iota, x.shape[-1]), axis=-1)
 
 
-def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
-    """logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of those tokens)."""
+def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool, top_k_limit=None):
+    """logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of those tokens). `top_k` (static)
+    is the candidate bucket; `top_k_limit` (int32 scalar, <= top_k) keeps only that many of them."""
     # Keeps XLA from fusing the LM-head matmul into the reductions below (a naive-loop dot).
     logits = jax.lax.optimization_barrier(logits)
     if greedy:
@@ -81,6 +84,9 @@ def _select_tokens(logits, key, temperature, top_p, greedy: bool, top_k: int, us
         scaled = logits / temperature
         if top_k:
             candidates, candidate_ids = jax.lax.top_k(scaled, top_k)  # sorted descending
+            if top_k_limit is not None:
+                rank = jax.lax.broadcasted_iota(jnp.int32, candidates.shape, candidates.ndim - 1)
+                candidates = jnp.where(rank < top_k_limit, candidates, -jnp.inf)
         else:
             candidate_ids = jnp.argsort(-scaled, axis=-1)
             candidates = jnp.take_along_axis(scaled, candidate_ids, axis=-1)
@@ -115,11 +121,20 @@ def left_pad(prompts: Sequence[Sequence[int]], batch: int, prompt_len: int) -> t
 def row_generation(tokens: np.ndarray, logprobs: np.ndarray, length: int, stopped: bool,
                    eos_ids: Sequence[int]) -> Generation:
     """One row of the output buffers ([N] tokens and logprobs, its length, whether a stop sequence
-    ended it) -> its `Generation`."""
+    ended it) -> its `Generation`; `eos_ids` the ids that ended it ((): ignore_eos, so 'length')."""
     n = int(length)
     row = tokens[:n]
     reason = FINISH_STOP if stopped else (FINISH_EOS if n and int(row[-1]) in eos_ids else FINISH_LENGTH)
     return Generation(row.astype(np.int32), logprobs[:n].astype(np.float32), reason)
+
+
+def bucket_stop_table(table: np.ndarray) -> np.ndarray:
+    """A [q, l] stop table (right-aligned, -1 padded) padded to [Q, L], the powers of two >= max(q, 4) and
+    max(l, 4): up to four stops of up to four tokens share one shape (and program)."""
+    q, length = table.shape
+    out = np.full((pow2_bucket(q, 4), pow2_bucket(length, 4)), -1, np.int32)
+    out[:q, out.shape[1] - length:] = table
+    return out
 
 
 def _ends_with_stop(out_tokens, step, stop_seqs):
@@ -134,16 +149,17 @@ def _ends_with_stop(out_tokens, step, stop_seqs):
 
 @functools.partial(jax.jit, static_argnames=("config", "budget", "greedy", "top_k", "use_top_p", "mesh"))
 def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs, max_new_tokens,
-                    key, temperature, top_p, *, config: DecoderConfig, budget: int, greedy: bool,
+                    key, temperature, top_p, top_k_limit, *, config: DecoderConfig, budget: int, greedy: bool,
                     top_k: int, use_top_p: bool, mesh: Optional[Mesh] = None):
     """The compiled sampler over one bucket.
 
     Args:
       prompt: [B, P] int32 left-padded prompts; prompt_valid: [B, P] bool (False on padding).
       row_active: [B] bool, False for rows that only fill the batch bucket.
-      eos_ids: [E] int32; stop_seqs: [Q, L] int32 token sequences, right-aligned, -1 padded.
+      eos_ids: [E] int32 (-1: none); stop_seqs: [Q, L] int32 token sequences, right-aligned, -1 padded.
       max_new_tokens: int32 scalar <= budget; budget: static N, the output buffer length.
       key: PRNG key; temperature, top_p: float32 scalars.
+      top_k_limit: int32 scalar, the top-k filter's k (<= the static bucket `top_k`; 0 with top_k 0: off).
       mesh: a ('data', 'model') mesh whose shardings `params` carry (`hrjax.models.sharding`); the KV
         cache is then split like them (rows over 'data', kv heads over 'model'). None: one device.
     Returns (tokens [B, N] int32 (-1 past each row's end), logprobs [B, N] float32,
@@ -160,7 +176,7 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
     logits, cache = model.apply(params, prompt, positions, kv_valid, cache, 0, last_only=True)
     cache = split_cache(cache)
     select = functools.partial(_select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-                               top_k=top_k, use_top_p=use_top_p)
+                               top_k=top_k, use_top_p=use_top_p, top_k_limit=top_k_limit)
 
     def finish(tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step):
         tokens = jnp.where(done, -1, tokens)
@@ -245,12 +261,16 @@ class Sampler:
 
     @classmethod
     def from_loaded(cls, lm, **kwargs) -> "Sampler":
-        """From a `LoadedLM`; EOS ids from its HF config (int or list) and tokenizer."""
-        eos = lm.hf_config.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        tok_eos = getattr(lm.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in eos_ids:
-            eos_ids.append(tok_eos)
+        """From a `LoadedLM`; EOS ids from its HF config and, for a HF directory, its
+        `generation_config.json` (each an int or a list; chat models often end turns on a second id
+        there), and its tokenizer."""
+        eos_ids = []
+        generation_config = Path(lm.source) / "generation_config.json"
+        sources = [lm.hf_config, json.loads(generation_config.read_text()) if generation_config.is_file() else {}]
+        for eos in [source.get("eos_token_id") for source in sources] + [getattr(lm.tokenizer, "eos_token_id", None)]:
+            for token in [eos] if isinstance(eos, int) else list(eos or []):
+                if token not in eos_ids:
+                    eos_ids.append(token)
         return cls(lm.config, lm.params, lm.tokenizer, eos_ids=kwargs.pop("eos_ids", eos_ids), **kwargs)
 
     def _stop_token_seqs(self, stop: Sequence[str]) -> np.ndarray:
@@ -316,19 +336,26 @@ class Sampler:
         if self.mesh is not None:
             tokens, valid, active = (jax.device_put(a, data_sharding(self.mesh, a.ndim))
                                      for a in (tokens, valid, active))
-        stop_seqs = jnp.asarray(self._stop_token_seqs(sampling.stop))
-        eos_ids = jnp.asarray(() if sampling.ignore_eos else self.eos_ids, jnp.int32)
-        static = dict(config=self.config, budget=budget, greedy=sampling.greedy, top_k=sampling.top_k,
-                      use_top_p=sampling.top_p < 1.0, mesh=self.mesh)
+        stop_seqs = jnp.asarray(bucket_stop_table(self._stop_token_seqs(sampling.stop)))
+        eos_ids = jnp.asarray([-1] * len(self.eos_ids) if sampling.ignore_eos else self.eos_ids, jnp.int32)
+        top_k = min(pow2_bucket(sampling.top_k), self.config.vocab_size) if sampling.top_k and not sampling.greedy else 0
+        static = dict(config=self.config, budget=budget, greedy=sampling.greedy, top_k=top_k,
+                      use_top_p=sampling.top_p < 1.0 and not sampling.greedy, mesh=self.mesh)
         args = (self.params, tokens, valid, active, eos_ids, stop_seqs, jnp.int32(sampling.max_new_tokens), key,
-                jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+                jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k))
         return args, static
+
+    def program_key(self, args: tuple, static: dict) -> tuple:
+        """Everything `generate_arrays` compiles a program for: the shape of every array argument and the
+        static arguments (so `compiled_shapes` counts programs as JAX does)."""
+        return (*(tuple(a.shape) for a in args[1:] if hasattr(a, "shape") and a.ndim), *static.values())
 
     def _generate_chunk(self, prompts, sampling, key) -> list[Generation]:
         args, static = self._program_inputs(prompts, sampling, key)
-        self.compiled_shapes.add((*args[1].shape, *static.values()))
+        self.compiled_shapes.add(self.program_key(args, static))
         out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(*args, **static))
-        return [row_generation(out_tokens[i], out_logprobs[i], lengths[i], stopped[i], self.eos_ids)
+        eos_ids = () if sampling.ignore_eos else self.eos_ids
+        return [row_generation(out_tokens[i], out_logprobs[i], lengths[i], stopped[i], eos_ids)
                 for i in range(len(prompts))]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams,
@@ -343,10 +370,20 @@ class Sampler:
 
     def with_text(self, generation: Generation, stop: Sequence[str] = ()) -> Generation:
         """`generation` with `.text` decoded (special tokens skipped) and cut before the first stop
-        string; a cut makes the finish reason 'stop' (the text then ends before the tokens do)."""
-        text = self.tokenizer.decode(generation.tokens.tolist(), skip_special_tokens=True)
-        reason = generation.finish_reason
+        string. A stop found in the text also trims the tokens and logprobs to the shortest prefix whose
+        text holds it (the token completing the stop stays: it was generated) and makes the finish reason
+        'stop', so cost is charged on what was kept even where the token-level check missed the stop."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        tokens = generation.tokens.tolist()
+        text = decode(tokens)
         cuts = [text.find(s) for s in stop if s in text]
-        if cuts:
-            text, reason = text[:min(cuts)], FINISH_STOP
-        return dataclasses.replace(generation, text=text, finish_reason=reason)
+        if not cuts:
+            return dataclasses.replace(generation, text=text)
+        # the shortest prefix whose text holds a stop (a prefix's text is a prefix of the text); mostly
+        # the whole answer, which the token-level check ended at the stop
+        holds_stop = lambda n: any(s in decode(tokens[:n]) for s in stop)  # noqa: E731
+        low, high = (len(tokens), len(tokens)) if not holds_stop(len(tokens) - 1) else (1, len(tokens) - 1)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if holds_stop(mid) else (mid + 1, high)
+        return Generation(generation.tokens[:high], generation.logprobs[:high], FINISH_STOP, text[:min(cuts)])

@@ -199,9 +199,13 @@ class Scheduler:
                 results = await self._run("decide", functools.partial(self._decide, jobs))
                 self._settle(jobs, results)
             for action, engine in enumerate(self._engines):
+                # a done future: its request went away (client disconnected): its row is dropped
+                gone = [key for key, job in self._generations.items() if key[0] == action and job.future.done()]
+                for key in gone:
+                    del self._generations[key]
                 if not engine.idle:
-                    finished = await self._run(self.models[action].spec.name,
-                                               functools.partial(self._step, action, engine))
+                    finished = await self._run(self.models[action].spec.name, functools.partial(
+                        self._step, action, engine, [handle for _, handle in gone]))
                     self._settle_generations(action, finished)
 
     async def _run(self, name: str, call: Callable[[], list]) -> list | BaseException:
@@ -241,9 +245,11 @@ class Scheduler:
         self.stats.rows["decide"] += len(jobs)
         return self.router.decide([j.payload[0] for j in jobs], [j.payload[1] for j in jobs])
 
-    def _step(self, action: int, engine: InflightEngine) -> list:
+    def _step(self, action: int, engine: InflightEngine, cancelled: list[int]) -> list:
         """One decode dispatch of a model's engine -> [(handle, Generation with its text cut at its stop
-        strings)] of the rows that finished."""
+        strings)] of the rows that finished; the `cancelled` handles are dropped first, freeing their slots."""
+        for handle in cancelled:
+            engine.cancel(handle)
         sampler = self.models[action].sampler
         return [(handle, sampler.with_text(generation, self._generations[(action, handle)].payload[1].stop))
                 for handle, generation in engine.step()]
