@@ -107,7 +107,8 @@ def test_gemma3_tokenizer_special_tokens(gemma3):
 
 # --- synthetic GGUFs -----------------------------------------------------------------------------
 
-GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3}
+GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+             "gemma3": gguf.MODEL_ARCH.GEMMA3}
 # Mixed storage types: each quantises rows in blocks of 32 (the tiny model's rows are 64 or 96 long).
 MIXED = {"token_embd": Q.F16, "output": Q.BF16, "attn_q": Q.Q8_0, "attn_k": Q.Q5_0, "attn_v": Q.Q4_1,
          "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_0, "ffn_up": Q.Q5_1, "ffn_down": Q.Q8_0}
@@ -122,6 +123,8 @@ def tiny_model(variant: str, **overrides):
     elif variant == "gemma3":  # 6 layers: llama.cpp fixes every 6th as global, 1/sqrt(head_dim), no caps
         config = tf.Gemma3TextConfig(**{**TINY_COMMON, "num_hidden_layers": 6}, head_dim=32, sliding_window=4,
                                      query_pre_attn_scalar=32, final_logit_softcapping=None)
+    elif variant == "qwen3_untied":
+        config = tf.Qwen3Config(**TINY_COMMON, head_dim=24, tie_word_embeddings=False)
     else:
         config = tiny_hf_config(variant)
     for key, value in overrides.items():
@@ -172,11 +175,12 @@ def write_gguf(path: Path, model, arch: str, types=None, arch_name=None, chat_te
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     rope = config.rope_parameters.get("full_attention", config.rope_parameters)
     writer.add_rope_freq_base(rope["rope_theta"])
-    if arch == "gemma3":
+    if arch in ("gemma3", "qwen3"):  # the converter writes key/value lengths when config.json has head_dim
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "gemma3":
         writer.add_sliding_window(config.sliding_window)
-    else:
+    elif arch != "qwen3":  # qwen3's head_dim (24, not hidden / heads) comes from the key length alone
         writer.add_rope_dimension_count(head_dim)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
@@ -217,7 +221,8 @@ def _tokens(vocab: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant,arch", [("llama", "llama"), ("smollm2", "llama"), ("llama3", "llama"),
-                                          ("qwen2", "qwen2"), ("gemma3", "gemma3")])
+                                          ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen3_untied", "qwen3"),
+                                          ("gemma3", "gemma3")])
 def test_synthetic_f32_round_trip(variant, arch, tmp_path):
     model = tiny_model(variant)
     write_gguf(tmp_path / "m.gguf", model, arch)
@@ -245,7 +250,7 @@ def test_synthetic_quantised_round_trip(variant, arch, tmp_path):
 
 
 @pytest.mark.parametrize("variant,arch", [("llama", "llama"), ("llama3", "llama"), ("qwen2", "qwen2"),
-                                          ("gemma3", "gemma3")])
+                                          ("qwen3_untied", "qwen3"), ("gemma3", "gemma3")])
 def test_hf_config_is_the_original(variant, arch, tmp_path):
     """GGUF -> save_hf -> transformers rebuilds the original model exactly: the recovered config.json
     (rope scaling, layer types, query scale, biases, tying) is transformers' own."""
@@ -314,7 +319,8 @@ def test_truncated_file(tiny_gguf):
 
 def test_unknown_architecture(tmp_path):
     write_gguf(tmp_path / "m.gguf", tiny_model("llama"), "llama", arch_name="mamba")
-    with pytest.raises(UnsupportedArchitectureError, match="'mamba' has no Flax port. Supported: llama, qwen2, gemma3"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="'mamba' has no Flax port. Supported: llama, qwen2, qwen3, gemma3"):
         load_gguf(tmp_path / "m.gguf")
 
 

@@ -24,6 +24,15 @@ def tiny_hf_config(arch: str):
         return tf.LlamaConfig(**TINY_COMMON, tie_word_embeddings=True)
     if arch == "qwen2":
         return tf.Qwen2Config(**TINY_COMMON, tie_word_embeddings=False)
+    if arch == "qwen3":  # q/k norm over an explicit head_dim (not hidden / heads), tied embeddings
+        return tf.Qwen3Config(**TINY_COMMON, head_dim=24, tie_word_embeddings=True)
+    if arch == "phi3":  # Phi-4-mini: fused qkv and gate/up, 3/4 rotary, longrope; and every layer sliding. 8 heads
+        # and 4 kv heads, the widths test_sharded_sampler gives every arch (head_dim 8, rotary 6: 3 factors)
+        return tf.Phi3Config(**{**TINY_COMMON, "max_position_embeddings": 256, "num_attention_heads": 8,
+                                "num_key_value_heads": 4}, original_max_position_embeddings=64,
+                             partial_rotary_factor=0.75, sliding_window=6, rope_parameters={
+                                 "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.7, 2.9],
+                                 "long_factor": [4.0, 6.0, 8.0]})
     if arch == "mistral":
         return tf.MistralConfig(**TINY_COMMON, sliding_window=5, head_dim=16)
     if arch == "gemma3":
@@ -33,7 +42,7 @@ def tiny_hf_config(arch: str):
     raise KeyError(arch)
 
 
-DECODER_ARCHS = ("llama", "llama3", "smollm2", "qwen2", "mistral", "gemma3")
+DECODER_ARCHS = ("llama", "llama3", "smollm2", "qwen2", "qwen3", "mistral", "phi3", "gemma3")
 
 
 def make_tiny_decoder(arch: str, out_dir: Path, seed: int = 0):
@@ -64,6 +73,23 @@ def make_tiny_pool_model(out_dir: Path, tokenizer_dir: Path, seed: int) -> Path:
     config = tf.LlamaConfig(**{**TINY_COMMON, "vocab_size": len(tokenizer), "num_hidden_layers": 2,
                                "eos_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id,
                                "pad_token_id": tokenizer.pad_token_id})
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_pool_member(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A tiny random `arch` model (`tiny_hf_config`, e.g. "qwen2" for the paper's Qwen2.5 pools) over a real
+    tokenizer's vocabulary, saved with that tokenizer: a pool member whose answers are fast, deterministic
+    (greedy) nonsense, as `make_tiny_pool_model`'s Llamas."""
+    import torch
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    config = tiny_hf_config(arch)
+    config.update(dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.sep_token_id,
+                       bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id))
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

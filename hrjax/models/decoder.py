@@ -1,10 +1,10 @@
 """Flax (Linen) port of the decoder-only LMs we route between.
 
-One module covers the Llama family (Llama 2/3.x, Qwen2/2.5, Mistral, SmolLM2) and Gemma 3: the
-architectures differ only in switches of `DecoderConfig` (q/k/v bias, q/k norm, sandwich norms,
-per-layer sliding windows and rope bases, embedding scale, final-logit soft cap;
-transformers' Gemma 3 ignores `attn_logit_softcapping`, and so do we). `hrjax.models.hf` builds
-the config from a Hugging Face `config.json`.
+One module covers the Llama family (Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral, SmolLM2, Phi-3.5/Phi-4-mini) and
+Gemma 3: the architectures differ only in switches of `DecoderConfig` (q/k/v bias, q/k norm, sandwich norms,
+per-layer sliding windows and rope bases, partial rotary, embedding scale, final-logit soft cap;
+transformers' Gemma 3 ignores `attn_logit_softcapping`, and so do we) and in their checkpoints' key maps
+(Phi-3 fuses q/k/v and gate/up). `hrjax.models.hf` builds the config from a Hugging Face `config.json`.
 
 Shapes: B batch, T new tokens, S cache slots, H query heads, K kv heads, D head dim, E hidden.
 """
@@ -24,7 +24,8 @@ from hrjax.models.keymap import TRANSPOSE, Rule, Split
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding of one layer type. `scaling_type` in {'default', 'linear', 'llama3'}."""
+    """Rotary embedding of one layer type. `scaling_type` in {'default', 'linear', 'llama3', 'longrope'}; longrope
+    within its original context only (its short factors: `hrjax.models.hf` caps the context there)."""
 
     theta: float = 10000.0
     scaling_type: str = "default"
@@ -32,13 +33,19 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0  # rotate only the first int(D * factor) dims of each head (Phi-4-mini)
+    short_factor: tuple[float, ...] = ()  # longrope: [R/2] frequency divisors within the original context
+    attention_factor: float = 1.0  # longrope: cos and sin scale (transformers' `attention_scaling`)
 
     def inv_freq(self, head_dim: int) -> jnp.ndarray:
-        """[D/2] float32 inverse frequencies, as transformers computes them."""
+        """[R/2] float32 inverse frequencies, as transformers computes them; R = int(D * partial_rotary_factor)."""
+        head_dim = int(head_dim * self.partial_rotary_factor)
         exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
         inv = 1.0 / (self.theta ** exponent)
         if self.scaling_type == "linear":
             return inv / self.factor
+        if self.scaling_type == "longrope":
+            return inv / jnp.asarray(self.short_factor, jnp.float32)
         if self.scaling_type == "llama3":
             low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
             high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
@@ -75,7 +82,7 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"  # 'silu' | 'gelu_tanh'
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Gemma 3)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Gemma 3, Qwen3)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     sandwich_norm: bool = False  # extra post-attention / post-MLP norms (Gemma 2/3)
     scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
@@ -133,7 +140,11 @@ def rotary_tables(inv_freq: jax.Array, positions: jax.Array):
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, D]; rotates the two halves of D (transformers' `rotate_half` convention)."""
+    """x [B, T, N, D]; rotates the two halves of D (transformers' `rotate_half` convention). cos/sin of
+    R < D dims (partial rotary): the first R dims rotate, the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return jnp.concatenate([apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     x32 = x.astype(jnp.float32)
@@ -184,6 +195,8 @@ class Attention(nn.Module):
         sliding = cfg.is_sliding(self.layer)
         rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
         cos, sin = rotary_tables(rope.inv_freq(cfg.head_dim), positions)
+        if rope.attention_factor != 1.0:
+            cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         k = k.transpose(0, 2, 3, 1)  # [B, K, D, T]
@@ -306,6 +319,8 @@ def key_map(config: DecoderConfig) -> list[Rule]:
     tensor-parallel cut (Megatron style): q/k/v and gate/up split by output columns, o and down by
     input rows, the embedding and LM head by vocabulary rows; norms whole."""
     layer = "layers_{i}"
+    if config.model_type == "phi3":
+        return _phi3_key_map(config)
     rules = [
         Rule("model.embed_tokens.weight", "embed_tokens/embedding", split=Split(0, "vocab")),
         Rule("model.norm.weight", "norm/weight"),
@@ -329,6 +344,25 @@ def key_map(config: DecoderConfig) -> list[Rule]:
     for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"):
         rules.append(Rule(f"model.layers.{{i}}.{norm}.weight", f"{layer}/{norm}/weight"))
+    return rules
+
+
+def _phi3_key_map(config: DecoderConfig) -> list[Rule]:
+    """Phi-3's checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (rows stacked in that
+    order); every other tensor is named as in `key_map`."""
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    fused = {"q_proj": ("self_attn.qkv_proj", (0, q_rows)),
+             "k_proj": ("self_attn.qkv_proj", (q_rows, q_rows + kv_rows)),
+             "v_proj": ("self_attn.qkv_proj", (q_rows + kv_rows, q_rows + 2 * kv_rows)),
+             "gate_proj": ("mlp.gate_up_proj", (0, config.intermediate_size)),
+             "up_proj": ("mlp.gate_up_proj", (config.intermediate_size, 2 * config.intermediate_size))}
+    rules = []
+    for rule in key_map(dataclasses.replace(config, model_type="llama")):
+        proj = rule.ours.split("/")[-2]
+        if proj in fused and rule.ours.endswith("/kernel"):
+            hf, rows = fused[proj]
+            rule = dataclasses.replace(rule, hf=f"model.layers.{{i}}.{hf}.weight", rows=rows)
+        rules.append(rule)
     return rules
 
 

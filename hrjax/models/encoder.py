@@ -38,6 +38,7 @@ IGNORED_TENSORS = (r"^pooler\.", r"^embeddings\.position_ids$")
 # Task models (BertForMaskedLM, ...) nest the encoder under this prefix beside their heads.
 TASK_MODEL_PREFIX = "bert."
 DEFAULT_MAX_SEQ_LENGTH = 256
+POOLING_MODULE = "sentence_transformers.models.Pooling"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +316,29 @@ class SentenceEncoder:
             self.tokenizer.pad_token_id or 0, self.max_seq_length)
 
 
+def check_pooling(path: Path) -> None:
+    """Refuses a sentence-transformers directory whose pooling (`1_Pooling/config.json`, or the Pooling module
+    `modules.json` lists) is not mean pooling, the one `mean_pool_normalize` implements. A plain HF directory
+    (no pooling config) is mean-pooled."""
+    pooling_dir = path / "1_Pooling"
+    if (path / "modules.json").exists():
+        modules = json.loads((path / "modules.json").read_text())
+        pooling_dir = next((path / m["path"] for m in modules if m.get("type") == POOLING_MODULE), pooling_dir)
+    config_file = pooling_dir / "config.json"
+    if not config_file.exists():
+        return
+    config = json.loads(config_file.read_text())
+    modes = sorted(key.removeprefix("pooling_mode_") for key, on in config.items()
+                   if key.startswith("pooling_mode_") and on is True)
+    if isinstance(config.get("pooling_mode"), str):  # newer sentence-transformers: one named mode
+        modes = [config["pooling_mode"]]
+    if modes not in (["mean_tokens"], ["mean"]):
+        raise UnsupportedArchitectureError(
+            f"{config_file}: pooling {modes or 'none'} is not ported; hrjax's sentence encoders mean-pool token "
+            "states (pooling_mode_mean_tokens only). Use a sentence-transformers model trained with mean pooling, "
+            "e.g. all-MiniLM-L6-v2.")
+
+
 def load_encoder(path: Optional[str | os.PathLike] = None, dtype: str = "float32") -> SentenceEncoder:
     """Loads a BERT sentence encoder from a local HF / sentence-transformers directory.
 
@@ -329,6 +353,7 @@ def load_encoder(path: Optional[str | os.PathLike] = None, dtype: str = "float32
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json; a HF model directory needs one beside its weights.")
     config = EncoderConfig.from_hf(json.loads(config_file.read_text()), dtype, str(path))
+    check_pooling(path)
     params = params_from_hf_tensors(config, read_safetensors(path), str(path))
     if not ((path / "tokenizer.json").exists() or (path / "vocab.txt").exists()):
         raise CheckpointError(

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),  # also Mistral and SmolLM2: llama.cpp files them as llama
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),  # head_dim from attention.key_length; q/k norms stored as they are
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 # Token texts llama.cpp also treats as end of generation; the GGUF's eos id is often only <eos>.
@@ -232,7 +233,7 @@ def _hf_config(arch: str, meta: Mapping[str, Any], shapes: Mapping[str, tuple], 
         hf.update(_gemma3_config(key, num_layers, head_dim, hidden, heads, rope))
     else:
         hf.update(hidden_act="silu", rope_parameters=rope,
-                  attention_bias=arch == "llama" and "blk.0.attn_q.bias" in shapes)
+                  attention_bias=arch != "qwen2" and "blk.0.attn_q.bias" in shapes)  # qwen2's are implied
     return hf
 
 

@@ -2,10 +2,11 @@
 
 A `Rule` maps one Hugging Face tensor name to one path in our parameter tree, with the
 transform that turns the checkpoint array into ours and its inverse beside it. `{i}` in both
-names stands for the layer index. The same table drives `hf_to_params` and `params_to_hf`,
-so an export is always the exact inverse of a load. A rule's `split` says how its parameter is
-cut over a device mesh's `model` axis (tensor parallelism, see `hrjax.models.sharding`), so the
-loaders place each tensor straight into its shards as they read it.
+names stands for the layer index; a fused checkpoint tensor (Phi-3's `qkv_proj`) is several rules,
+each taking its `rows`. The same table drives `hf_to_params` and `params_to_hf`, so an export is
+always the exact inverse of a load. A rule's `split` says how its parameter is cut over a device
+mesh's `model` axis (tensor parallelism, see `hrjax.models.sharding`), so the loaders place each
+tensor straight into its shards as they read it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Rule:
     transform: Transform = IDENTITY
     optional: bool = False  # e.g. an untied lm_head that tied checkpoints omit
     split: Optional[Split] = None
+    rows: Optional[tuple[int, int]] = None  # [start, stop) of a fused HF tensor's rows (phi3's qkv_proj)
 
     def expand(self, num_layers: int) -> list[tuple[str, str]]:
         if "{i}" not in self.hf:
@@ -80,6 +82,11 @@ class LazyTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._readers)
+
+    def renamed(self, rename: Callable[[str], Optional[str]]) -> "LazyTensors":
+        """The same tensors under `rename(name)`; a name it maps to None is left out."""
+        return LazyTensors({new: read for name, read in self._readers.items()
+                            if (new := rename(name)) is not None})
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
@@ -132,16 +139,21 @@ def hf_to_params(
     """
     expected_flat = flatten(expected["params"])
     out: dict[str, Any] = {}
-    missing = []
+    missing, switched_off, used = [], [], set()
     for rule in rules:
         for hf_name, ours in rule.expand(num_layers):
-            if ours not in expected_flat:
-                continue  # the config turns this parameter off (e.g. no q/k/v bias)
+            if ours not in expected_flat:  # the config turns this parameter off (e.g. no q/k/v bias)
+                if hf_name in tensors:
+                    switched_off.append(hf_name)
+                continue
+            used.add(hf_name)
             if hf_name not in tensors:
                 if not rule.optional:
                     missing.append(hf_name)
                 continue
             original = np.asarray(tensors[hf_name])
+            if rule.rows is not None:
+                original = original[rule.rows[0]:rule.rows[1]]
             array = rule.transform.to_ours(original)
             want = tuple(expected_flat[ours].shape)
             if tuple(array.shape) != want:
@@ -152,6 +164,12 @@ def hf_to_params(
                     "with these weights.")
             array = array.astype(dtype)
             out[ours] = array if place is None else place(ours, array)
+    switched_off = sorted(set(switched_off) - used)
+    if switched_off:
+        raise CheckpointError(
+            f"{source}: the checkpoint holds {len(switched_off)} tensor(s) that its config switches off, e.g. "
+            f"{switched_off[:5]} (attention_bias / mlp_bias false, or no q/k norm in this architecture). The "
+            "weights would be dropped silently and the model would be wrong: use the config.json saved with them.")
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(
@@ -163,7 +181,6 @@ def hf_to_params(
         raise CheckpointError(
             f"{source}: no checkpoint tensor fills parameter(s) {not_filled[:5]}; the checkpoint does "
             "not match this architecture's config (e.g. tie_word_embeddings is wrong).")
-    used = {hf for rule in rules for hf, _ in rule.expand(num_layers)}
     ignored = [re.compile(p) for p in ignore]
     unused = [k for k in tensors if k not in used and not any(p.search(k) for p in ignored)]
     if unused:
@@ -177,9 +194,16 @@ def hf_to_params(
 def params_to_hf(params: Mapping, rules: Iterable[Rule], num_layers: int) -> dict[str, np.ndarray]:
     """The inverse of `hf_to_params`: our `{'params': ...}` tree -> HF-named numpy arrays."""
     flat = flatten(params["params"])
-    out = {}
+    out, fused = {}, {}
     for rule in rules:
         for hf_name, ours in rule.expand(num_layers):
-            if ours in flat:
-                out[hf_name] = np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[ours])))
+            if ours not in flat:
+                continue
+            array = rule.transform.to_hf(np.asarray(flat[ours]))
+            if rule.rows is None:
+                out[hf_name] = np.ascontiguousarray(array)
+            else:
+                fused.setdefault(hf_name, []).append((rule.rows[0], array))
+    for hf_name, parts in fused.items():
+        out[hf_name] = np.concatenate([array for _, array in sorted(parts, key=lambda part: part[0])])
     return out
