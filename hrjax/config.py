@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
-from hrjax.env.mdp import EnvConfig
+from hrjax.env.mdp import TEXT_CONTEXT_VIEW, EnvConfig
 from hrjax.errors import HrjaxError
 from hrjax.parallel import MeshConfig
 from hrjax.pool import ModelSpec
@@ -25,13 +25,15 @@ class ConfigError(HrjaxError, ValueError):
     """A run config has an unknown key, a value of the wrong type or an invalid setting."""
 
 
+MIXTURE = "mixture"  # config.task.name of a run over several tasks (config.task.mixture)
+
+
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    """Which task the router trains and is evaluated on (see `hrjax.tasks.datasets.TASKS`), in three
-    disjoint parts: training prompts; selection prompts, which drive the training loop's eval/*
-    metrics and so the best/ checkpoint; and the reported held-out prompts `hrjax evaluate` scores.
-    A selection split equal to the training split takes the `num_select` examples that follow the
-    first `num_train` (for tasks with no spare split)."""
+class TaskPart:
+    """One task (see `hrjax.tasks.datasets.TASKS`) in three disjoint parts: training prompts; selection
+    prompts, which drive the training loop's eval/* metrics and so the best/ checkpoint; and the reported
+    held-out prompts `hrjax evaluate` scores. A selection split equal to the training split takes the
+    `num_select` examples that follow the first `num_train` (for tasks with no spare split)."""
 
     name: str = "basic_arithmetic"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the builder's options
@@ -41,24 +43,62 @@ class TaskConfig:
     num_train: int = 0  # 0: every example of the split
     num_select: int = 0
     num_eval: int = 0
-    data_dir: str = "~/.cache/hrjax/data"
-    manual_dir: Optional[str] = None
 
-    def __post_init__(self):
+    def check_splits(self, where: str) -> None:
+        """Raises ConfigError (naming `where`, e.g. 'config.task') unless the three parts are disjoint."""
         if self.eval_split == self.train_split:
             raise ConfigError(
-                f"config.task.eval_split and train_split are both '{self.train_split}': the report would score the "
+                f"{where}.eval_split and train_split are both '{self.train_split}': the report would score the "
                 "prompts the router trained on. Set eval_split to a held-out split (e.g. 'test' or 'validation').")
         if self.select_split == self.eval_split:
             raise ConfigError(
-                f"config.task.select_split and eval_split are both '{self.eval_split}': the best checkpoint would be "
+                f"{where}.select_split and eval_split are both '{self.eval_split}': the best checkpoint would be "
                 "chosen on the prompts the report scores. Set select_split to another split (e.g. 'validation'), "
                 "or to train_split with num_train > 0 (it then takes the examples after the training ones).")
         if self.select_split == self.train_split and self.num_train < 1:
             raise ConfigError(
-                f"config.task.select_split is the training split '{self.train_split}' but num_train is "
+                f"{where}.select_split is the training split '{self.train_split}' but num_train is "
                 f"{self.num_train} (every example): set num_train (the selection prompts are the num_select "
                 "examples after the first num_train) or pick another select_split.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig(TaskPart):
+    """What the router trains and is evaluated on: one task (the `TaskPart` fields), or with
+    name = 'mixture' the tasks of `mixture`, each with its own options, splits and prompt counts (the
+    parts of every task are concatenated in order; reports break results down per task)."""
+
+    data_dir: str = "~/.cache/hrjax/data"
+    manual_dir: Optional[str] = None
+    mixture: tuple[TaskPart, ...] = ()
+
+    def __post_init__(self):
+        if self.name != MIXTURE:
+            if self.mixture:
+                raise ConfigError(f"config.task.mixture lists {len(self.mixture)} tasks but config.task.name is "
+                                  f"'{self.name}': set config.task.name = '{MIXTURE}' to train on the mixture, or "
+                                  "empty config.task.mixture.")
+            self.check_splits("config.task")
+            return
+        if not self.mixture:
+            raise ConfigError(f"config.task.name is '{MIXTURE}' but config.task.mixture is empty: list the tasks, "
+                              "e.g. [dict(name='gsm8k', num_train=100), dict(name='humaneval')].")
+        own = [f.name for f in dataclasses.fields(TaskPart)
+               if f.name != "name" and getattr(self, f.name) != getattr(TaskPart(), f.name)]
+        if own:
+            raise ConfigError(f"config.task.{own[0]} is set but config.task.name is '{MIXTURE}': set it in each "
+                              "entry of config.task.mixture instead.")
+        for i, part in enumerate(self.mixture):
+            if part.name == MIXTURE:
+                raise ConfigError(f"config.task.mixture[{i}].name is '{MIXTURE}': a mixture lists tasks, "
+                                  "not mixtures.")
+            part.check_splits(f"config.task.mixture[{i}]")
+
+    @property
+    def parts(self) -> tuple[TaskPart, ...]:
+        """The tasks of the run in order: the mixture's, or this one task."""
+        return self.mixture if self.name == MIXTURE else (TaskPart(**{f.name: getattr(self, f.name)
+                                                                       for f in dataclasses.fields(TaskPart)}),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +154,19 @@ class RunConfig:
         if not self.pool and not self.specialists:
             raise ConfigError("config.pool is empty: list at least one model (name, checkpoint, base_rate), or "
                               "name a specialist recipe in config.specialists.")
+        if self.env.context_view == "auto":
+            object.__setattr__(self, "env", dataclasses.replace(self.env, context_view=default_context_view(self.task)))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def default_context_view(task: TaskConfig) -> str:
+    """What `env.context_view = 'auto'` means for `task`: 'joined' for the specialist world (its answers are
+    at most 16 tokens, so the joined context fits the encoder, and its results were measured so), the text
+    view (question and latest answer embedded apart) for every task of real text."""
+    return "joined" if task.name == "specialist_world" else TEXT_CONTEXT_VIEW
 
 
 def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):

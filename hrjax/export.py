@@ -243,6 +243,7 @@ def export_bundle(workdir: str | Path, out: str | Path, seed: Optional[int] = No
     from safetensors.numpy import save_file
 
     from hrjax.agent.ppo import Learner
+    from hrjax.env.mdp import observation_width
     from hrjax.fsutil import atomic_directory
     from hrjax.models.encoder import load_encoder
     from hrjax.pool import FileDigests, digest_index
@@ -270,7 +271,8 @@ def export_bundle(workdir: str | Path, out: str | Path, seed: Optional[int] = No
             save_file(_flat(params), str(tmp / "policy" / f"params_{i}.safetensors"))
             param_sets.append({"cost_lambda": lam, "params": f"policy/params_{i}.safetensors"})
         first = _flat(next(iter(trained.param_sets.values())))
-        (tmp / "policy" / "exported.bin").write_bytes(export_policy(learner, first, encoder.dim))
+        width = observation_width(encoder.dim, config.env.view)
+        (tmp / "policy" / "exported.bin").write_bytes(export_policy(learner, first, width))
         (tmp / "encoder").mkdir()
         save_file(encoder_params, str(tmp / "encoder" / "params.safetensors"))
         (tmp / "encoder" / "exported.bin").write_bytes(export_encoder(encoder, encoder_params))

@@ -5,10 +5,14 @@ number drawn on them is formatted by `hrjax.evaluate.fmt` from the same summary 
 `write_report(run_dir, summary, runs)` writes summary.json, pareto.png, paths.png,
 learning_curves.png (when the seeds' metrics rows are given) and report.md, each whole
 (`hrjax.rundir.open_for_writing`: atomically to a local directory, one object upload each on gs://).
+`paper_table(summary)` lays one evaluated run out as the paper's table (per benchmark: each single model,
+the router, the oracle, the router's x-gain over each single model and the cost);
+`write_paper_table(run_dir, summary)` writes it as paper_table.md and paper_table.json.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Mapping, Sequence
@@ -16,9 +20,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from hrjax.evaluate import (OVERALL, ROUTER, EvaluationError, anchors_label, fmt, markdown_table, method_label,
-                            pareto_hull, write_summary)
-from hrjax.rundir import RunPath, as_path, open_for_writing
+from hrjax.evaluate import (OVERALL, ROUTER, EvaluationError, _row, anchors_label, fmt, fmt_interval, markdown_table,
+                            method_label, pareto_hull, write_summary)
+from hrjax.rundir import RunPath, as_path, open_for_writing, write_text
 
 LEARNING_CURVE_KEYS = ("return", "quality", "cost", "eval/quality", "eval/cost", "eval/value")
 SWEPT = ("best_fixed", "knn_one_shot", ROUTER, "oracle")  # methods whose points move with lambda
@@ -156,6 +160,85 @@ def metric_definitions(summary: dict) -> list[str]:
         "- **eval/* learning curves**: the greedy router on the selection prompts (which also choose each seed's "
         "best/ checkpoint), never on the held-out prompts scored here; the routers scored here are the final ones.",
     ]
+
+
+def paper_table(summary: dict) -> list[dict]:
+    """The paper's table of one evaluated run (`hrjax.evaluate.summarize`): one row per benchmark (each task of
+    the summary, in its order), then an `overall` row over every held-out prompt (so a benchmark weighs by its
+    number of prompts). A row:
+
+        {"benchmark": str, "prompts": int,
+         "single": {model: {"quality": float, "cost": float}},   # the model's one-hop answer
+         "router": {"quality": interval, "cost": interval},       # interval: {"mean", "low", "high"}, 95% t over seeds
+         "oracle": {"quality": float, "cost": float},             # the per-prompt best at the reported lambda
+         "x_gain": {model: interval or None}}
+
+    x-gain over a single model = router quality / that model's quality; a single model is deterministic, so
+    the router's interval over seeds divided by it is the x-gain's. None where the model's quality is 0 (the
+    ratio is undefined; the Markdown shows n/a). Costs are mean cumulative normalised costs per prompt."""
+    missing = [key for key in ("num_prompts", "model_names", "methods", "router") if key not in summary]
+    if missing:
+        raise EvaluationError(f"The summary lacks {missing}: pass the summary.json that `hrjax evaluate` writes "
+                              "(hrjax.evaluate.summarize), not another file.")
+    methods, groups = summary["methods"], [g for g in summary["num_prompts"] if g != OVERALL] + [OVERALL]
+    absent = [f"single:{m}" for m in summary["model_names"] if f"single:{m}" not in methods]
+    if absent:
+        raise EvaluationError(f"The summary has no {absent} methods for its models {summary['model_names']}: "
+                              "pass an unedited summary.json of `hrjax evaluate`.")
+
+    def point(name: str, group: str) -> dict:
+        return {"quality": methods[name][group]["quality"]["mean"], "cost": methods[name][group]["cost"]["mean"]}
+
+    def ratio(interval: dict, denominator: float | None) -> dict | None:
+        if not denominator or interval["mean"] is None:
+            return None
+        return {key: value / denominator for key, value in interval.items()}
+
+    rows = []
+    for group in groups:
+        single = {m: point(f"single:{m}", group) for m in summary["model_names"]}
+        router = {key: summary[ROUTER][group][key] for key in ("quality", "cost")}
+        rows.append({"benchmark": group, "prompts": summary["num_prompts"][group], "single": single,
+                     "router": router, "oracle": point("oracle", group),
+                     "x_gain": {m: ratio(router["quality"], p["quality"]) for m, p in single.items()}})
+    return rows
+
+
+def paper_table_markdown(summary: dict, rows: Sequence[dict]) -> str:
+    """paper_table.md: the rows of `paper_table` as one Markdown table (quality, x-gain, cost) and what they mean."""
+    models = summary["model_names"]
+    head = (["benchmark", "prompts"] + [f"quality {m}" for m in models] + ["quality router", "quality oracle"]
+            + [f"router x-gain vs {m}" for m in models] + [f"cost {m}" for m in models] + ["cost router",
+                                                                                              "cost oracle"])
+    lines = [f"# Paper table (lambda = {summary['cost_lambda']:g}, {summary['num_seeds']} seed(s))", "",
+             _row(head), _row(["---"] * len(head))]
+    for r in rows:
+        gains = [fmt_interval(r["x_gain"][m]) if r["x_gain"][m] else "n/a" for m in models]
+        lines.append(_row([r["benchmark"], str(r["prompts"])] + [fmt(r["single"][m]["quality"]) for m in models]
+                          + [fmt_interval(r["router"]["quality"]), fmt(r["oracle"]["quality"])] + gains
+                          + [fmt(r["single"][m]["cost"]) for m in models]
+                          + [fmt_interval(r["router"]["cost"]), fmt(r["oracle"]["cost"])]))
+    lam = f"{summary['cost_lambda']:g}"
+    return "\n".join(lines + [
+        "", f"- **quality**: mean score of the held-out prompts' final answers; a single model answers once; the "
+        f"router's paths are greedy at lambda = {lam} (95% t-interval over seeds in brackets); the oracle takes, per "
+        f"prompt, the answer of best quality - {lam} * cost over every path a method here can end with.",
+        "- **router x-gain vs a model**: router quality / that model's quality (the router's interval divided by "
+        "it); n/a where the model scores 0 on the benchmark, so the ratio is undefined.",
+        "- **cost**: mean cumulative normalised cost per prompt.",
+        f"- **overall**: every held-out prompt ({rows[-1]['prompts']}), so each benchmark weighs by its prompts.", ""])
+
+
+def write_paper_table(run_dir: str | os.PathLike, summary: dict) -> tuple[RunPath, RunPath]:
+    """Writes `paper_table(summary)` into `run_dir` (local or gs://, each file whole: `open_for_writing`) as
+    paper_table.md and paper_table.json ({"cost_lambda", "num_seeds", "model_names", "rows"}) -> both paths."""
+    run_dir = as_path(run_dir)
+    rows = paper_table(summary)
+    table = {key: summary[key] for key in ("cost_lambda", "num_seeds", "model_names")} | {"rows": rows}
+    markdown, data = run_dir / "paper_table.md", run_dir / "paper_table.json"
+    write_text(data, json.dumps(table, indent=2) + "\n")
+    write_text(markdown, paper_table_markdown(summary, rows))
+    return markdown, data
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> RunPath:

@@ -23,7 +23,7 @@ import numpy as np
 
 from hrjax.checkpoint import RunCheckpoints
 from hrjax.config import RunConfig
-from hrjax.errors import HrjaxError, TrainingDivergedError
+from hrjax.errors import TrainingDivergedError
 
 
 class TrainResult(NamedTuple):
@@ -53,22 +53,10 @@ class RunData:
 
 
 def load_data(config: RunConfig) -> RunData:
-    from hrjax.tasks.datasets import load_task
+    from hrjax.tasks.datasets import load_parts
 
     task = config.task
-    kw = dict(data_dir=task.data_dir, manual_dir=task.manual_dir, **task.options)
-    train_split = load_task(task.name, task.train_split, **kw)
-    train = train_split[:task.num_train or None]
-    if task.select_split == task.train_split:  # no spare split: the examples after the training ones
-        select = train_split[task.num_train:][:task.num_select or None]
-    else:
-        select = load_task(task.name, task.select_split, **kw)[:task.num_select or None]
-    held_out = load_task(task.name, task.eval_split, **kw)[:task.num_eval or None]
-    if not train or not select or not held_out:
-        raise HrjaxError(f"Task '{task.name}' gave {len(train)} training, {len(select)} selection and {len(held_out)} "
-                         "evaluation examples: each part needs at least one (check config.task.options and "
-                         "num_train / num_select / num_eval).")
-    return RunData(train, select, held_out)
+    return RunData(*load_parts(task.parts, task.data_dir, task.manual_dir))
 
 
 def make_env(config: RunConfig, examples: Optional[list] = None):

@@ -60,7 +60,8 @@ def fixed_policy(actions_per_hop):
 def test_costs_contexts_and_shapes(pool, encoder):
     env = make_env(pool, encoder, num_hops=2)
     state, obs = env.reset(list(range(3)), QUESTIONS[:3])
-    assert obs.embedding.shape == (3, encoder.dim) and obs.action_mask.shape == (3, 3)
+    assert obs.embedding.shape == (3, env.observation_dim) and obs.action_mask.shape == (3, 3)
+    assert env.observation_dim == 2 * encoder.dim  # the text default: question and latest answer
     assert obs.hop.tolist() == [0, 0, 0] and np.all(obs.cost == 0)
     actions = np.array([0, 1, 2])
     result = env.step(state, actions)
@@ -159,7 +160,7 @@ def test_tree_generates_every_path_once_and_matches_rollouts(pool, encoder, monk
 
     tree = build_tree(env, list(range(n)), QUESTIONS[:n], progress=False)
     k = m + m * m
-    assert tree.quality.shape == (n, k) and tree.embedding.shape == (n, k, encoder.dim)
+    assert tree.quality.shape == (n, k) and tree.embedding.shape == (n, k, env.observation_dim)
     # every (prompt, node) answered exactly once overall: the rollout's answers came from the cache
     assert sum(counter.rows) == n * k
     assert env.cache.stats.hits == rollout_generations  # the rollout's nodes were not generated again

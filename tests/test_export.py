@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from hrjax.serving.bundle import BudgetError, BundleError, UnknownModelError, load_bundle
+from hrjax.serving.bundle import FORMAT_VERSION, BudgetError, BundleError, UnknownModelError, load_bundle
 
 FORBIDDEN = ("hrjax.agent", "hrjax.train", "hrjax.models.encoder", "orbax")
 
@@ -208,7 +208,7 @@ def _tamper(path, case):
     ("changed_byte", "'policy/params_0.safetensors' changed after export"),
     ("missing_file", "'encoder/tokenizer/tokenizer.json' listed in the manifest is missing"),
     ("unlisted_file", "'encoder/tokenizer/special_tokens_map.json' is not in the manifest"),
-    ("other_version", "bundle format version 2, but this hrjax reads version 1"),
+    ("other_version", f"bundle format version {FORMAT_VERSION + 1}, but this hrjax reads version {FORMAT_VERSION}"),
     ("edited_manifest", "does not match its recorded digest"),
     ("changed_reference", "the checkpoint at .* is not the one exported"),
 ])

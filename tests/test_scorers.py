@@ -435,3 +435,94 @@ def test_math_match_latex_equivalence(response, gold, expected):
     from hrjax.tasks.scorers import math_match
 
     assert math_match(response, [gold]) == expected
+
+
+# --- answer formats: each family asks for its format and reads only that --------------------------------------
+
+FORMATTED_FAMILIES = ("gsm8k", "math", "triviaqa", "hotpotqa", "nq_open", "mbpp", "humaneval")
+
+
+def format_cases(humaneval):
+    """family -> (example in its builder's layout, a formatted response whose working holds other answers, that
+    response's official metrics, a response with the gold in its working but not in the format)."""
+    from hrjax.tasks.datasets import TaskExample
+
+    problem = humaneval["HumanEval/0"]
+    solution = problem["prompt"] + problem["canonical_solution"]
+    return {
+        "gsm8k": (TaskExample("g", "gsm8k", "Natalia sold 48 clips in April and half as many in May. How many in all?",
+                              ("72",), "numeric", {"solution": "In May: 48/2 = <<48/2=24>>24.\n48+24 = 72\n#### 72"}),
+                  "Maybe 96? No: May is 48 / 2 = 24, so 48 + 24 = 72 clips.\n#### 72\nQuestion: 5 + 5?",
+                  {"strict_match": 1.0, "flexible_extract": 1.0}, "May is 24, so 48 + 24 = 72 clips."),
+        "math": (TaskExample("m", "math", "Solve 2x = 1.", (r"\frac{1}{2}",), "math", {}),
+                 r"Not \boxed{2}: dividing by 2, x = 1/2, so $x = \boxed{\frac{1}{2}}$ (0.5).", {"accuracy": 1.0},
+                 r"Dividing by 2, x = \frac{1}{2}."),
+        "triviaqa": (TaskExample("t", "triviaqa", "Who refused the 1964 Nobel Prize in Literature?",
+                                 ("Jean-Paul Sartre", "Sartre"), "exact_match",
+                                 {"normalized_aliases": ["jean paul sartre", "sartre"]}),
+                     "Not Camus, who accepted his in 1957.\n**Answer:** Jean-Paul Sartre",
+                     {"exact_match": 1.0, "f1": 1.0}, "Sartre"),
+        "hotpotqa": (TaskExample("h", "hotpotqa", "Were Scott Derrickson and Ed Wood of the same nationality?",
+                                 ("yes",), "f1", {}),
+                     "Derrickson is American; Ed Wood was American too, so no difference.\nAnswer: Yes",
+                     {"exact_match": 1.0, "f1": 1.0}, "yes"),
+        "nq_open": (TaskExample("n", "nq_open", "when did world war 2 end", ("1945", "2 September 1945"),
+                                "exact_match", {}),
+                    "Germany surrendered in May, Japan later.\nanswer: 2 September 1945",
+                    {"exact_match": 1.0, "f1": 1.0}, "1945"),
+        "mbpp": (TaskExample("b", "mbpp", "Write a function to add two numbers.", ("def add(a, b): return a + b",),
+                             "code_pass", {"test_program": "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"}),
+                 "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nadd(1, 2) returns 3.", {"pass@1": 1.0},
+                 "def add(a, b):\n    return a + b\n"),
+        "humaneval": (TaskExample("HumanEval/0", "humaneval", problem["prompt"], (problem["canonical_solution"],),
+                                  "code_pass", {"prompt": problem["prompt"], "entry_point": problem["entry_point"],
+                                                "test_program": f"{problem['test']}\n\ncheck(has_close_elements)\n"}),
+                      f"The pairwise check:\n```python\n{solution}```\nIt is O(n^2).", {"pass@1": 1.0},
+                      problem["canonical_solution"]),
+    }
+
+
+def test_every_benchmark_family_declares_its_answer_format():
+    from hrjax.tasks.answer_format import AnswerFormat
+    from hrjax.tasks.datasets import BUILDERS
+
+    declared = {task for task, builder in BUILDERS.items() if isinstance(builder.ANSWER_FORMAT, AnswerFormat)}
+    assert declared == set(FORMATTED_FAMILIES)
+    gsm8k = BUILDERS["gsm8k"].ANSWER_FORMAT
+    assert gsm8k.ask("What is 6 * 7?") == f"What is 6 * 7?\n\n{gsm8k.instruction}" and "#### " in gsm8k.instruction
+    assert "\\boxed{}" in BUILDERS["math"].ANSWER_FORMAT.instruction
+
+
+@pytest.mark.parametrize("family", FORMATTED_FAMILIES)
+def test_a_formatted_answer_is_read_and_scored_and_its_working_ignored(family, humaneval):
+    from hrjax.tasks.answers import formatted_official_score, formatted_score, read_answer
+    from hrjax.tasks.scorers import score_example
+
+    example, response, official, unformatted = format_cases(humaneval)[family]
+    answer = read_answer(example, response)
+    assert answer is not None and answer in response and len(answer) < len(response)  # only the answer part
+    assert formatted_score(example, response) == 1.0
+    assert formatted_official_score(example, response) == official
+    assert read_answer(example, unformatted) is None  # the gold is in the working, not in the format
+    assert formatted_score(example, unformatted) == 0.0
+    assert formatted_official_score(example, unformatted) == {name: 0.0 for name in official}
+    if family in ("gsm8k", "math", "nq_open"):  # where the lenient training scorer reads the working
+        assert score_example(example, unformatted) == 1.0
+
+
+@pytest.mark.parametrize("extract, response, expected", [
+    ("hashes_answer", "3 + 4 = 7\n#### 7\n#### 8", "#### 7"),  # lm-eval strict-match: the first
+    ("hashes_answer", "####7 and # 7", None),
+    ("boxed_answer", r"\boxed{1} then \boxed{\frac{2}{3}}", r"\boxed{\frac{2}{3}}"),  # the reference: the last
+    ("boxed_answer", r"so \boxed 5", None),
+    ("answer_line", "Answer: Paris\nWait.\n  __Answer__: London.  ", "London."),
+    ("answer_line", "So:\n`Answer: Jean-Paul Sartre`\n", "Jean-Paul Sartre"),
+    ("answer_line", "The answer: is in the text", None),  # `answer:` must start its line
+    ("answer_line", "Answer:\n", None),
+    ("code_block", "```py\nx = 1\n```\n```python\ny = 2\n```", "x = 1\n"),
+    ("code_block", "x = 1", None),
+])
+def test_answer_extractors_read_only_their_format(extract, response, expected):
+    from hrjax.tasks import answer_format
+
+    assert getattr(answer_format, extract)(response) == expected

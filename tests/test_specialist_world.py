@@ -17,7 +17,7 @@ from hrjax.pool import Pool
 from hrjax.specialists.build import Member, Recipe, build_pool, is_built, recipe_hash, training_pairs
 from hrjax.specialists.sft import SFTConfig, encode_pairs, train, train_together
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
-from hrjax.tasks.builders import SPLITS
+from hrjax.tasks.base import SPLITS
 from hrjax.tasks.datasets import load_task
 from hrjax.tasks.scorers import score_example
 from hrjax.tasks.specialist_world import (

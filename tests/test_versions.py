@@ -1,7 +1,12 @@
 """Stored data carries the version of the code that made it: a TFDS builder's VERSION (its build
 directory) and a scorer's `SCORER_VERSIONS` entry (path-tree keys). The tables below pin each version
 to a digest of the code it names, that code's hrjax helpers included; a code change without a version
-bump fails here, so old builds and trees are never served for new code."""
+bump fails here, so old builds and trees are never served for new code.
+
+A builder's code is its family's whole module (`hrjax/tasks/families/<family>.py`: helpers, constants and the
+registration included) plus every hrjax function, class and plain-data constant that code reaches elsewhere
+(`hrjax/tasks/base.py`, the scorers, `hrjax/tasks/specialist_world.py`, ...); a scorer's code is what its
+function reaches. Sources count as re-written from their AST, so formatting, comments and docstrings do not."""
 
 import ast
 import functools
@@ -14,37 +19,41 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import hrjax
-from hrjax.tasks import builders, scorers
-from hrjax.tasks.builders import BUILDERS
-from hrjax.tasks.datasets import load_task
+from hrjax.tasks import base as tasks_base
+from hrjax.tasks import scorers
+from hrjax.tasks.datasets import BUILDERS, load_task
+from hrjax.tasks.families.math import HrjaxMath
+from hrjax.tasks.families.nq_open import HrjaxNqOpen
+from hrjax.tasks.families.specialist_world import HrjaxSpecialistWorld
 from test_task_datasets import nq_rows, write_jsonl
 
 # task -> (builder VERSION, code digest). A code change fails here: bump the version if the change can alter
 # what is stored (a refactor or a new error message cannot), then record the pair the failure message prints.
 BUILDER_VERSIONS = {
-    "gsm8k": ("1.0.0", "9cd3e7d1e4d322b0"),
-    "hotpotqa": ("1.0.0", "d7f728fa66d309ee"),
-    "humaneval": ("1.0.0", "6f5a3e6e7df8b837"),
-    "math": ("1.1.0", "47df971388f9129c"),
-    "mbpp": ("1.0.0", "37092dc463b8644b"),
-    "nq_open": ("1.0.0", "76c86ad065986bc1"),
-    "reasoning_gym": ("1.0.0", "f8bc7c1219c55acb"),
-    "specialist_world": ("1.0.0", "4bcee25563b381da"),
-    "triviaqa": ("1.0.0", "c94738d6418b43a3"),
+    "gsm8k": ("1.0.0", "df7a0b0343db9be0"),
+    "hotpotqa": ("1.0.0", "3a39d87734747b92"),
+    "humaneval": ("1.0.0", "9de0085fb011919c"),
+    "math": ("1.1.0", "1b0c6941bce8e6f9"),
+    "mbpp": ("1.0.0", "5f5a5899dd439c6c"),
+    "nq_open": ("1.0.0", "2305dbf12b057490"),
+    "reasoning_gym": ("1.0.0", "e3b34c2e7a5704a8"),
+    "specialist_world": ("1.0.0", "934dde301fe1bf79"),
+    "triviaqa": ("1.0.0", "05c34a7101644b0f"),
 }
 # scorer -> (SCORER_VERSIONS entry, code digest).
 SCORER_CODE = {
-    "code_pass": ("2", "6275a171b468a801"),
+    "code_pass": ("2", "bd25d6404e2bf736"),
     "exact": ("1", "724a35bb2695c6b5"),
-    "exact_match": ("1", "384b04a6871c6923"),
-    "f1": ("1", "e0d409af2d2efaa6"),
-    "math": ("1", "92b61df69c3e1b5b"),
-    "numeric": ("1", "949f6361f9c64662"),
-    "reasoning_gym": ("1", "dc2b8b7755d8863b"),
+    "exact_match": ("1", "c116204f1028c961"),
+    "f1": ("1", "67004a5dfe5843d3"),
+    "math": ("1", "6980e812d5ffaf55"),
+    "numeric": ("1", "22ed766f3a1704bd"),
+    "reasoning_gym": ("1", "64b9848388c291dd"),
 }
 
 
@@ -67,11 +76,41 @@ def _normalised(source: str) -> str:
 HRJAX = str(Path(hrjax.__file__).parent)
 
 
+def constant_text(value) -> str | None:
+    """Canonical text of plain data (what a module-level constant holds: numbers, strings, compiled regexes,
+    numpy arrays, and containers of them), independent of PYTHONHASHSEED; None for anything else."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, re.Pattern):
+        return f"re.compile({value.pattern!r}, {int(value.flags)})"
+    if isinstance(value, (np.ndarray, np.generic)):
+        return f"np.array({value.tolist()!r}, {value.dtype})"
+    if isinstance(value, dict):
+        items = [(constant_text(k), constant_text(v)) for k, v in value.items()]
+        return None if any(None in kv for kv in items) else "{" + ", ".join(sorted(f"{k}: {v}" for k, v in items)) + "}"
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [constant_text(v) for v in value]
+        if None in items:
+            return None
+        return f"{type(value).__name__}({', '.join(sorted(items) if isinstance(value, (set, frozenset)) else items)})"
+    return None
+
+
 def reached_code(root) -> dict[str, str]:
     """`root` and every hrjax function and class it reaches (names its code reads: globals,
     `module.attr`, `from hrjax... import` in a body; closures, wrapped functions, base classes and
-    methods), and the whole of each hrjax module its code names -> {name (and line): source}."""
+    methods), the value of each plain-data global it reads (`constant_text`), and the whole of each hrjax
+    module its code names -> {name (and line): source}."""
     texts: dict[object, str] = {}
+
+    def visit_global(module: str, name: str, value) -> None:
+        if name.startswith("__"):  # __doc__, __file__, __name__: not code
+            return
+        text = constant_text(value)
+        if text is None:
+            visit(value)
+        elif module.startswith("hrjax"):
+            texts[(module, name)] = f"{module}.{name} = {text}"
 
     def visit_code(code: types.CodeType, namespace: dict) -> None:
         names = set(code.co_names)
@@ -82,10 +121,10 @@ def reached_code(root) -> dict[str, str]:
             texts.setdefault(module, _normalised(inspect.getsource(module)))
         for name in names:
             if name in namespace:
-                visit(namespace[name])
+                visit_global(namespace.get("__name__", ""), name, namespace[name])
             for module in modules:
                 if hasattr(module, name):
-                    visit(getattr(module, name))
+                    visit_global(module.__name__, name, getattr(module, name))
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 visit_code(const, namespace)
@@ -123,12 +162,23 @@ def reached_code(root) -> dict[str, str]:
                 visit(v)
 
     visit(root)
-    where = lambda k: f"{k.co_name}:{k.co_firstlineno}" if isinstance(k, types.CodeType) else k.__name__  # noqa: E731
+
+    def where(key) -> str:
+        if isinstance(key, types.CodeType):
+            return f"{key.co_name}:{key.co_firstlineno}"
+        return ".".join(key) if isinstance(key, tuple) else key.__name__
+
     return {where(k): text for k, text in texts.items()}
 
 
-def code_digest(root) -> str:
-    return hashlib.sha256(json.dumps(sorted(reached_code(root).values())).encode()).hexdigest()[:16]
+def builder_code(cls) -> dict[str, str]:
+    """What a builder writes depends on: its family's whole module, and the code `reached_code` finds."""
+    module = inspect.getmodule(cls)
+    return {**reached_code(cls), module.__name__: _normalised(inspect.getsource(module))}
+
+
+def digest(texts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(texts.values())).encode()).hexdigest()[:16]
 
 
 def check_version(table: dict, name: str, version: str, digest: str, bump: str, what: str) -> None:
@@ -145,41 +195,49 @@ def check_version(table: dict, name: str, version: str, digest: str, bump: str, 
 def test_builder_code_changes_come_with_a_version_bump(task):
     cls = BUILDERS[task]
     assert str(cls.VERSION) in cls.RELEASE_NOTES, f"{cls.__name__}: RELEASE_NOTES has no entry for {cls.VERSION}"
-    check_version(BUILDER_VERSIONS, task, str(cls.VERSION), code_digest(cls),
+    check_version(BUILDER_VERSIONS, task, str(cls.VERSION), digest(builder_code(cls)),
                   f"{cls.__name__}.VERSION (and add its RELEASE_NOTES line)", "what it writes")
 
 
 @pytest.mark.parametrize("scorer", sorted(scorers.SCORERS))
 def test_scorer_code_changes_come_with_a_version_bump(scorer):
-    check_version(SCORER_CODE, scorer, str(scorers.SCORER_VERSIONS[scorer]), code_digest(scorers.SCORERS[scorer]),
+    check_version(SCORER_CODE, scorer, str(scorers.SCORER_VERSIONS[scorer]),
+                  digest(reached_code(scorers.SCORERS[scorer])),
                   f"SCORER_VERSIONS[{scorer!r}] in hrjax/tasks/scorers.py", "a score")
 
 
-def test_the_digest_follows_helpers_and_imports_not_docstrings():
-    reached = {name.split(":")[0] for name in reached_code(builders.HrjaxMath)}
-    assert {"HrjaxMath", "ManualTaskBuilder", "TaskBuilder", "parse", "make_example", "last_boxed"} <= reached
-    assert {"specialist_examples", "hrjax.tasks.specialist_world"} <= {
-        n.split(":")[0] for n in reached_code(builders.HrjaxSpecialistWorld)}
+def test_the_digest_follows_helpers_imports_and_constants_not_docstrings(monkeypatch):
+    reached = {name.split(":")[0] for name in builder_code(HrjaxMath)}
+    assert {"HrjaxMath", "ManualTaskBuilder", "TaskBuilder", "parse", "make_example", "last_boxed",
+            "hrjax.tasks.families.math"} <= reached  # the family's whole file, and what it reaches elsewhere
+    assert {"specialist_examples", "_rev", "hrjax.tasks.specialist_world._LETTERS"} <= {
+        n.split(":")[0] for n in builder_code(HrjaxSpecialistWorld)}
     assert "run_python" in {n.split(":")[0] for n in reached_code(scorers.SCORERS["code_pass"])}
     documented = 'def f(x):\n    """Says what it does."""\n    return x + 1  # and a comment\n'
     assert _normalised(documented) == _normalised("def f(x):\n    return x+1\n") != _normalised("def f(x): return x")
+    # A constant outside the family's file that its code reads counts: which files are read, a scorer's regex.
+    before = digest(builder_code(HrjaxNqOpen)), digest(reached_code(scorers.SCORERS["exact_match"]))
+    monkeypatch.setattr(tasks_base, "_SPLIT_ALIASES", {**tasks_base._SPLIT_ALIASES, "validation": ("validation",)})
+    monkeypatch.setattr(scorers, "_ARTICLES", re.compile(r"\b(a|an)\b"))
+    after = digest(builder_code(HrjaxNqOpen)), digest(reached_code(scorers.SCORERS["exact_match"]))
+    assert before[0] != after[0] and before[1] != after[1]
 
 
 def test_a_bumped_builder_version_is_built_anew_not_read_from_the_old_build(tmp_path, monkeypatch):
     manual, data = tmp_path / "manual", tmp_path / "data"
     write_jsonl(manual / "NQ-open.train.jsonl", nq_rows("train", 4))
     first = load_task("nq_open", "train", data, manual, validation_fraction=0.0)
-    parse = builders.HrjaxNqOpen.parse
+    parse = HrjaxNqOpen.parse
 
     def shouting(self, rec, split, index, path):  # a parsing change
         row = parse(self, rec, split, index, path)
         return {**row, "question": row["question"].upper()}
 
-    monkeypatch.setattr(builders.HrjaxNqOpen, "parse", shouting)
+    monkeypatch.setattr(HrjaxNqOpen, "parse", shouting)
     stale = load_task("nq_open", "train", data, manual, validation_fraction=0.0)
     assert stale == first  # without a bump the old build is served: why the tables above exist
-    monkeypatch.setattr(builders.HrjaxNqOpen, "VERSION", tfds.core.Version("1.0.1"))
-    monkeypatch.setattr(builders.HrjaxNqOpen, "RELEASE_NOTES", {"1.0.1": "Questions in capitals."})
+    monkeypatch.setattr(HrjaxNqOpen, "VERSION", tfds.core.Version("1.0.1"))
+    monkeypatch.setattr(HrjaxNqOpen, "RELEASE_NOTES", {"1.0.1": "Questions in capitals."})
     bumped = load_task("nq_open", "train", data, manual, validation_fraction=0.0)
     assert [e.question for e in bumped] == [e.question.upper() for e in first]
     versions = sorted(p.name for p in (data / "hrjax_nq_open").glob("*/*") if re.fullmatch(r"\d+\.\d+\.\d+", p.name))

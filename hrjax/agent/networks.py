@@ -1,7 +1,9 @@
 """The router's policy and value networks (Flax Linen).
 
-Inputs per state: the context embedding [E], the hop index (a learned stage embedding, as the
-paper), the cost features [F] and, for a lambda-conditioned router, lambda itself.
+Inputs per state: the context embedding [E] (the encoder's width times the parts of the env's context
+view, `hrjax.env.mdp.observation_width`; the first layer's input size follows it at init), the hop index
+(a learned stage embedding, as the paper), the cost features [F] and, for a lambda-conditioned router,
+lambda itself.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class OnlineTrainer:
 
     def init(self, rng: chex.PRNGKey) -> OnlineCarry:
         rng, init_key = jax.random.split(rng)
-        params, opt_state = self.learner.init(init_key, self.env.encoder.dim)
+        params, opt_state = self.learner.init(init_key, self.env.observation_dim)
         return OnlineCarry(params, opt_state, rng, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def play(self, params, key, examples: Sequence[Any], questions: Sequence[str], cost_lambda: np.ndarray,

@@ -33,7 +33,8 @@ from hrjax.errors import HrjaxError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # part of every key: bump it when what a key identifies or an entry holds changes
+FORMAT_VERSION = 3  # part of every key: bump it when what a key identifies or an entry holds changes
+# 3: a stop string found only in the decoded text trims the entry's tokens (`Sampler.with_text`)
 BUSY_TIMEOUT_S = 120.0
 DB_NAME = "responses.sqlite3"
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, tokens BLOB NOT NULL, "

@@ -4,8 +4,10 @@ State s_t = (c_t, l_t, C_t): the context (question plus every earlier response),
 the cumulative cost. An action picks a pool model (or STOP, when enabled); the chosen model answers
 c_t through the hop template, `c_{t+1} = c_t + r_t`, the step costs
 `delta_t = base_rate(m) * (tokens_in + tokens_out)`, and after L hops (or STOP) the latest response
-is scored. Costs are normalised by `max_m base_rate(m) * reference_tokens`, so one lambda means the
-same across pools. Reward: quality - lambda * cost, charged per step or at the end.
+is scored. The policy sees c_t through a context view (`CONTEXT_VIEWS`: by default the question and the
+latest answer, embedded apart), the hop and the costs. Costs are normalised by
+`max_m base_rate(m) * reference_tokens`, so one lambda means the same across pools. Reward:
+quality - lambda * cost, charged per step or at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class HopTemplate:
         return self.later.format(question=question, answers=answers)
 
 
+CONTEXT_VIEWS = {"joined": 1, "question_and_latest": 2, "question_latest_pooled": 3}
+"""How an observation embeds the context c_t -> how many encoder widths D its embedding spans:
+'joined': the question and every answer as one text (the encoder reads only its first max_seq_length
+tokens, so long answers push the later ones out); 'question_and_latest': [question, latest answer], each
+embedded on its own; 'question_latest_pooled': [question, latest answer, mean of every answer's
+embedding]. Before the first answer the answer parts are zeros."""
+TEXT_CONTEXT_VIEW = "question_and_latest"  # what 'auto' means outside the specialist world (`hrjax.config`)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
     num_hops: int = 2  # L
@@ -52,14 +63,25 @@ class EnvConfig:
     max_new_tokens: int = 128  # per answer; decoding is greedy, which is what makes the cache exact
     stop: tuple[str, ...] = ()
     template: HopTemplate = HopTemplate()
+    # a CONTEXT_VIEWS key, or 'auto': a run config resolves it by task (`hrjax.config.default_context_view`);
+    # an env given 'auto' directly uses the text view
+    context_view: str = "auto"
 
     def __post_init__(self):
+        if self.context_view != "auto" and self.context_view not in CONTEXT_VIEWS:
+            raise ValueError(f"context_view must be 'auto' or one of {sorted(CONTEXT_VIEWS)}, got "
+                             f"'{self.context_view}'.")
         if self.num_hops < 1:
             raise ValueError(f"num_hops must be >= 1, got {self.num_hops}.")
         if self.cost_timing not in ("end", "step"):
             raise ValueError(f"cost_timing must be 'end' or 'step', got '{self.cost_timing}'.")
         if self.reference_tokens <= 0:
             raise ValueError(f"reference_tokens must be > 0, got {self.reference_tokens}.")
+
+    @property
+    def view(self) -> str:
+        """The context view observations are built with ('auto' resolved to the text view)."""
+        return TEXT_CONTEXT_VIEW if self.context_view == "auto" else self.context_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +101,40 @@ class Context:
     responses: tuple[Answer, ...] = ()
 
     def text(self) -> str:
-        """What the context encoder embeds: the question followed by every response."""
+        """What the 'joined' view embeds: the question followed by every response."""
         return "\n\n".join((self.question, *(a.text for a in self.responses)))
 
     def then(self, answer: Answer) -> "Context":
         """c_{t+1} = c_t + r_t."""
         return Context(self.question, self.responses + (answer,))
+
+
+def observation_width(encoder_dim: int, view: str) -> int:
+    """E of an observation's embedding: the encoder's width times the view's parts (`CONTEXT_VIEWS`)."""
+    return encoder_dim * CONTEXT_VIEWS[view]
+
+
+def embed_contexts(embed: Callable[[list[str]], np.ndarray], contexts: Sequence[Context], view: str) -> np.ndarray:
+    """[B, observation_width(D, view)] float32 embeddings of B contexts; `embed(texts) -> [N, D]` is
+    called once, on each distinct text of the batch (questions and answers together)."""
+    if view == "joined":
+        parts = [[c.text()] for c in contexts]
+    elif view in CONTEXT_VIEWS:
+        keep = slice(-1, None) if view == "question_and_latest" else slice(None)
+        parts = [[c.question, *(a.text for a in c.responses[keep])] for c in contexts]
+    else:
+        raise ValueError(f"Unknown context view '{view}': one of {sorted(CONTEXT_VIEWS)}.")
+    texts = list(dict.fromkeys(t for p in parts for t in p))
+    vectors = np.asarray(embed(texts), np.float32)
+    row = {t: i for i, t in enumerate(texts)}
+    out = np.zeros((len(contexts), CONTEXT_VIEWS[view], vectors.shape[-1]), np.float32)
+    for i, (first, *answers) in enumerate(parts):
+        out[i, 0] = vectors[row[first]]
+        if answers:
+            out[i, 1] = vectors[row[answers[-1]]]
+            if view == "question_latest_pooled":
+                out[i, 2] = vectors[[row[t] for t in answers]].mean(0)
+    return out.reshape(len(contexts), -1)
 
 
 _MARK = re.compile("\ue000(\\d+)\ue001")
@@ -167,9 +217,10 @@ class Hop(NamedTuple):
 
 
 class Observation(NamedTuple):
-    """Arrays the policy sees. E: encoder width, A: number of actions (M, or M + 1 with STOP)."""
+    """Arrays the policy sees. E: embedding width (`observation_width`), A: number of actions (M, or M + 1
+    with STOP)."""
 
-    embedding: np.ndarray  # [B, E] float32 context embedding
+    embedding: np.ndarray  # [B, E] float32 context embedding (`embed_contexts`)
     hop: np.ndarray  # [B] int32 hop index l_t
     cost: np.ndarray  # [B, 2] float32: cumulative normalised cost C_t, the last hop's cost
     action_mask: np.ndarray  # [B, A] bool
@@ -199,7 +250,8 @@ class StepResult(NamedTuple):
 
 class RoutingEnv:
     """The MDP over a pool. `quality_fn(example, response_text) -> [0, 1]` scores final answers;
-    `encoder.encode(texts) -> [N, E]` embeds contexts (the paper uses a sentence-transformer)."""
+    `encoder.encode(texts) -> [N, D]` embeds texts (the paper uses a sentence-transformer), which the
+    observations combine per the config's context view (`embed_contexts`)."""
 
     def __init__(self, pool: Pool, encoder: Any, quality_fn: Callable[[Any, str], float],
                  config: EnvConfig = EnvConfig(), cache: Optional[ResponseCache] = None):
@@ -242,8 +294,17 @@ class RoutingEnv:
         """[B, A] bool (`action_mask`)."""
         return action_mask(hop, len(self.pool), self.config.stop_action)
 
+    @property
+    def observation_dim(self) -> int:
+        """E of the observations' embeddings (`observation_width`)."""
+        return observation_width(self.encoder.dim, self.config.view)
+
+    def embed(self, contexts: Sequence[Context]) -> np.ndarray:
+        """[B, E] the contexts' embeddings under the config's context view (`embed_contexts`)."""
+        return embed_contexts(self.encoder.encode, contexts, self.config.view)
+
     def observe(self, state: State) -> Observation:
-        embedding = np.asarray(self.encoder.encode([c.text() for c in state.contexts]), np.float32)
+        embedding = self.embed(state.contexts)
         return Observation(embedding, state.hop.copy(), cost_features(state.cost, state.last_cost),
                            self.action_mask(state.hop))
 

@@ -23,15 +23,17 @@ import numpy as np
 from hrjax.env.mdp import Context, RoutingEnv
 from hrjax.fsutil import atomic_file
 
-FORMAT_VERSION = 2  # part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
+# part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
+# (3: the embeddings follow the env's context view, `hrjax.env.mdp.embed_contexts`)
+FORMAT_VERSION = 3
 DEFAULT_CHUNK_SIZE = 256  # answers generated between two flushes of the response cache
 
 
 class PathTree(NamedTuple):
     """N prompts, K nodes each, E embedding width, M models."""
 
-    root_embedding: np.ndarray  # [N, E] embedding of each question (s_0)
-    embedding: np.ndarray  # [N, K, E] embedding of the context after the node's response
+    root_embedding: np.ndarray  # [N, E] observation embedding (the env's context view) of each question (s_0)
+    embedding: np.ndarray  # [N, K, E] observation embedding of the context after the node's response
     tokens_in: np.ndarray  # [N, K] int32
     tokens_out: np.ndarray  # [N, K] int32
     cost: np.ndarray  # [N, K] float32, this hop's normalised cost
@@ -95,8 +97,8 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
     contexts: list[list[Context]] = [[None] * k for _ in range(n)]
     tokens_in, tokens_out = np.zeros((n, k), np.int32), np.zeros((n, k), np.int32)
     cost, quality = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
-    embedding = None
-    root_embedding = np.asarray(env.encoder.encode(list(questions)), np.float32)
+    root_embedding = env.embed([Context(q) for q in questions])
+    embedding = np.zeros((n, k, root_embedding.shape[-1]), np.float32)
     bar = tqdm(total=n * k, desc="path tree", unit="answer", disable=not progress)
     for d in range(hops):
         level = np.flatnonzero(depth == d)
@@ -109,9 +111,7 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
                 hop = env.respond(action, before)
                 env.cache.flush()
                 after = [c.then(a) for c, a in zip(before, hop.responses)]
-                new_embeddings = np.asarray(env.encoder.encode([c.text() for c in after]), np.float32)
-                if embedding is None:
-                    embedding = np.zeros((n, k, new_embeddings.shape[-1]), np.float32)
+                new_embeddings = env.embed(after)
                 for j, (i, node) in enumerate(chunk):
                     contexts[i][node] = after[j]
                     tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]

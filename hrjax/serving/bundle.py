@@ -3,13 +3,15 @@
 A bundle (written by `hrjax export`, atomically) is one directory:
 
   manifest.json                  format + version, library versions, the served name, the action names,
-                                 the policy / encoder / env / pool sections, sha256 and size of every file
-                                 below, and `manifest_sha256` (the digest of the manifest's own content)
+                                 the policy / encoder / env (with its context view) / pool sections, sha256
+                                 and size of every file below, and `manifest_sha256` (the digest of the
+                                 manifest's own content)
   policy/exported.bin            `jax.export` policy: (params, embedding [b, E], hop [b], cost features [b, 2],
                                  cost_lambda [b], action mask [b, A]) -> log-probabilities [b, A] (masked)
   policy/params_<i>.safetensors  its parameters: one set per trained lambda (fixed-lambda routers: the run's
                                  own and the evaluation sweep's), or one set for a lambda-conditioned router
-  encoder/exported.bin           `jax.export` context encoder: (params, input_ids [b, t], mask [b, t]) -> [b, E]
+  encoder/exported.bin           `jax.export` context encoder: (params, input_ids [b, t], mask [b, t]) -> [b, D]
+                                 (E = D times the parts of the env's context view)
   encoder/params.safetensors     its parameters;  encoder/tokenizer/: its HF tokenizer
   pool/<name>/                   a pool member's HF files (small local checkpoints), or in the manifest a
                                  reference to a checkpoint outside the bundle with its content fingerprint
@@ -36,7 +38,7 @@ from typing import Optional
 from hrjax.errors import HrjaxError
 
 FORMAT = "hrjax-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: env.context_view, how observations embed the context (`hrjax.env.mdp.CONTEXT_VIEWS`)
 MANIFEST = "manifest.json"
 STOP = "STOP"
 
@@ -125,7 +127,8 @@ class Bundle:
         return self.read_json(self.manifest["config"])
 
     def env_config(self):
-        """The `hrjax.env.mdp.EnvConfig` the router was trained in (hops, STOP, cost, hop template, generation)."""
+        """The `hrjax.env.mdp.EnvConfig` the router was trained in (hops, STOP, cost, hop template, generation,
+        context view)."""
         from hrjax.env.mdp import EnvConfig, HopTemplate
 
         env = dict(self.manifest["env"])

@@ -2,7 +2,8 @@
 
 A route is the training env's episode, greedy: the same hop prompts (`hrjax.env.mdp.hop_prompt`), the
 same answers, costs (`hop_cost`, normalised by `cost_unit`), observations (context text embedded by the
-exported encoder, hop index, `cost_features`, `action_mask`) and the trained policy's argmax action.
+exported encoder as the bundle's context view says, `embed_contexts`; hop index, `cost_features`,
+`action_mask`) and the trained policy's argmax action.
 
 API (the server codes against exactly this)::
 
@@ -24,12 +25,13 @@ API (the server codes against exactly this)::
     state.finished, state.hops (Hop(model, text, tokens_in, tokens_out, cost, finish_reason)), state.actions,
     state.answer, state.total_cost, state.to_dict()
 
-Lower level, for checks: `router.embed(texts) -> [N, E]`, `router.observe(states)` and
+Lower level, for checks: `router.embed(texts) -> [N, D]`, `router.observe(states)` and
 `router.log_probs(embedding, hop, cost_features, action_mask, lams) -> [B, A]`. A fixed-lambda router
 serves the lambdas it was trained at (`router.trained_lambdas`: the run's own and the evaluation sweep's);
 a lambda-conditioned one any lambda in `router.lambda_range`. States are immutable, so one router serves
 many requests at once; `hops` and `actions` are tuples.
-Shapes: B states, A actions (M models, + STOP), E embedding width.
+Shapes: B states, A actions (M models, + STOP), D the encoder's width, E the observation's (D per part of
+the context view, `hrjax.env.mdp.CONTEXT_VIEWS`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from hrjax.env.mdp import Context, action_mask, cost_features, cost_unit, hop_cost, hop_prompt, make_answer
+from hrjax.env.mdp import (Context, action_mask, cost_features, cost_unit, embed_contexts, hop_cost, hop_prompt,
+                           make_answer)
 from hrjax.generate.sampler import Generation, SamplingParams
 from hrjax.models import sentence_batches
 from hrjax.pool import FileDigests, Pool, load_model
@@ -170,7 +173,7 @@ class BundleRouter:
     # ------------------------------------------------------------------------ observations and decisions
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """texts -> [N, E] float32 unit vectors through the exported encoder, tokenised and batched as the
+        """texts -> [N, D] float32 unit vectors through the exported encoder, tokenised and batched as the
         training encoder does (`hrjax.models.sentence_batches`)."""
         cfg = self.encoder_settings
         if not texts:
@@ -201,7 +204,7 @@ class BundleRouter:
         if any(s.finished for s in states):
             raise BundleError("A finished route has no decision left: pass only unfinished states.")
         hop = np.array([len(s.hops) for s in states], np.int32)
-        return (self.embed([s.context.text() for s in states]), hop,
+        return (embed_contexts(self.embed, [s.context for s in states], self.env.view), hop,
                 cost_features(np.array([s.total_cost for s in states], np.float32),
                               np.array([s.last_cost for s in states], np.float32)),
                 action_mask(hop, self.num_models, self.env.stop_action))

@@ -1,7 +1,7 @@
 """Loading API for the routing tasks: `load_task(name, split, data_dir, ...) -> list[TaskExample]`.
 
 The first call for a (task, options) pair builds the TFDS dataset into `data_dir` (ArrayRecord,
-no TensorFlow; see `hrjax.tasks.builders`); later calls only read it, through
+no TensorFlow; see `hrjax.tasks.base`); later calls only read it, through
 `builder.as_data_source()`. TFDS builds into a temporary `incomplete.*` directory and renames it
 into place at the end, so an interrupted build leaves nothing a later call would read; two
 processes racing to build the same dataset both succeed (the loser reads the winner's copy).
@@ -16,24 +16,28 @@ mix = load_task("reasoning_gym", "validation", "~/hrjax_data", tasks=["chain_sum
 
 Equivalently, with TFDS directly: `tfds.data_source("hrjax_gsm8k", split="train", data_dir=...,
 builder_kwargs={"config": {"seed": 0}})` (the config is a dict of the task's options).
+
+`TASKS` holds what the modules of `hrjax.tasks.families` register (`hrjax.tasks.registry`); importing
+this module imports them all. `load_parts` gives a run's training, selection and held-out examples,
+for one task or a mixture (`hrjax.config.TaskConfig.parts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from hrjax.tasks.builders import (
-    BUILDERS,
-    DEFAULT_RG_TASKS,
+from hrjax.tasks import families, registry
+from hrjax.tasks.base import (
     FIELDS,
     SCORERS,
     SPLITS,
@@ -41,10 +45,13 @@ from hrjax.tasks.builders import (
     TaskBuilder,
     TaskConfigError,
     TaskDataError,
+    TaskExample,
 )
+from hrjax.tasks.registry import TaskSpec
 from hrjax.tasks.scorers import SCORER_VERSIONS
 
 __all__ = [
+    "BUILDERS",
     "TASKS",
     "SCORERS",
     "SPLITS",
@@ -54,47 +61,22 @@ __all__ = [
     "TaskDataError",
     "decode_example",
     "examples_fingerprint",
+    "load_parts",
     "load_task",
     "prepare_task",
     "task_builder",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskExample:
-    """One task item, as stored, with `answers` and `metadata` decoded from JSON."""
-
-    id: str
-    task: str
-    question: str
-    answers: tuple[str, ...]
-    scorer: str
-    metadata: Mapping[str, Any] = dataclasses.field(hash=False, compare=True)
+def _import_families() -> None:
+    """Imports every module of `hrjax.tasks.families`: each registers its builder (and presets)."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(families.__path__)):
+        importlib.import_module(f"{families.__name__}.{module}")
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """A registered task: its builder, the options it fixes, and whether it needs a manual dir."""
-
-    name: str
-    builder: type[TaskBuilder]
-    preset: Mapping[str, Any]
-    needs_manual_dir: bool
-    description: str
-
-
-def _registry() -> dict[str, TaskSpec]:
-    out = {}
-    for task, cls in BUILDERS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        out[task] = TaskSpec(task, cls, {}, issubclass(cls, ManualTaskBuilder) and task != "humaneval", doc)
-    rg = BUILDERS["reasoning_gym"]
-    for task in DEFAULT_RG_TASKS:
-        out[task] = TaskSpec(task, rg, {"tasks": [task]}, False, f"reasoning-gym {task} (offline)")
-    return out
-
-
-TASKS: Mapping[str, TaskSpec] = _registry()
+_import_families()
+BUILDERS: Mapping[str, type[TaskBuilder]] = registry.BUILDERS  # family -> builder class
+TASKS: Mapping[str, TaskSpec] = registry.TASKS  # every task name: the families and their presets
 
 
 def _spec(name: str) -> TaskSpec:
@@ -224,3 +206,32 @@ def load_task(
     n = len(source)
     records = source.__getitems__(list(range(n))) if n else []
     return [decode_example(r) for r in records]
+
+
+def load_parts(
+    parts: Sequence[Any], data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None
+) -> tuple[list[TaskExample], list[TaskExample], list[TaskExample]]:
+    """(training, selection, held-out) examples of the tasks `parts`, each task's in turn (a mixture's
+    parts concatenated in order). A part has the fields of `hrjax.config.TaskPart`: `name`, `options`,
+    `train_split` / `select_split` / `eval_split` and `num_train` / `num_select` / `num_eval` (0: all).
+    A selection split equal to the training split takes the `num_select` examples after the first
+    `num_train`. Every task must give at least one example of each part."""
+    train, select, held_out = [], [], []
+    for part in parts:
+        kw = dict(data_dir=data_dir, manual_dir=manual_dir, **part.options)
+        train_split = load_task(part.name, part.train_split, **kw)
+        part_train = train_split[:part.num_train or None]
+        if part.select_split == part.train_split:  # no spare split: the examples after the training ones
+            part_select = train_split[part.num_train:][:part.num_select or None]
+        else:
+            part_select = load_task(part.name, part.select_split, **kw)[:part.num_select or None]
+        part_eval = load_task(part.name, part.eval_split, **kw)[:part.num_eval or None]
+        if not part_train or not part_select or not part_eval:
+            raise TaskConfigError(
+                f"Task '{part.name}' gave {len(part_train)} training, {len(part_select)} selection and "
+                f"{len(part_eval)} evaluation examples: each part needs at least one (check config.task.options "
+                "and num_train / num_select / num_eval).")
+        train += part_train
+        select += part_select
+        held_out += part_eval
+    return train, select, held_out

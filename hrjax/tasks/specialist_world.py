@@ -23,8 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hrjax.env.mdp import HopTemplate
-from hrjax.tasks.builders import SPLITS, TaskConfigError, TaskDataError, rg_split_of, stable_unit
-from hrjax.tasks.datasets import TaskExample
+from hrjax.tasks.base import SPLITS, TaskConfigError, TaskDataError, TaskExample, rg_split_of, stable_unit
 
 TASK_TYPES = ("add", "mul", "rev", "paren")
 ECHO = "echo"

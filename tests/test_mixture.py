@@ -1,0 +1,174 @@
+"""One router over a mixture of tasks (`config.task.name = "mixture"`): the paper-style config over the six
+benchmark families, its config checks, and one end-to-end run on tiny random Qwen2 models (the paper pool's
+architecture) and fixture files in each family's upstream format, laid out as the paper's table by
+`experiments/paper_table.py`."""
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from runs import REPO
+from test_task_datasets import (
+    gsm8k_rows, hotpot_orig, humaneval_rows, math_files, mbpp_row, MBPP_IDS, trivia_orig_row, write_json,
+    write_jsonl,
+)
+from tiny_models import make_tiny_pool_member
+
+from hrjax.config import ConfigError, TaskConfig, TaskPart, run_config
+from hrjax.evaluate import fmt, fmt_interval
+from hrjax.report import paper_table, paper_table_markdown
+
+FAMILIES = ["gsm8k", "math", "mbpp", "humaneval", "triviaqa", "hotpotqa"]
+
+
+def paper_config(*args):
+    spec = importlib.util.spec_from_file_location("qwen25_paper", REPO / "experiments/configs/qwen25_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+def test_the_paper_config_is_one_run_over_the_six_families():
+    config = run_config(paper_config().to_dict())
+    assert config.task.name == "mixture" and [p.name for p in config.task.parts] == FAMILIES
+    held_out = {p.name: (p.select_split, p.eval_split) for p in config.task.parts}
+    assert held_out["triviaqa"] == held_out["hotpotqa"] == ("train", "validation")  # no public test answers
+    assert held_out["gsm8k"] == ("validation", "test")
+    assert all((p.num_train, p.num_select, p.num_eval) == (1000, 100, 200) for p in config.task.parts)
+    assert [(m.name, m.checkpoint, m.dtype) for m in config.pool] == [
+        ("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "bfloat16"),
+        ("qwen2.5-math-1.5b-instruct", "Qwen/Qwen2.5-Math-1.5B-Instruct", "bfloat16"),
+        ("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "bfloat16")]
+    assert config.env.num_hops == 3 and config.env.max_new_tokens == 512  # the largest family's budget
+    one = run_config(paper_config("hotpotqa").to_dict())
+    assert (one.task.name, one.task.mixture, one.task.parts[0].eval_split, one.env.max_new_tokens) == (
+        "hotpotqa", (), "validation", 64)
+    with pytest.raises(ValueError, match="choose one of"):
+        paper_config("gsm8")
+
+
+@pytest.mark.parametrize("task, message", [
+    (dict(name="mixture"), "config.task.mixture is empty"),
+    (dict(name="gsm8k", mixture=[dict(name="math")]), "set config.task.name = 'mixture'"),
+    (dict(name="mixture", num_train=5, mixture=[dict(name="math")]), "config.task.num_train is set but"),
+    (dict(name="mixture", mixture=[dict(name="math"), dict(name="triviaqa", eval_split="train")]),
+     r"config.task.mixture\[1\].eval_split and train_split are both 'train'"),
+    (dict(name="mixture", mixture=[dict(name="math", num_trian=3)]), r"config.task.mixture\[0\].num_trian: unknown"),
+])
+def test_a_bad_mixture_is_one_clear_error(task, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config({"pool": [dict(name="m", checkpoint="x", base_rate=1.0)], "task": task})
+    assert TaskConfig().parts == (TaskPart(),)  # one task: itself
+
+
+def write_fixture_files(manual):
+    """A few records of each family, in its upstream file layout."""
+    for split in ("train", "test"):
+        write_jsonl(manual / "gsm8k" / f"{split}.jsonl", gsm8k_rows(split))
+    math_files(manual / "math")
+    write_jsonl(manual / "mbpp" / "mbpp.jsonl", [mbpp_row(i) for ids in MBPP_IDS.values() for i in ids])
+    write_jsonl(manual / "humaneval" / "HumanEval.jsonl", humaneval_rows())
+    trivia = [trivia_orig_row(f"tc_{i}", f"Question {i}?", f"Answer {i}", [f"A{i}"]) for i in range(5)]
+    write_json(manual / "triviaqa" / "qa" / "web-train.json", {"Data": trivia[:3]})
+    write_json(manual / "triviaqa" / "qa" / "web-dev.json", {"Data": trivia[3:]})
+    write_json(manual / "hotpotqa" / "hotpot_train_v1.1.json", [hotpot_orig(i, "train") for i in range(3)])
+    write_json(manual / "hotpotqa" / "hotpot_dev_distractor_v1.json", [hotpot_orig(i, "dev") for i in range(2)])
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_pool(tiny_pool, tmp_path_factory):
+    """`tiny_pool` with tiny random Qwen2 members (the paper pool's architecture: q/k/v biases) of the same names
+    and rates over the same tokenizer; its data and cache dirs."""
+    from hrjax import assets
+
+    root = tmp_path_factory.mktemp("tiny_qwen2_pool")
+    tokenizer = assets.minilm_path()
+    pool = [{**member, "checkpoint": str(make_tiny_pool_member("qwen2", root / member["name"], tokenizer, i))}
+            for i, member in enumerate(tiny_pool["pool"])]
+    return {**tiny_pool, "pool": pool}
+
+
+def test_the_paper_mixture_trains_and_evaluates_end_to_end(tiny_qwen2_pool, tmp_path):
+    from hrjax.pipeline import evaluate_run
+
+    write_fixture_files(tmp_path / "manual")
+    config = paper_config()
+    options = {"gsm8k": dict(validation_fraction=0.4), "math": dict(validation_fraction=0.34),
+               "humaneval": dict(source="manual")}  # enough rows to carve a validation split; the fixture file
+    for part in config.task.mixture:
+        part.update(num_train=1, num_select=1, num_eval=1, options=options.get(part["name"], {}))
+    config.pool = tiny_qwen2_pool["pool"]
+    config.task.update(data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path / "manual"))
+    config.train.update(cache_dir=tiny_qwen2_pool["cache_dir"], num_iterations=2, iterations_per_step=1)
+    config.env.update(num_hops=1, max_new_tokens=4)
+    config.network.hidden = 16
+    config.ppo.update(num_envs=8, minibatches=2)
+    config.evaluate.update(seeds=1, cost_lambdas=[config.env.cost_lambda])  # no sweep to train
+    run = evaluate_run(run_config(config.to_dict()), tmp_path / "run", progress=False)
+
+    summary = run.summary
+    assert summary["num_prompts"] == {"overall": 6, **{family: 1 for family in FAMILIES}}
+    for family in ["overall", *FAMILIES]:  # the per-family and overall report of every method
+        router = summary["router"][family]
+        assert router["quality"]["mean"] is not None
+        assert summary["methods"]["oracle"][family]["quality"]["mean"] >= router["best_single_quality"]
+    single = summary["methods"]["single:tiny-0"]  # overall: the mean over the families' prompts
+    assert single["overall"]["quality"]["mean"] == pytest.approx(
+        sum(single[family]["quality"]["mean"] for family in FAMILIES) / len(FAMILIES))
+    report = run.report.read_text()
+    assert all(f"| {family} |" in report for family in FAMILIES)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == summary["num_prompts"]
+    check_paper_table(tmp_path / "run", summary)
+
+
+def markdown_rows(markdown: str) -> list[list[str]]:
+    """The cells of a Markdown table's body rows."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
+    return [line[2:-2].split(" | ") for line in lines]
+
+
+def check_paper_table(run_dir, summary):
+    """`python -m experiments.paper_table` on an evaluated run: its rows against the run's summary.json; the
+    x-gains and an n/a for a 0 denominator on a copy of the summary with a scoring single model (the tiny
+    random models score 0 everywhere)."""
+    done = subprocess.run([sys.executable, "-m", "experiments.paper_table", f"--workdir={run_dir}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table = json.loads((run_dir / "paper_table.json").read_text())
+    rows, models, methods = table["rows"], summary["model_names"], summary["methods"]
+    assert [r["benchmark"] for r in rows] == [*FAMILIES, "overall"] and table["model_names"] == models
+    for row in rows:
+        group = row["benchmark"]
+        assert row["prompts"] == summary["num_prompts"][group]
+        assert row["single"] == {m: {key: methods[f"single:{m}"][group][key]["mean"] for key in ("quality", "cost")}
+                                 for m in models}
+        assert row["router"] == {key: summary["router"][group][key] for key in ("quality", "cost")}
+        assert row["oracle"]["quality"] == summary["router"][group]["oracle_quality"]
+        assert row["oracle"]["cost"] == methods["oracle"][group]["cost"]["mean"]
+        assert row["x_gain"] == {m: None for m in models}  # every single model scores 0: no ratio
+    benchmarks, overall = rows[:-1], rows[-1]  # overall: every prompt, each benchmark weighed by its prompts
+    weights = [r["prompts"] for r in benchmarks]
+    for cell in [lambda r: r["router"]["cost"]["mean"], lambda r: r["oracle"]["cost"],
+                 *[lambda r, m=m: r["single"][m]["cost"] for m in models]]:
+        assert cell(overall) == pytest.approx(np.average([cell(r) for r in benchmarks], weights=weights))
+    cells = markdown_rows((run_dir / "paper_table.md").read_text())
+    assert [c[:2] for c in cells] == [[r["benchmark"], str(r["prompts"])] for r in rows]
+    assert cells[-1][2:] == ([fmt(overall["single"][m]["quality"]) for m in models]
+                             + [fmt_interval(overall["router"]["quality"]), fmt(overall["oracle"]["quality"])]
+                             + ["n/a"] * len(models) + [fmt(overall["single"][m]["cost"]) for m in models]
+                             + [fmt_interval(overall["router"]["cost"]), fmt(overall["oracle"]["cost"])])
+
+    scoring = copy.deepcopy(summary)  # on math tiny-0 scores 0.25, the router 0.5 [0.4, 0.6], the oracle 0.75
+    scoring["methods"]["single:tiny-0"]["math"]["quality"]["mean"] = 0.25
+    scoring["router"]["math"]["quality"] = {"mean": 0.5, "low": 0.4, "high": 0.6}
+    scoring["methods"]["oracle"]["math"]["quality"]["mean"] = scoring["router"]["math"]["oracle_quality"] = 0.75
+    rows = paper_table(scoring)
+    math_row = rows[FAMILIES.index("math")]
+    assert (math_row["single"]["tiny-0"]["quality"], math_row["oracle"]["quality"]) == (0.25, 0.75)
+    assert math_row["x_gain"] == {"tiny-0": pytest.approx({"mean": 2.0, "low": 1.6, "high": 2.4}), "tiny-1": None}
+    gains = markdown_rows(paper_table_markdown(scoring, rows))[FAMILIES.index("math")][6:8]
+    assert gains == ["2.000 [1.600, 2.400]", "n/a"]
