@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def experiment_config(name: str, *args, root: Path):
+    """`experiments/configs/<name>.py`'s `get_config(*args)` as a frozen `RunConfig`, its data and caches under
+    `root` (the benchmark's directory)."""
+    from hrjax.config import run_config
+
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*args)
+    config.train.cache_dir, config.task.data_dir = str(root / "cache"), str(root / "data")
+    return run_config(config.to_dict())
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -9,28 +9,19 @@ afterwards in the same process on the same path tree, compilation included in bo
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 
-from hrjax.benchmarks.common import host_isa
+from hrjax.benchmarks.common import experiment_config, host_isa
 
-CONFIG_FILE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "specialist_world.py"
 
 
 def main_job_config(root: Path, recipe: str = "default"):
     """The main job's `RunConfig` (recipe 'default', or 'reduced': the CI world), caches and data under `root`."""
-    from hrjax.config import run_config
-
-    spec = importlib.util.spec_from_file_location("specialist_world", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(recipe)
-    config.train.cache_dir, config.task.data_dir = str(root / "cache"), str(root / "data")
-    return run_config(config.to_dict())
+    return experiment_config("specialist_world", recipe, root=root)
 
 
 def sequential_sweep_seconds(config, seeds: list[int]) -> float:

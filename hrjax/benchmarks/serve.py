@@ -138,18 +138,25 @@ def specialist_bundle(root: Path) -> Path:
     return bundle
 
 
-def smollm_bundle(root: Path) -> tuple[Path, Path]:
-    """(bundle, the F32 HF directory) of a one-model, one-hop router over SmolLM2-135M-Instruct."""
+def smollm_f32_dir(root: Path) -> Path:
+    """root/smollm2-135m-f32: the packaged SmolLM2-135M-Instruct GGUF at F32, written by `save_hf` once."""
     from hrjax import assets
-    from hrjax.config import base_config, run_config
-    from hrjax.export import export_bundle
     from hrjax.models.gguf import load_gguf
     from hrjax.models.hf import save_hf
-    from hrjax.train import train
 
-    hf_dir, bundle = root / "smollm2-135m-f32", root / "smollm_bundle"
+    hf_dir = root / "smollm2-135m-f32"
     if not hf_dir.exists():
         save_hf(load_gguf(assets.smollm2_gguf_path(), dtype="float32"), hf_dir)
+    return hf_dir
+
+
+def smollm_bundle(root: Path) -> tuple[Path, Path]:
+    """(bundle, the F32 HF directory) of a one-model, one-hop router over SmolLM2-135M-Instruct."""
+    from hrjax.config import base_config, run_config
+    from hrjax.export import export_bundle
+    from hrjax.train import train
+
+    hf_dir, bundle = smollm_f32_dir(root), root / "smollm_bundle"
     if not bundle.exists():
         config = base_config()
         config.pool = [dict(name="smollm2-135m", checkpoint=str(hf_dir), base_rate=1.0)]
@@ -165,9 +172,9 @@ def smollm_bundle(root: Path) -> tuple[Path, Path]:
     return bundle, hf_dir
 
 
-def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, requests: list[dict],
-                         warmup: list[dict]) -> tuple[Optional[dict], Optional[str]]:
-    """llama-server's figures under the same load, or (None, why not)."""
+def llama_cpp_f32(llama_cpp: Optional[str], hf_dir: Path, root: Path) -> tuple[Optional[tuple[Path, Path]], str]:
+    """((llama-server binary, an F32 GGUF of `hf_dir` made by llama.cpp's converter under `root`), "") or
+    (None, why not)."""
     if not llama_cpp:
         return None, "no llama.cpp: set $HRJAX_LLAMA_CPP to a llama.cpp source dir with build/bin/llama-server"
     source = Path(llama_cpp).expanduser()
@@ -175,16 +182,31 @@ def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, req
     for needed in (binary, convert):
         if not needed.exists():
             return None, f"{needed} is missing (build llama-server: see hrjax/benchmarks/serve.py)"
-    gguf = root / "smollm2-135m-f32.gguf"
+    gguf = root / f"{hf_dir.name}.gguf"
     if not gguf.exists():
         done = subprocess.run([sys.executable, str(convert), str(hf_dir), "--outtype", "f32", "--outfile", str(gguf)],
                               capture_output=True, text=True, timeout=1800)
         if done.returncode:
             return None, f"convert_hf_to_gguf.py failed: {done.stderr[-500:]}"
+    return (binary, gguf), ""
+
+
+def llama_server(binary: Path, gguf: Path, parallel: int, context_per_slot: int, log: Path):
+    """`llama-server` on 127.0.0.1 with `parallel` continuous-batching slots, 2 threads -> its base URL (a
+    context manager)."""
     port = free_port()
-    command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(CONCURRENCY),
-               "--cont-batching", "-t", "2", "-tb", "2", "-c", str(CONCURRENCY * 256)]
-    with _running(command, port, "/health", root / "llama_server.log") as url:
+    command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel),
+               "--cont-batching", "-t", "2", "-tb", "2", "-c", str(parallel * context_per_slot)]
+    return _running(command, port, "/health", log)
+
+
+def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, requests: list[dict],
+                         warmup: list[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """llama-server's figures under the same load, or (None, why not)."""
+    found, why_not = llama_cpp_f32(llama_cpp, hf_dir, root)
+    if found is None:
+        return None, why_not
+    with llama_server(*found, CONCURRENCY, 256, root / "llama_server.log") as url:
         asyncio.run(_load(url, warmup, CONCURRENCY))
         return asyncio.run(_load(url, requests, CONCURRENCY)), None
 
