@@ -220,15 +220,34 @@ def run_config(mapping: Mapping[str, Any]) -> RunConfig:
     return from_mapping(RunConfig, mapping)
 
 
+def field_defaults(cls: type) -> dict:
+    """The JSON-ready default of every field of dataclass `cls` that has one, nested dataclasses as dicts."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value))
+    return out
+
+
 def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset = frozenset(),
-                      where: str = "config") -> Optional[str]:
-    """The first path (not in `ignore`) where two config dicts differ, as 'path: saved vs current'."""
+                      where: str = "config", defaults: Any = None) -> Optional[str]:
+    """The first path (not in `ignore`) where two config dicts differ, as 'path: saved vs current'. A key the
+    saved config lacks (written by an older hrjax) counts as its default there (`defaults`, by default
+    `field_defaults(RunConfig)`), so a field added since does not block a resume while it keeps its default."""
     if where in ignore:
         return None
+    if defaults is None and where == "config":
+        defaults = field_defaults(RunConfig)
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        defaults = defaults if isinstance(defaults, Mapping) else {}
         for key in sorted(set(saved) | set(current)):
-            found = config_difference(saved.get(key, "<missing>"), current.get(key, "<missing>"), ignore,
-                                      f"{where}.{key}")
+            found = config_difference(saved.get(key, defaults.get(key, "<missing>")), current.get(key, "<missing>"),
+                                      ignore, f"{where}.{key}", defaults.get(key))
             if found:
                 return found
         return None

@@ -131,6 +131,22 @@ def test_workdir_of_another_config_is_refused(tiny_pool, tmp_path):
         train(config_of(tiny_pool, iterations=2, **{"ppo.learning_rate": 0.01}), tmp_path, progress=False)
 
 
+def test_a_config_saved_before_a_field_existed_resumes_while_the_field_keeps_its_default(tiny_pool):
+    """An older hrjax wrote config.json without fields added since: they count as their defaults there."""
+    from hrjax.config import config_difference
+
+    current = config_of(tiny_pool).to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["task"]["mixture"], saved["env"]["context_view"]
+    assert current["task"]["mixture"] == [] and current["env"]["context_view"] != "auto"
+    assert config_difference(saved, current) == f"config.env.context_view: 'auto' vs {current['env']['context_view']!r}"
+    saved["env"]["context_view"] = current["env"]["context_view"]
+    assert config_difference(saved, current) is None
+    del saved["ppo"]["entropy_coef"]
+    current["ppo"]["entropy_coef"] = 0.5
+    assert config_difference(saved, current) == "config.ppo.entropy_coef: 0.01 vs 0.5"
+
+
 def test_a_kill_between_the_best_and_the_latest_save_resumes(tiny_pool, tmp_path):
     train(config_of(tiny_pool, iterations=3), tmp_path, progress=False)  # step 3: best/3, then checkpoints/3
     shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed between the two saves
