@@ -120,4 +120,6 @@ def test_hrjax_train_online_through_every_mesh_then_one_device_matches_one_devic
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == list(range(total + 1))
     for ours, theirs in zip(*rows):  # every mesh's iterations logged the one-device losses
         for key in set(ours) - set(TIMING) - {"step", "action_histogram", *CACHE_COUNTERS}:
-            assert abs(ours[key] - theirs[key]) <= 1e-5, (ours["step"], key, ours[key], theirs[key])
+            # float32 sums in another order: 1e-5 relative to the metric's size (explained variance reaches ~10)
+            assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key, ours[key],
+                                                                                       theirs[key])
