@@ -9,7 +9,10 @@
    bundle): `smollm_requests` at concurrency 32, each exactly `new_tokens` tokens (`ignore_eos`), then the
    same load against llama.cpp's `llama-server --parallel 32 --cont-batching -t 2` on an F32 GGUF of
    the same HF directory (llama.cpp's `convert_hf_to_gguf.py --outtype f32`).
-   `tokens_per_s_vs_llama_server` = our generated tokens/s over llama-server's.
+   `tokens_per_s_vs_llama_server` = our generated tokens/s over llama-server's as shipped; every request
+   has the same prompt, which llama-server's per-slot prompt cache then does not prefill again (we prefill
+   every request), so `tokens_per_s_vs_llama_server_no_prompt_cache` repeats its run with `cache_prompt`
+   off: the same work on both sides.
 
 llama.cpp: the `llama_cpp` argument or $HRJAX_LLAMA_CPP, a llama.cpp source directory holding
 `convert_hf_to_gguf.py` and a built `build/bin/llama-server` (e.g. the `vendor/llama.cpp` of the
@@ -201,14 +204,17 @@ def llama_server(binary: Path, gguf: Path, parallel: int, context_per_slot: int,
 
 
 def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, requests: list[dict],
-                         warmup: list[dict]) -> tuple[Optional[dict], Optional[str]]:
-    """llama-server's figures under the same load, or (None, why not)."""
+                         warmup: list[dict]) -> tuple[Optional[dict], Optional[dict], Optional[str]]:
+    """llama-server's figures under the same load as shipped (its per-slot prompt cache on: a slot that served
+    a prompt skips the prefill of a prompt sharing its prefix), then with `cache_prompt` off (every prompt
+    prefilled, as ours are), or (None, None, why not)."""
     found, why_not = llama_cpp_f32(llama_cpp, hf_dir, root)
     if found is None:
-        return None, why_not
+        return None, None, why_not
+    uncached = [{**r, "extra_body": {**r.get("extra_body", {}), "cache_prompt": False}} for r in requests]
     with llama_server(*found, CONCURRENCY, 256, root / "llama_server.log") as url:
         asyncio.run(_load(url, warmup, CONCURRENCY))
-        return asyncio.run(_load(url, requests, CONCURRENCY)), None
+        return asyncio.run(_load(url, requests, CONCURRENCY)), asyncio.run(_load(url, uncached, CONCURRENCY)), None
 
 
 def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requests: int = 500,
@@ -249,12 +255,16 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
     with _serve(smollm_path, root / "server_smollm.log") as url:
         asyncio.run(_load(url, warmup, CONCURRENCY))
         ours = asyncio.run(_load(url, story, CONCURRENCY))
-    theirs, why_not = llama_server_figures(llama_cpp, hf_dir, root, story, warmup)
+    theirs, theirs_uncached, why_not = llama_server_figures(llama_cpp, hf_dir, root, story, warmup)
+
+    def ratio(peer):
+        return round(ours["tokens_per_s"] / peer["tokens_per_s"], 3) if peer and peer["tokens_per_s"] else None
     result.update({"smollm_ours": ours, "smollm_llama_server": theirs,
+                   "smollm_llama_server_no_prompt_cache": theirs_uncached,
                    "requests": result["requests"] + ours["requests"],
                    "errors_5xx": result["errors_5xx"] + ours["errors_5xx"],
-                   "tokens_per_s_vs_llama_server": (round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
-                                                    if theirs and theirs["tokens_per_s"] else None)})
+                   "tokens_per_s_vs_llama_server": ratio(theirs),
+                   "tokens_per_s_vs_llama_server_no_prompt_cache": ratio(theirs_uncached)})
     if why_not:
         result["llama_server_note"] = why_not
     return result
