@@ -172,6 +172,29 @@ def test_cancelled_requests_free_their_slots_and_leave_the_others_unchanged(llam
     assert_same_greedy([finished[h] for h in handles[1:3]], reference)
 
 
+def test_a_varied_stream_compiles_few_programs_and_a_second_process_none(tiny_decoder, tmp_path):
+    """200 varied requests (tests/compile_cache_run.py) compile at most 3 decode programs (S = 1, 4, 16), 24
+    admission programs (k <= S in {1, 4, 16} x 4 prompt buckets) and 6 resizes, as JAX counts them; a second
+    process with the same compilation cache compiles none and makes the same tokens."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "compile_cache_run.py", str(tiny_decoder("llama")[0]),
+                               str(tmp_path / "xla")], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["programs"] == first["recorded"] <= 3 + 24 + 6, first
+    assert first["misses"] >= first["programs"] and first["hits"] == 0, first
+    assert second["misses"] == 0 and second["hits"] >= first["programs"], second
+    assert second["tokens"] == first["tokens"]
+
+
 def test_bad_requests_are_named(llama):
     engine = InflightEngine(llama, slots=2)
     with pytest.raises(ValueError, match="Prompt 0 is empty"):

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
@@ -360,6 +361,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="decode steps per engine call (how long a new request may wait for its prefill)")
     p.add_argument("--batch_window_ms", type=float, default=defaults.batch.window_s * 1e3,
                    help="how long a policy call waits for requests in flight to join it")
+    p.add_argument("--compilation_cache", default="~/.cache/hrjax/xla",
+                   help="JAX's persistent compilation cache: a restarted server loads the programs it compiled "
+                        "before from here instead of compiling them again ('' turns it off; "
+                        "$JAX_COMPILATION_CACHE_DIR wins)")
     p.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -368,9 +373,12 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser(argv[0]).parse_args(argv[1:])
     import uvicorn
 
+    from hrjax.runtime import use_compilation_cache
     from hrjax.serving.bundle import load_bundle
     from hrjax.serving.router import BundleRouter
 
+    if args.compilation_cache:
+        use_compilation_cache(Path(args.compilation_cache).expanduser())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     limits = ServerLimits(api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
                           max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
