@@ -52,7 +52,8 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", SERVE, str(self.imported), "serve", f"--bundle={bundle}", f"--port={port}",
                  f"--api_key={API_KEY}", f"--max_prompt_chars={MAX_PROMPT_CHARS}", f"--max_tokens={MAX_TOKENS}",
-                 f"--max_request_bytes={MAX_REQUEST_BYTES}"], stdout=out, stderr=subprocess.STDOUT)
+                 f"--max_request_bytes={MAX_REQUEST_BYTES}", "--no-warmup"],  # warm-up: tests/test_export.py
+                stdout=out, stderr=subprocess.STDOUT)
 
     def wait_until_up(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

@@ -195,10 +195,10 @@ def run_stream(num_requests: int = STREAM_REQUESTS, slots: int = STREAM_SLOTS, l
     if found is None:
         result["stream_llama_cpp_note"] = why_not
     else:
-        with llama_server(*found, slots, 512, root / "llama_server.log") as url:
-            asyncio.run(llama_server_stream(url, cases["uniform"][0][:slots], cases["uniform"][1][:slots]))
+        with llama_server(*found, slots, 512, root / "llama_server.log") as server:
+            asyncio.run(llama_server_stream(server.url, cases["uniform"][0][:slots], cases["uniform"][1][:slots]))
             for case, (prompts, lengths) in cases.items():
-                timings[case]["llama_server"] = asyncio.run(llama_server_stream(url, prompts, lengths))
+                timings[case]["llama_server"] = asyncio.run(llama_server_stream(server.url, prompts, lengths))
     for case, (prompts, lengths) in cases.items():
         result[f"stream_{case}_mean_tokens"] = round(sum(lengths) / len(lengths), 1)
         for engine, seconds in timings[case].items():

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from hrjax.benchmarks.common import host_isa
 
@@ -67,14 +67,28 @@ def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float 
         time.sleep(0.5)
 
 
+class Endpoint(NamedTuple):
+    url: str  # base URL
+    pid: int  # the server's process
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """CPU seconds (user + system) process `pid` has used, all its threads; None where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def _running(command: list[str], port: int, health_path: str, log: Path):
-    """Starts a server `command` listening on 127.0.0.1:`port` -> its base URL; stopped on exit."""
+    """Starts a server `command` listening on 127.0.0.1:`port` -> its `Endpoint`; stopped on exit."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}{health_path}", process, log)
-        yield f"http://127.0.0.1:{port}"
+        yield Endpoint(f"http://127.0.0.1:{port}", process.pid)
     finally:
         process.terminate()
         try:
@@ -84,13 +98,15 @@ def _running(command: list[str], port: int, health_path: str, log: Path):
             process.wait(timeout=60)
 
 
-async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
-    """Sends `requests` (chat-completion kwargs) with `concurrency` workers -> figures."""
+async def _load(server: Endpoint, requests: list[dict], concurrency: int) -> dict:
+    """Sends `requests` (chat-completion kwargs) with `concurrency` workers -> figures, with the CPU time
+    per answered request of the server process and of this client (they share the host's cores)."""
     import httpx
     import openai
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800,
+    server_cpu, client_cpu = _cpu_seconds(server.pid), time.process_time()
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=1800,
                                   http_client=httpx.AsyncClient(limits=limits, timeout=1800)) as client:
         latencies, tokens, errors = [], 0, {"5xx": 0, "4xx": 0, "connection": 0}
         pending = iter(requests)
@@ -112,14 +128,20 @@ async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
+    server_cpu = None if server_cpu is None else _cpu_seconds(server.pid) - server_cpu
+    client_cpu = time.process_time() - client_cpu
     latencies.sort()
+
+    def per_request(cpu_seconds):
+        return round(cpu_seconds * 1e3 / len(latencies), 2) if latencies and cpu_seconds is not None else None
 
     def quantile(q):
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3, 1) if latencies else None
     return {"requests": len(requests), "concurrency": concurrency, "ok": len(latencies), "errors_5xx": errors["5xx"],
             "errors_4xx": errors["4xx"], "errors_connection": errors["connection"], "seconds": round(seconds, 2),
             "requests_per_s": round(len(latencies) / seconds, 2), "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
-            "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+            "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "server_cpu_ms_per_request": per_request(server_cpu), "client_cpu_ms_per_request": per_request(client_cpu)}
 
 
 def _serve(bundle: Path, log: Path):
@@ -195,7 +217,7 @@ def llama_cpp_f32(llama_cpp: Optional[str], hf_dir: Path, root: Path) -> tuple[O
 
 
 def llama_server(binary: Path, gguf: Path, parallel: int, context_per_slot: int, log: Path):
-    """`llama-server` on 127.0.0.1 with `parallel` continuous-batching slots, 2 threads -> its base URL (a
+    """`llama-server` on 127.0.0.1 with `parallel` continuous-batching slots, 2 threads -> its `Endpoint` (a
     context manager)."""
     port = free_port()
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel),
@@ -212,9 +234,10 @@ def llama_server_figures(llama_cpp: Optional[str], hf_dir: Path, root: Path, req
     if found is None:
         return None, None, why_not
     uncached = [{**r, "extra_body": {**r.get("extra_body", {}), "cache_prompt": False}} for r in requests]
-    with llama_server(*found, CONCURRENCY, 256, root / "llama_server.log") as url:
-        asyncio.run(_load(url, warmup, CONCURRENCY))
-        return asyncio.run(_load(url, requests, CONCURRENCY)), asyncio.run(_load(url, uncached, CONCURRENCY)), None
+    with llama_server(*found, CONCURRENCY, 256, root / "llama_server.log") as server:
+        asyncio.run(_load(server, warmup, CONCURRENCY))
+        return (asyncio.run(_load(server, requests, CONCURRENCY)), asyncio.run(_load(server, uncached, CONCURRENCY)),
+                None)
 
 
 def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requests: int = 500,
@@ -233,11 +256,11 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
         picked = (questions[(offset + i) % len(questions)] for i in range(n))
         return [{"model": "hrjax-router", "messages": [{"role": "user", "content": q}]} for q in picked]
     bundle = specialist_bundle(root)
-    with _serve(bundle, root / "server_specialist.log") as url:
-        asyncio.run(_load(url, chats(256, 1000), CONCURRENCY))  # compile every batch shape first
-        asyncio.run(_load(url, chats(16, 1000), 1))
-        batched = asyncio.run(_load(url, chats(specialist_requests), CONCURRENCY))
-        serial = asyncio.run(_load(url, chats(serial_requests, specialist_requests), 1))
+    with _serve(bundle, root / "server_specialist.log") as server:  # the pool's programs compile on first use:
+        asyncio.run(_load(server, chats(specialist_requests, 1000), CONCURRENCY))  # a first pass compiles them
+        asyncio.run(_load(server, chats(serial_requests, 1000), 1))
+        batched = asyncio.run(_load(server, chats(specialist_requests), CONCURRENCY))
+        serial = asyncio.run(_load(server, chats(serial_requests, specialist_requests), 1))
     result.update({"requests": batched["requests"] + serial["requests"],
                    "errors_5xx": batched["errors_5xx"] + serial["errors_5xx"],
                    "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"],
@@ -252,9 +275,9 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
               "max_tokens": new_tokens, "extra_body": {"ignore_eos": True}} for _ in range(smollm_requests)]
     warmup = story[:2 * CONCURRENCY]
     smollm_path, hf_dir = smollm_bundle(root)
-    with _serve(smollm_path, root / "server_smollm.log") as url:
-        asyncio.run(_load(url, warmup, CONCURRENCY))
-        ours = asyncio.run(_load(url, story, CONCURRENCY))
+    with _serve(smollm_path, root / "server_smollm.log") as server:
+        asyncio.run(_load(server, warmup, CONCURRENCY))
+        ours = asyncio.run(_load(server, story, CONCURRENCY))
     theirs, theirs_uncached, why_not = llama_server_figures(llama_cpp, hf_dir, root, story, warmup)
 
     def ratio(peer):

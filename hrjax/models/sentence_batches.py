@@ -14,7 +14,7 @@ import numpy as np
 
 from hrjax.shapes import pow2_bucket
 
-MIN_SEQ_BUCKET = 16
+MIN_SEQ_BUCKET = 8
 
 
 def tokenize(tokenizer, texts: Sequence[str], do_lower_case: bool, max_seq_length: int) -> list[list[int]]:
@@ -28,6 +28,13 @@ def tokenize(tokenizer, texts: Sequence[str], do_lower_case: bool, max_seq_lengt
 def bucket_shape(batch: int, length: int, batch_size: int, max_seq_length: int) -> tuple[int, int]:
     """The padded [B, T] a batch of `batch` rows up to `length` tokens runs at."""
     return min(pow2_bucket(batch), pow2_bucket(batch_size)), min(pow2_bucket(length, MIN_SEQ_BUCKET), max_seq_length)
+
+
+def bucket_shapes(batch_size: int, max_seq_length: int) -> list[tuple[int, int]]:
+    """Every padded [B, T] `embed_in_buckets` can run at (what a server compiles before its first request)."""
+    rows = sorted({bucket_shape(b, MIN_SEQ_BUCKET, batch_size, max_seq_length)[0] for b in range(1, batch_size + 1)})
+    lengths = sorted({bucket_shape(1, t, batch_size, max_seq_length)[1] for t in range(1, max_seq_length + 1)})
+    return [(b, t) for t in lengths for b in rows]
 
 
 def embed_in_buckets(ids: Sequence[Sequence[int]], embed: Callable[[np.ndarray, np.ndarray], np.ndarray], dim: int,

@@ -14,6 +14,7 @@ API (the server codes against exactly this)::
     router.offers() -> {served model name: cost_lambda} # e.g. {"hrjax-router": 0.05, "hrjax-router@cost=0.2": 0.5}
     router.lambda_for(model_name, budget=None) -> float # UnknownModelError / BudgetError (both BundleError)
     router.start(question) -> RouteState                # immutable; hop 0, cost 0
+    router.warm_up(max_decisions) -> int                # compiles every encoder / policy batch shape first
     router.decide(states, lams) -> list[int]            # one batched encoder pass (32-row chunks), one policy
                                                         # call per parameter set the lambdas need; argmax
     router.probabilities(states, lams) -> [B, A]        # what decide takes the argmax of
@@ -43,7 +44,7 @@ import jax
 import numpy as np
 
 from hrjax.env.mdp import (Context, action_mask, cost_features, cost_unit, embed_contexts, hop_cost, hop_prompt,
-                           make_answer)
+                           make_answer, observation_width)
 from hrjax.generate.sampler import Generation, SamplingParams
 from hrjax.models import sentence_batches
 from hrjax.pool import FileDigests, Pool, load_model
@@ -198,6 +199,23 @@ class BundleRouter:
                                   mask[pad])
             out[rows] = np.asarray(result)[:rows.size]
         return out
+
+    def warm_up(self, max_decisions: int) -> int:
+        """Compiles, by running each once on padding, the exported encoder at every shape `embed` pads to
+        and the policy at every power-of-two batch up to `max_decisions` rows, so that no request waits for
+        a compilation; -> the number of shapes run. The pool models' programs compile on first use."""
+        cfg = self.encoder_settings
+        shapes = sentence_batches.bucket_shapes(cfg["batch_size"], cfg["max_seq_length"])
+        for rows, length in shapes:
+            ids, mask = np.full((rows, length), cfg["pad_token_id"], np.int32), np.ones((rows, length), np.int32)
+            jax.block_until_ready(self._encoder(self._encoder_params, ids, mask))
+        batches = [2 ** i for i in range(pow2_bucket(max_decisions).bit_length())]
+        width = observation_width(cfg["dim"], self.env.view)
+        for rows in batches:
+            mask = np.ones((rows, len(self.action_names)), bool)
+            self.log_probs(np.zeros((rows, width), np.float32), np.zeros(rows, np.int32),
+                           np.zeros((rows, 2), np.float32), mask, np.full(rows, self.default_lambda, np.float32))
+        return len(shapes) + len(batches)
 
     def observe(self, states: Sequence[RouteState]):
         """-> (embedding [B, E], hop [B], cost features [B, 2], action mask [B, A]), as the env observes."""

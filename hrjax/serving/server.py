@@ -365,6 +365,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="JAX's persistent compilation cache: a restarted server loads the programs it compiled "
                         "before from here instead of compiling them again ('' turns it off; "
                         "$JAX_COMPILATION_CACHE_DIR wins)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the router's encoder and policy programs for every batch shape before listening, "
+                        "so that no request waits for a compilation (--no-warmup: compile on first use)")
     p.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -385,6 +388,11 @@ def main(argv: Sequence[str]) -> int:
                           batch=BatchLimits(window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
                                             steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue))
     router = BundleRouter(load_bundle(args.bundle))
+    if args.warmup:
+        started = time.perf_counter()
+        shapes = router.warm_up(args.max_queue)
+        print(f"hrjax serve: compiled the router for {shapes} batch shapes in {time.perf_counter() - started:.1f} s",
+              flush=True)
     app = create_app(router, limits)
     print(f"hrjax serve: {args.bundle} on http://{args.host}:{args.port}/v1 (models: {', '.join(router.offers())})",
           flush=True)
