@@ -172,6 +172,38 @@ def test_cancelled_requests_free_their_slots_and_leave_the_others_unchanged(llam
     assert_same_greedy([finished[h] for h in handles[1:3]], reference)
 
 
+def test_the_prompt_cache_skips_the_prefill_of_repeated_prompts_and_changes_no_token(llama):
+    """60 requests over 10 prompts (three prompt buckets), greedy and seeded sampled rows, arriving in waves,
+    through an engine keeping 3 prompts per bucket (so entries are evicted and reused): each row makes the
+    tokens it makes without the cache, and greedy ones those of one-at-a-time generation."""
+    rng = np.random.RandomState(3)
+    prompts = [list(rng.randint(3, 256, n)) for n in (3, 5, 9, 14, 20, 30, 31, 2, 17, 40)]
+    requests = []
+    for i in range(60):
+        prompt = prompts[int(rng.randint(len(prompts)))]
+        sampled = i % 3 == 0
+        requests.append((prompt, SamplingParams(max_new_tokens=int(rng.randint(1, 24)), temperature=1.0 if sampled
+                                                else 0.0, seed=int(rng.randint(100)), stop=("9 9",) * (i % 2))))
+
+    def run(engine):
+        handles, finished = [], {}
+        for wave in range(0, len(requests), 12):
+            handles += [engine.submit(*r) for r in requests[wave:wave + 12]]
+            finished.update(engine.step())
+        finished.update(engine.run_until_idle())
+        return [finished[h] for h in handles]
+    cached = InflightEngine(llama, slots=8, steps_per_dispatch=4, prompt_cache=3)
+    with_cache, without = run(cached), run(InflightEngine(llama, slots=8, steps_per_dispatch=4))
+    assert 10 < cached.prompt_cache_hits < 60 - 10  # prompts were reused, and entries evicted
+    assert any(key[0] == "place" for key in cached.compiled_shapes)
+    for i, (a, b) in enumerate(zip(with_cache, without)):
+        assert (a.tokens.tolist(), a.finish_reason) == (b.tokens.tolist(), b.finish_reason), f"request {i}"
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, err_msg=f"request {i}")
+    greedy = [i for i, (_, s) in enumerate(requests) if s.greedy]
+    reference = one_at_a_time(reference_sampler(llama, 32), *zip(*(requests[i] for i in greedy)))
+    assert_same_greedy([with_cache[i] for i in greedy], reference)
+
+
 def test_a_varied_stream_compiles_few_programs_and_a_second_process_none(tiny_decoder, tmp_path):
     """200 varied requests (tests/compile_cache_run.py) compile at most 3 decode programs (S = 1, 4, 16), 24
     admission programs (k <= S in {1, 4, 16} x 4 prompt buckets) and 6 resizes, as JAX counts them; a second

@@ -7,6 +7,7 @@ imports the training code."""
 
 import concurrent.futures
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,9 @@ def test_routed_answers_equal_the_bundle_routers(server, client, router, expecte
         choices = sorted(response.choices, key=lambda c: c.index)
         assert [c.text for c in choices] == [s.answer for s in other]
         assert [_route_of(c) for c in choices] == [[hop.model for hop in s.hops] for s in other]
+    metrics = httpx.get(f"{server}/metrics", headers=AUTH, timeout=10).text
+    hits = re.findall(r'hrjax_prompt_cache_hits_total\{model="\w+"\} (\d+)', metrics)
+    assert sum(map(int, hits)) > 0, metrics  # the questions asked again: their hop prompts were not prefilled
 
 
 def test_streaming_sends_the_routed_answer(client, expected):

@@ -12,6 +12,11 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
   and values go into their slot rows at the P columns just before the shared column, the rest of each
   row is marked empty, and their first tokens come from the prefill logits. A row admitted there with n
   new tokens owns the columns c-P .. c+n-2 (mod W), so P + n <= W keeps it from wrapping onto itself.
+- Prompt cache (`prompt_cache` > 0 prompts per bucket P, off by default): a prefilled prompt's keys,
+  values and last logits are kept in a device store per bucket (`PromptStore`, least recently used
+  evicted), and a newcomer with exactly a kept prompt is admitted from it without a prefill
+  (`place_program`: its first token is drawn from the kept logits with its own settings and seed, so
+  it makes what a prefilled row makes). Memory: C entries x P columns x the model's KV bytes per token.
 - Decode: one compiled `lax.while_loop` runs up to `steps_per_dispatch` steps over all S rows; it
   leaves early when every row is done or, while prompts wait, when min(waiting, `refill_batch`) slots
   are free, so newcomers are prefilled a few at once (SmolLM2-135M on CPU: one 64-token prompt 100 ms,
@@ -28,8 +33,9 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
 - Capacity (W, N, Q, L) grows when a request needs more, live rows included (`_grown`: the ring gets
   empty columns after its last one); a grown size at least doubles, so few capacities are compiled.
   `generate_stream` sizes it once for its whole list.
-- Compiled programs, per capacity (S, W, N, Q, L): one decode program and one admission program per
-  (k, P) bucket pair; S takes at most log4(max_slots) + 2 values.
+- Compiled programs, per capacity (S, W, N, Q, L): one decode program, and one admission program (and,
+  with the prompt cache, one placement program) per (k, P) bucket pair; S takes at most log4(max_slots)
+  + 2 values.
 - One device: a `Sampler` with a mesh is refused (in-flight batching runs unsharded for now).
 
 Two front ends over one engine: `InflightEngine.generate_stream` (a known list; results in input order)
@@ -146,23 +152,22 @@ def _record(rows: Rows, tokens, logprobs, eos_ids) -> Rows:
                          stopped=rows.stopped | hit_stop)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def admit_program(params, state: SlotState, slot_ids, prompt, prompt_valid, settings: RowSettings, eos_ids, *,
-                  config: DecoderConfig) -> SlotState:
-    """Prefills k newcomers and puts them into their slots.
+class PromptStore(NamedTuple):
+    """Prefilled prompts kept for reuse, C entries of one prompt bucket P: each entry's keys and values
+    (as the prefill left them, left-padded) and the logits of its last position."""
 
-    Args:
-      slot_ids: [k] int32 slot of each newcomer; S (out of range) for rows that only fill the k bucket.
-      prompt: [k, P] int32 left-padded prompts; prompt_valid: [k, P] bool.
-      settings: `RowSettings` of the k newcomers (stops [k, Q, L] at the engine's Q, L).
-      eos_ids: [E] int32.
-    Returns the new state: each newcomer's first token recorded (it may already be done).
-    """
-    k, p = prompt.shape
+    cache: KVCache  # keys [C, K, D, P], values [C, K, P, D]
+    logits: jax.Array  # [C, V] float32
+
+
+def _place(state: SlotState, slot_ids, cache: KVCache, logits, prompt_valid, settings: RowSettings,
+           eos_ids) -> SlotState:
+    """Puts k prefilled newcomers into their slots: their first token drawn from `logits` [k, V] and
+    recorded, their keys and values (`cache`, [k, ..., P]) written to the P ring columns before the
+    shared one. slot_ids [k]: S (out of range) for rows that only fill the k bucket."""
+    k, p = prompt_valid.shape
     slots, width = state.key_positions.shape
     positions = prompt_positions(prompt_valid)
-    logits, cache = Decoder(config).apply(params, prompt, positions, prompt_valid, KVCache.zeros(config, k, p), 0,
-                                          last_only=True)
     fresh = Rows(last=jnp.zeros((k,), jnp.int32), position=positions[:, -1], count=jnp.zeros((k,), jnp.int32),
                  tokens=jnp.full((k, state.rows.tokens.shape[1]), -1, jnp.int32),
                  logprobs=jnp.zeros((k, state.rows.tokens.shape[1]), jnp.float32),
@@ -181,6 +186,39 @@ def admit_program(params, state: SlotState, slot_ids, prompt, prompt_valid, sett
     values = tuple(full.at[slot, :, column, :].set(new.transpose(0, 2, 1, 3), mode="drop")
                    for full, new in zip(state.cache.values, cache.values))
     return SlotState(KVCache(keys, values), key_positions, state.column, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state", "store"))
+def admit_program(params, state: SlotState, slot_ids, prompt, prompt_valid, settings: RowSettings, eos_ids,
+                  store: Optional[PromptStore] = None, entry_ids=None, *,
+                  config: DecoderConfig) -> tuple[SlotState, Optional[PromptStore]]:
+    """Prefills k newcomers and puts them into their slots (`_place`).
+
+    Args:
+      slot_ids: [k] int32 slot of each newcomer; S (out of range) for rows that only fill the k bucket.
+      prompt: [k, P] int32 left-padded prompts; prompt_valid: [k, P] bool.
+      settings: `RowSettings` of the k newcomers (stops [k, Q, L] at the engine's Q, L).
+      eos_ids: [E] int32.
+      store, entry_ids: a `PromptStore` of bucket P and [k] int32 entries that keep each row's prefill
+        (C, out of range: not kept); None: nothing kept.
+    Returns (the new state, each newcomer's first token recorded (it may already be done); the store).
+    """
+    k, p = prompt.shape
+    logits, cache = Decoder(config).apply(params, prompt, prompt_positions(prompt_valid), prompt_valid,
+                                          KVCache.zeros(config, k, p), 0, last_only=True)
+    if store is not None:
+        keep = lambda full, new: full.at[entry_ids].set(new, mode="drop")  # noqa: E731
+        store = PromptStore(jax.tree.map(keep, store.cache, cache), keep(store.logits, logits))
+    return _place(state, slot_ids, cache, logits, prompt_valid, settings, eos_ids), store
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def place_program(state: SlotState, store: PromptStore, entry_ids, slot_ids, prompt_valid, settings: RowSettings,
+                  eos_ids) -> SlotState:
+    """Admits k newcomers whose prompts the store holds (entry_ids [k] int32) without prefilling them;
+    otherwise as `admit_program`."""
+    cache = jax.tree.map(lambda full: full[entry_ids], store.cache)
+    return _place(state, slot_ids, cache, store.logits[entry_ids], prompt_valid, settings, eos_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
@@ -282,16 +320,19 @@ class InflightEngine:
       for a free slot to be noticed); `run_until_idle` with nothing arriving uses whole budgets.
     refill_batch: while more requests wait, a decode dispatch runs until this many slots are free, so
       newcomers are prefilled together (default S / 4; 1 refills every slot at once).
+    prompt_cache: prompts kept per prompt bucket for admission without a prefill (0: none).
     """
 
     def __init__(self, sampler: Sampler, slots: int = 16, steps_per_dispatch: int = 32,
-                 refill_batch: Optional[int] = None):
+                 refill_batch: Optional[int] = None, prompt_cache: int = 0):
         if sampler.mesh is not None:
             raise InflightError("In-flight batching runs unsharded for now: build the Sampler without a mesh, or "
                                 "use Sampler.generate_tokens for sharded generation.")
         if slots < 1 or steps_per_dispatch < 1 or (refill_batch is not None and refill_batch < 1):
             raise InflightError(f"slots, steps_per_dispatch and refill_batch must be >= 1, got {slots}, "
                                 f"{steps_per_dispatch} and {refill_batch}.")
+        if prompt_cache < 0:
+            raise InflightError(f"prompt_cache is a number of prompts per prompt bucket (0: off), got {prompt_cache}.")
         self.sampler = sampler
         self.max_slots = pow2_bucket(slots)
         self.steps_per_dispatch = steps_per_dispatch
@@ -304,6 +345,10 @@ class InflightEngine:
         self._handles = itertools.count()
         self._state: Optional[SlotState] = None
         self._cancelled: set[int] = set()  # handles to drop at the next step
+        self.prompt_cache = prompt_cache
+        self._stores: dict[int, PromptStore] = {}  # prompt bucket P -> its store of `prompt_cache` entries
+        self._kept: collections.OrderedDict[tuple[int, ...], tuple[int, int]] = collections.OrderedDict()  # LRU
+        self.prompt_cache_hits = 0  # newcomers admitted from the store, without a prefill
 
     # ---- front end: a scheduler loop ----
 
@@ -434,9 +479,13 @@ class InflightEngine:
             self._state = _resized(self._state, jnp.asarray(order, jnp.int32), slots=need, config=self.sampler.config)
         self._occupant = [self._occupant[s] for s in order] + [None] * (need - len(order))
 
+    def _admit_sizes(self) -> list[int]:
+        """The k buckets of an admission: powers of four below S, and S."""
+        return sorted({min(4 ** i, self.slots) for i in range(self.slots.bit_length())})
+
     def _admit_waiting(self) -> None:
         self._fit_slots()
-        admit_sizes = sorted({min(4 ** i, self.slots) for i in range(self.slots.bit_length())})
+        admit_sizes = self._admit_sizes()
         free = [s for s, o in enumerate(self._occupant) if o is None]
         while free and self._waiting:
             count = min(len(free), len(self._waiting))
@@ -456,11 +505,25 @@ class InflightEngine:
             self._run_admit(k, slots, newcomers)
 
     def _run_admit(self, k: int, slots: list[int], newcomers: list[_Request]) -> None:
-        _, width, budget, num_stops, stop_len = capacity = self._capacity()
-        prompt_len = self._prompt_bucket(max(len(r.prompt) for r in newcomers))
+        """Admits `newcomers` into `slots`: those whose prompt the prompt cache holds from their stored
+        prefill (one `place_program` per prompt bucket), the others prefilled together in a k bucket."""
+        kept = [self._kept.get(tuple(r.prompt)) for r in newcomers]
+        for bucket in sorted({entry[0] for entry in kept if entry is not None}):
+            rows = [i for i, entry in enumerate(kept) if entry is not None and entry[0] == bucket]
+            for i in rows:
+                self._kept.move_to_end(tuple(newcomers[i].prompt))
+            self._place_kept(bucket, [slots[i] for i in rows], [newcomers[i] for i in rows],
+                             [kept[i][1] for i in rows])
+        rows = [i for i, entry in enumerate(kept) if entry is None]
+        if rows:
+            if len(rows) < len(newcomers):
+                k = next(size for size in self._admit_sizes() if size >= len(rows))
+            self._prefill(k, [slots[i] for i in rows], [newcomers[i] for i in rows])
+
+    def _row_inputs(self, k: int, prompt_len: int, newcomers: list[_Request]):
+        """(tokens [k, P], valid [k, P], RowSettings [k]) of newcomers left-padded to `prompt_len`."""
+        _, _, _, num_stops, stop_len = self._capacity()
         tokens, valid = left_pad([r.prompt for r in newcomers], k, prompt_len)
-        slot_ids = np.full((k,), self.slots, np.int32)
-        slot_ids[:len(slots)] = slots
         stops = np.full((k, num_stops, stop_len), -1, np.int32)
         fields = dict(max_new_tokens=np.ones((k,), np.int32), temperature=np.zeros((k,), np.float32),
                       top_k=np.zeros((k,), np.int32), top_p=np.ones((k,), np.float32), key=np.zeros((k, 2), np.uint32),
@@ -472,10 +535,61 @@ class InflightEngine:
             fields["key"][i] = np.asarray(jax.random.PRNGKey(s.seed))
             q, l = r.stops.shape
             stops[i, :q, stop_len - l:] = r.stops
-        settings = RowSettings(**fields, stops=stops)
-        self.compiled_shapes.add(("admit", k, prompt_len, *capacity))
-        self._state = admit_program(self.sampler.params, self._state, slot_ids, tokens, valid, settings, self._eos_ids,
-                                    config=self.sampler.config)
+        return tokens, valid, RowSettings(**fields, stops=stops)
+
+    def _slot_ids(self, k: int, slots: list[int]) -> np.ndarray:
+        slot_ids = np.full((k,), self.slots, np.int32)  # S: filler rows, dropped
+        slot_ids[:len(slots)] = slots
+        return slot_ids
+
+    def _prefill(self, k: int, slots: list[int], newcomers: list[_Request]) -> None:
+        """Prefills newcomers together and admits them; with a prompt cache, each prompt whose own
+        bucket is the batch's is kept in the store (evicting the least recently used)."""
+        prompt_len = self._prompt_bucket(max(len(r.prompt) for r in newcomers))
+        tokens, valid, settings = self._row_inputs(k, prompt_len, newcomers)
+        store, entry_ids, keys = None, None, {}
+        if self.prompt_cache:
+            store = self._stores.get(prompt_len) or self._new_store(prompt_len)
+            entry_ids = np.full((k,), self.prompt_cache, np.int32)  # C: not kept
+            for i, r in enumerate(newcomers):
+                key = tuple(r.prompt)
+                if self._prompt_bucket(len(key)) == prompt_len and key not in keys and len(keys) < self.prompt_cache:
+                    keys[key] = entry_ids[i] = self._free_entry(prompt_len, keys.values())
+        self.compiled_shapes.add(("admit", k, prompt_len, *self._capacity(), self.prompt_cache))
+        self._state, store = admit_program(self.sampler.params, self._state, self._slot_ids(k, slots), tokens, valid,
+                                           settings, self._eos_ids, store, entry_ids, config=self.sampler.config)
+        if store is not None:
+            self._stores[prompt_len] = store
+            for key, entry in keys.items():
+                self._kept[key] = (prompt_len, int(entry))
+
+    def _place_kept(self, prompt_len: int, slots: list[int], newcomers: list[_Request], entries: list[int]) -> None:
+        k = next(size for size in self._admit_sizes() if size >= len(newcomers))
+        _, valid, settings = self._row_inputs(k, prompt_len, newcomers)
+        entry_ids = np.zeros((k,), np.int32)
+        entry_ids[:len(entries)] = entries
+        self.compiled_shapes.add(("place", k, prompt_len, *self._capacity(), self.prompt_cache))
+        self._state = place_program(self._state, self._stores[prompt_len], entry_ids, self._slot_ids(k, slots), valid,
+                                    settings, self._eos_ids)
+        self.prompt_cache_hits += len(newcomers)
+
+    def _new_store(self, prompt_len: int) -> PromptStore:
+        config = self.sampler.config
+        return PromptStore(KVCache.zeros(config, self.prompt_cache, prompt_len),
+                           jnp.zeros((self.prompt_cache, config.vocab_size), jnp.float32))
+
+    def _free_entry(self, prompt_len: int, taken) -> int:
+        """An entry of bucket `prompt_len`'s store for a new prompt: an unused one, else the least
+        recently used one's (not among `taken`, this admission's)."""
+        used = {entry for bucket, entry in self._kept.values() if bucket == prompt_len} | set(taken)
+        unused = [e for e in range(self.prompt_cache) if e not in used]
+        if unused:
+            return unused[0]
+        for key, (bucket, entry) in self._kept.items():  # oldest first
+            if bucket == prompt_len and entry not in taken:
+                del self._kept[key]
+                return entry
+        raise AssertionError("more prompts kept in one admission than the store has entries")
 
     def _drop_cancelled(self) -> None:
         """Frees the slots of cancelled running requests (their rows end as done; nothing is reported)."""
@@ -506,6 +620,7 @@ class InflightEngine:
 
 
 def compiled_program_count() -> int:
-    """How many programs JAX has compiled for in-flight batching in this process (admission, decode, resize)."""
-    return (admit_program._cache_size() + decode_program._cache_size() + _resized._cache_size()
-            + _ended._cache_size())
+    """How many programs JAX has compiled for in-flight batching in this process (admission, placement from
+    the prompt cache, decode, resize, end)."""
+    return (admit_program._cache_size() + place_program._cache_size() + decode_program._cache_size()
+            + _resized._cache_size() + _ended._cache_size())

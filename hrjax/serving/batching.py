@@ -47,17 +47,20 @@ class BatchLimits:
     """window_s: the decisions' collection window (seconds); max_batch: decode slots per pool model (rows
     generated together); steps_per_dispatch: decode steps per engine call between the dispatcher's other
     work (a newcomer waits at most that long for its prefill); max_queue: requests in flight (routing or
-    waiting) before new ones are refused."""
+    waiting) before new ones are refused; prompt_cache: prompts kept per pool model and prompt bucket, so
+    that a repeated hop prompt is admitted without a prefill (`InflightEngine`; 0: off)."""
 
     window_s: float = 0.002
     max_batch: int = 32
     steps_per_dispatch: int = 16
     max_queue: int = 1024
+    prompt_cache: int = 16
 
     def __post_init__(self):
-        if self.window_s < 0 or self.max_batch < 1 or self.steps_per_dispatch < 1 or self.max_queue < 1:
-            raise ValueError(f"BatchLimits need window_s >= 0 and max_batch, steps_per_dispatch, max_queue >= 1; "
-                             f"got {self}.")
+        if (self.window_s < 0 or self.max_batch < 1 or self.steps_per_dispatch < 1 or self.max_queue < 1
+                or self.prompt_cache < 0):
+            raise ValueError(f"BatchLimits need window_s >= 0, prompt_cache >= 0 and max_batch, steps_per_dispatch, "
+                             f"max_queue >= 1; got {self}.")
 
 
 @dataclasses.dataclass
@@ -72,11 +75,12 @@ class _Job:
 @dataclasses.dataclass
 class BatchStats:
     """What the dispatcher did, for /metrics: calls, rows finished and worker seconds per queue name
-    ('decide' or a pool model's name)."""
+    ('decide' or a pool model's name), and hops admitted from the prompt cache per pool model."""
 
     calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # in the worker
+    prompt_cache_hits: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # per model
 
 
 class Scheduler:
@@ -100,7 +104,7 @@ class Scheduler:
 
     def _engine(self, model) -> InflightEngine:
         return InflightEngine(model.sampler, slots=self.limits.max_batch,
-                              steps_per_dispatch=self.limits.steps_per_dispatch)
+                              steps_per_dispatch=self.limits.steps_per_dispatch, prompt_cache=self.limits.prompt_cache)
 
     async def start(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hrjax-model")
@@ -250,6 +254,8 @@ class Scheduler:
         strings)] of the rows that finished; the `cancelled` handles are dropped first, freeing their slots."""
         for handle in cancelled:
             engine.cancel(handle)
-        sampler = self.models[action].sampler
-        return [(handle, sampler.with_text(generation, self._generations[(action, handle)].payload[1].stop))
-                for handle, generation in engine.step()]
+        model, hits = self.models[action], engine.prompt_cache_hits
+        finished = engine.step()
+        self.stats.prompt_cache_hits[model.spec.name] += engine.prompt_cache_hits - hits
+        return [(handle, model.sampler.with_text(generation, self._generations[(action, handle)].payload[1].stop))
+                for handle, generation in finished]

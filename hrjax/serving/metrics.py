@@ -47,7 +47,8 @@ class ServerMetrics:
         self.routes[">".join(names) or "none"] += 1
         self.cost += total_cost
 
-    def render(self, in_flight: int, batch_calls: dict, batch_rows: dict, batch_seconds: dict) -> str:
+    def render(self, in_flight: int, batch_calls: dict, batch_rows: dict, batch_seconds: dict,
+               prompt_cache_hits: dict) -> str:
         lines: list[str] = []
 
         def family(name: str, kind: str, doc: str, samples: Iterable[tuple[str, float]]) -> None:
@@ -79,5 +80,7 @@ class ServerMetrics:
                ((_labels(queue=q), n) for q, n in sorted(batch_rows.items())))
         family("hrjax_batch_seconds_total", "counter", "Wall time of those calls in the model worker thread.",
                ((_labels(queue=q), n) for q, n in sorted(batch_seconds.items())))
+        family("hrjax_prompt_cache_hits_total", "counter", "Hops admitted from the prompt cache (no prefill), by "
+               "pool model.", ((_labels(model=m), n) for m, n in sorted(prompt_cache_hits.items())))
         family("hrjax_in_flight", "gauge", "Requests being routed now.", [("", in_flight)])
         return "\n".join(lines) + "\n"

@@ -337,7 +337,8 @@ def create_app(router, limits: ServerLimits = ServerLimits()) -> FastAPI:
     async def metrics(request: Request):
         authorised(request)
         stats = server.scheduler.stats
-        text = server.metrics.render(server.scheduler.in_flight, stats.calls, stats.rows, stats.seconds)
+        text = server.metrics.render(server.scheduler.in_flight, stats.calls, stats.rows, stats.seconds,
+                                     stats.prompt_cache_hits)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     return app
@@ -359,6 +360,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="decode slots per pool model (rows generated together)")
     p.add_argument("--steps_per_dispatch", type=int, default=defaults.batch.steps_per_dispatch,
                    help="decode steps per engine call (how long a new request may wait for its prefill)")
+    p.add_argument("--prompt_cache", type=int, default=defaults.batch.prompt_cache,
+                   help="prompts kept per pool model and prompt-length bucket, so that a repeated hop prompt is "
+                        "not prefilled again (memory: this x the bucket's tokens x the model's KV bytes per token; "
+                        "0: off)")
     p.add_argument("--batch_window_ms", type=float, default=defaults.batch.window_s * 1e3,
                    help="how long a policy call waits for requests in flight to join it")
     p.add_argument("--compilation_cache", default="~/.cache/hrjax/xla",
@@ -386,7 +391,8 @@ def main(argv: Sequence[str]) -> int:
     limits = ServerLimits(api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
                           max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
                           batch=BatchLimits(window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
-                                            steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue))
+                                            steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue,
+                                            prompt_cache=args.prompt_cache))
     router = BundleRouter(load_bundle(args.bundle))
     if args.warmup:
         started = time.perf_counter()
