@@ -9,10 +9,11 @@
    bundle): `smollm_requests` at concurrency 32, each exactly `new_tokens` tokens (`ignore_eos`), then the
    same load against llama.cpp's `llama-server --parallel 32 --cont-batching -t 2` on an F32 GGUF of
    the same HF directory (llama.cpp's `convert_hf_to_gguf.py --outtype f32`).
-   `tokens_per_s_vs_llama_server` = our generated tokens/s over llama-server's as shipped; every request
-   has the same prompt, which llama-server's per-slot prompt cache then does not prefill again (we prefill
-   every request), so `tokens_per_s_vs_llama_server_no_prompt_cache` repeats its run with `cache_prompt`
-   off: the same work on both sides.
+   `tokens_per_s_vs_llama_server` = our generated tokens/s over llama-server's, both as shipped: every
+   request has the same prompt, which llama-server's per-slot prompt cache and our prompt cache
+   (`--prompt_cache`) then do not prefill again; `tokens_per_s_vs_llama_server_no_prompt_cache` repeats
+   both runs with the caches off (our `--prompt_cache=0`, its `cache_prompt: false`): every prompt
+   prefilled on both sides.
 
 llama.cpp: the `llama_cpp` argument or $HRJAX_LLAMA_CPP, a llama.cpp source directory holding
 `convert_hf_to_gguf.py` and a built `build/bin/llama-server` (e.g. the `vendor/llama.cpp` of the
@@ -144,10 +145,10 @@ async def _load(server: Endpoint, requests: list[dict], concurrency: int) -> dic
             "server_cpu_ms_per_request": per_request(server_cpu), "client_cpu_ms_per_request": per_request(client_cpu)}
 
 
-def _serve(bundle: Path, log: Path):
+def _serve(bundle: Path, log: Path, *flags: str):
     port = free_port()
     return _running([sys.executable, "-m", "hrjax.cli", "serve", f"--bundle={bundle}", f"--port={port}",
-                     "--log_level=warning"], port, "/health", log)
+                     "--log_level=warning", *flags], port, "/health", log)
 
 
 def specialist_bundle(root: Path) -> Path:
@@ -275,19 +276,21 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
               "max_tokens": new_tokens, "extra_body": {"ignore_eos": True}} for _ in range(smollm_requests)]
     warmup = story[:2 * CONCURRENCY]
     smollm_path, hf_dir = smollm_bundle(root)
-    with _serve(smollm_path, root / "server_smollm.log") as server:
-        asyncio.run(_load(server, warmup, CONCURRENCY))
-        ours = asyncio.run(_load(server, story, CONCURRENCY))
+    ours = {}
+    for name, flags in (("cached", ()), ("uncached", ("--prompt_cache=0",))):
+        with _serve(smollm_path, root / f"server_smollm_{name}.log", *flags) as server:
+            asyncio.run(_load(server, warmup, CONCURRENCY))
+            ours[name] = asyncio.run(_load(server, story, CONCURRENCY))
     theirs, theirs_uncached, why_not = llama_server_figures(llama_cpp, hf_dir, root, story, warmup)
 
-    def ratio(peer):
-        return round(ours["tokens_per_s"] / peer["tokens_per_s"], 3) if peer and peer["tokens_per_s"] else None
-    result.update({"smollm_ours": ours, "smollm_llama_server": theirs,
-                   "smollm_llama_server_no_prompt_cache": theirs_uncached,
-                   "requests": result["requests"] + ours["requests"],
-                   "errors_5xx": result["errors_5xx"] + ours["errors_5xx"],
-                   "tokens_per_s_vs_llama_server": ratio(theirs),
-                   "tokens_per_s_vs_llama_server_no_prompt_cache": ratio(theirs_uncached)})
+    def ratio(mine, peer):
+        return round(mine["tokens_per_s"] / peer["tokens_per_s"], 3) if peer and peer["tokens_per_s"] else None
+    result.update({"smollm_ours": ours["cached"], "smollm_ours_no_prompt_cache": ours["uncached"],
+                   "smollm_llama_server": theirs, "smollm_llama_server_no_prompt_cache": theirs_uncached,
+                   "requests": result["requests"] + sum(r["requests"] for r in ours.values()),
+                   "errors_5xx": result["errors_5xx"] + sum(r["errors_5xx"] for r in ours.values()),
+                   "tokens_per_s_vs_llama_server": ratio(ours["cached"], theirs),
+                   "tokens_per_s_vs_llama_server_no_prompt_cache": ratio(ours["uncached"], theirs_uncached)})
     if why_not:
         result["llama_server_note"] = why_not
     return result
