@@ -71,6 +71,9 @@ class TaskConfig(TaskPart):
     data_dir: str = "~/.cache/hrjax/data"
     manual_dir: Optional[str] = None
     mixture: tuple[TaskPart, ...] = ()
+    # ask each family's models for its answer format (`hrjax.tasks.answer_format`: the family's instruction
+    # after each question, its stop strings added to env.stop) and score only the answer in that format
+    answer_format: bool = False
 
     def __post_init__(self):
         if self.name != MIXTURE:
@@ -156,6 +159,9 @@ class RunConfig:
                               "name a specialist recipe in config.specialists.")
         if self.env.context_view == "auto":
             object.__setattr__(self, "env", dataclasses.replace(self.env, context_view=default_context_view(self.task)))
+        if self.task.answer_format:
+            stops = tuple(dict.fromkeys((*self.env.stop, *answer_format_stops(self.task))))
+            object.__setattr__(self, "env", dataclasses.replace(self.env, stop=stops))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""
@@ -167,6 +173,20 @@ def default_context_view(task: TaskConfig) -> str:
     at most 16 tokens, so the joined context fits the encoder, and its results were measured so), the text
     view (question and latest answer embedded apart) for every task of real text."""
     return "joined" if task.name == "specialist_world" else TEXT_CONTEXT_VIEW
+
+
+def answer_format_stops(task: TaskConfig) -> tuple[str, ...]:
+    """The stop strings of the answer formats of `task`'s families (`config.task.answer_format`); a
+    ConfigError when none of its tasks declares a format."""
+    from hrjax.tasks.datasets import BUILDERS
+
+    formats = [BUILDERS[p.name].ANSWER_FORMAT for p in task.parts
+               if p.name in BUILDERS and BUILDERS[p.name].ANSWER_FORMAT is not None]
+    if not formats:
+        raise ConfigError(f"config.task.answer_format is set but none of the tasks {[p.name for p in task.parts]} "
+                          "declares an answer format (the QA, maths and code benchmark families do): set it to "
+                          "False.")
+    return tuple(dict.fromkeys(stop for f in formats for stop in f.stop))
 
 
 def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):

@@ -56,7 +56,21 @@ def load_data(config: RunConfig) -> RunData:
     from hrjax.tasks.datasets import load_parts
 
     task = config.task
-    return RunData(*load_parts(task.parts, task.data_dir, task.manual_dir))
+    parts = load_parts(task.parts, task.data_dir, task.manual_dir)
+    if task.answer_format:  # each family's models are asked for its answer format
+        from hrjax.tasks.answers import asked_in_format
+
+        parts = [[asked_in_format(e) for e in examples] for examples in parts]
+    return RunData(*parts)
+
+
+def quality_fn(config: RunConfig):
+    """The env's scorer, `(example, response) -> [0, 1]`: of the answer in the family's format
+    (`formatted_score`) when `config.task.answer_format`, else of the whole response (`score_example`)."""
+    from hrjax.tasks.answers import formatted_score
+    from hrjax.tasks.scorers import score_example
+
+    return formatted_score if config.task.answer_format else score_example
 
 
 def make_env(config: RunConfig, examples: Optional[list] = None):
@@ -68,11 +82,9 @@ def make_env(config: RunConfig, examples: Optional[list] = None):
     from hrjax.env.mdp import RoutingEnv
     from hrjax.models.encoder import load_encoder
     from hrjax.pool import load_pool
-    from hrjax.tasks.scorers import score_example
-
     cache = ResponseCache(Path(config.train.cache_dir).expanduser() / "responses")
     pool = load_pool(config)
-    env = RoutingEnv(pool, load_encoder(config.encoder or None), score_example, config.env, cache)
+    env = RoutingEnv(pool, load_encoder(config.encoder or None), quality_fn(config), config.env, cache)
     if examples is not None:
         check_prompt_budgets(env, [e.id for e in examples], [e.question for e in examples])
     return env
@@ -90,8 +102,9 @@ def tree_meta(config: RunConfig, examples: list) -> dict:
     digests = FileDigests(digest_index(config))
     files = [spec_fingerprint(spec, digests) for spec in config.pool]
     digests.save()
+    scoring = {"answer_format": True} if config.task.answer_format else {}  # formatted answers scored
     return {"format": FORMAT_VERSION, "pool": config.to_dict()["pool"], "pool_files": files, "encoder": config.encoder,
-            "env": generation, "task": config.task.name, **examples_fingerprint(examples)}
+            "env": generation, "task": config.task.name, **scoring, **examples_fingerprint(examples)}
 
 
 def tree_path(config: RunConfig, meta: dict) -> Path:

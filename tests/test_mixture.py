@@ -44,6 +44,7 @@ def test_the_paper_config_is_one_run_over_the_six_families():
         ("qwen2.5-math-1.5b-instruct", "Qwen/Qwen2.5-Math-1.5B-Instruct", "bfloat16"),
         ("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "bfloat16")]
     assert config.env.num_hops == 3 and config.env.max_new_tokens == 512  # the largest family's budget
+    assert config.task.answer_format and "\nQuestion:" in config.env.stop  # the QA families' format stop
     one = run_config(paper_config("hotpotqa").to_dict())
     assert (one.task.name, one.task.mixture, one.task.parts[0].eval_split, one.env.max_new_tokens) == (
         "hotpotqa", (), "validation", 64)
@@ -123,6 +124,39 @@ def test_the_paper_mixture_trains_and_evaluates_end_to_end(tiny_qwen2_pool, tmp_
     assert all(f"| {family} |" in report for family in FAMILIES)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == summary["num_prompts"]
     check_paper_table(tmp_path / "run", summary)
+
+
+def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_path):
+    from hrjax.tasks.answers import formatted_score
+    from hrjax.tasks.datasets import BUILDERS
+    from hrjax.tasks.scorers import score_example
+    from hrjax.train import load_data, quality_fn, tree_meta
+
+    write_fixture_files(tmp_path / "manual")
+    task = dict(name="mixture", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path / "manual"),
+                mixture=[dict(name="gsm8k", num_train=2, options=dict(validation_fraction=0.4)),
+                         dict(name="triviaqa", select_split="train", eval_split="validation", num_train=2, num_select=1),
+                         dict(name="humaneval", num_train=2, options=dict(source="manual"))])
+    pool = [dict(name="m", checkpoint=str(tmp_path), base_rate=1.0)]
+    asked = run_config(dict(pool=pool, task=dict(task, answer_format=True), env=dict(stop=["\n\n\n"])))
+    plain = run_config(dict(pool=pool, task=task, env=dict(stop=["\n\n\n"])))
+    formats = {name: BUILDERS[name].ANSWER_FORMAT for name in ("gsm8k", "triviaqa", "humaneval")}
+    assert asked.env.stop == ("\n\n\n", *dict.fromkeys(s for f in formats.values() for s in f.stop))
+    assert plain.env.stop == ("\n\n\n",) and run_config(asked.to_dict()).env.stop == asked.env.stop
+    with_format, without = load_data(asked), load_data(plain)
+    assert len(with_format.examples) == len(without.examples) > 0
+    for example, original in zip(with_format.examples, without.examples):
+        assert example.question == formats[example.task].ask(original.question)
+        assert example.question.endswith(formats[example.task].instruction)
+    assert tree_meta(asked, with_format.examples) != tree_meta(plain, with_format.examples)
+    assert (quality_fn(asked), quality_fn(plain)) == (formatted_score, score_example)  # the env's scorer
+
+    gsm8k = next(e for e in with_format.examples if e.task == "gsm8k")
+    answer = gsm8k.answers[0]
+    assert formatted_score(gsm8k, f"Adding them up gives {answer}.") == 0.0  # not in the format: not read
+    assert formatted_score(gsm8k, f"Adding them up.\n#### {answer}") == 1.0
+    with pytest.raises(ConfigError, match="none of the tasks \\['specialist_world'\\] declares an answer format"):
+        run_config(dict(pool=pool, task=dict(name="specialist_world", answer_format=True)))
 
 
 def markdown_rows(markdown: str) -> list[list[str]]:

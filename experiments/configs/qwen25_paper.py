@@ -10,8 +10,10 @@ hotpotqa; each contributes `num_train` / `num_select` / `num_eval` prompts (fewe
 fewer). A mixture answers within the largest family's budget (`env.max_new_tokens` is one value).
 The models load from the Hugging Face hub (or a local mirror: set each `checkpoint` to its
 directory); every task but humaneval reads its upstream files from `task.manual_dir` (the error
-names the files and where to download them). base_rate is each model's size in billions of
-parameters, a proxy for its serving price per token.
+names the files and where to download them). Each model is asked for its family's answer format
+(`#### n`, `\\boxed{}`, an `Answer:` line, a code block: `config.task.answer_format`) and scored on that
+answer only. base_rate is each model's size in billions of parameters, a proxy for its serving price
+per token.
 
 Splits: the router trains on `train`, its eval/* metrics and best/ checkpoint use the selection
 split, and `hrjax evaluate` reports the eval split. gsm8k and math have no upstream validation split:
@@ -61,6 +63,7 @@ def get_config(family: str = ""):
         config.task.name = "mixture"
         config.task.mixture = [task_part(f) for f in FAMILIES]
     config.task.manual_dir = "~/hrjax_downloads"
+    config.task.answer_format = True  # each family's format asked for, and only that answer scored
     config.env.num_hops = 3
     config.env.max_new_tokens = FAMILIES[family][3] if family else max(f[3] for f in FAMILIES.values())
     config.env.cost_lambda = 0.1

@@ -1,6 +1,7 @@
 """A response read and scored in its task family's answer format (`hrjax.tasks.answer_format`).
 
-`read_answer(example, response)` applies the extractor of the example's family (its builder's `ANSWER_FORMAT`;
+`asked_in_format(example)` puts the family's instruction after the question; `read_answer(example, response)`
+applies the extractor of the example's family (its builder's `ANSWER_FORMAT`;
 the whole response for families without a format: reasoning-gym, whose questions carry their own `<answer>`
 instructions, and the specialist world); `formatted_score` is the training scorer
 (`hrjax.tasks.scorers.score_example`) and `formatted_official_score` the official metrics
@@ -10,6 +11,7 @@ scored on what its answer says, never on numbers or words in its working.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hrjax.tasks.answer_format import AnswerFormat
@@ -23,6 +25,13 @@ def answer_format(example: Any) -> AnswerFormat | None:
     one, and for reasoning-gym items (whose `task` is their dataset)."""
     builder = BUILDERS.get(example.task)
     return builder.ANSWER_FORMAT if builder is not None else None
+
+
+def asked_in_format(example: Any) -> Any:
+    """The example with its family's answer-format instruction after the question (`AnswerFormat.ask`);
+    unchanged for a family without a format."""
+    declared = answer_format(example)
+    return example if declared is None else dataclasses.replace(example, question=declared.ask(example.question))
 
 
 def read_answer(example: Any, response: str) -> str | None:
