@@ -153,6 +153,28 @@ def test_slots_follow_the_load(llama):
     assert_same_greedy([finished[h] for h in requests], reference)
 
 
+def test_a_live_step_answers_a_finished_row_at_once_and_runs_short_while_slots_are_free(llama):
+    engine = InflightEngine(llama, slots=4, steps_per_dispatch=16)
+    long, short = SamplingParams(max_new_tokens=60, ignore_eos=True), SamplingParams(max_new_tokens=3,
+                                                                                     ignore_eos=True)
+    first = engine.submit([7, 8, 9], long)
+    engine.submit([1, 2], long)
+    engine.submit([4], long)
+    quick = engine.submit([5, 6], short)
+
+    def generated(handle):
+        slot = next(s for s, o in enumerate(engine._occupant) if o is not None and o.handle == handle)
+        return int(engine._state.rows.count[slot])
+    assert [h for h, _ in engine.step()] == [quick]  # left at the short row's end, not after 16 steps
+    assert generated(first) == 3 and engine.slots == 4
+    for _ in range(3):  # a slot free: a quarter of the steps per dispatch
+        before = generated(first)
+        assert engine.step() == [] and generated(first) - before == 16 // 4
+    engine.submit([6, 6], long)
+    before = generated(first)
+    assert engine.step() == [] and generated(first) - before == 16  # every slot busy: whole dispatches
+
+
 def test_cancelled_requests_free_their_slots_and_leave_the_others_unchanged(llama):
     """A cancelled running row frees its slot at the next step (a waiting request takes it), a cancelled
     waiting one is never admitted, neither is reported, and the rest make their one-at-a-time tokens."""

@@ -274,7 +274,7 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
 
     story = [{"model": "hrjax-router", "messages": [{"role": "user", "content": STORY_PROMPT}],
               "max_tokens": new_tokens, "extra_body": {"ignore_eos": True}} for _ in range(smollm_requests)]
-    warmup = story[:2 * CONCURRENCY]
+    warmup = story[:5 * CONCURRENCY]  # compiles the admission programs the load's arrivals need
     smollm_path, hf_dir = smollm_bundle(root)
     ours = {}
     for name, flags in (("cached", ()), ("uncached", ("--prompt_cache=0",))):

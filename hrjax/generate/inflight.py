@@ -20,7 +20,9 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
 - Decode: one compiled `lax.while_loop` runs up to `steps_per_dispatch` steps over all S rows; it
   leaves early when every row is done or, while prompts wait, when min(waiting, `refill_batch`) slots
   are free, so newcomers are prefilled a few at once (SmolLM2-135M on CPU: one 64-token prompt 100 ms,
-  four together 290 ms).
+  four together 290 ms). A live stream (`step`) also leaves as soon as a row finishes and runs a
+  quarter of the steps while slots are free, so a served client gets its answer at once and its next
+  request a slot soon.
 - Per row: max_new_tokens, temperature, top_k, top_p, seed, ignore_eos and a stop table [Q, L]. Token
   i of a sampled row is drawn with `fold_in(PRNGKey(seed), i)`: a row's samples depend on its seed
   only, not on its slot, ring column or batch-mates (so rows that should differ need different seeds).
@@ -381,9 +383,12 @@ class InflightEngine:
         return not self._waiting and all(o is None for o in self._occupant)
 
     def step(self, max_steps: Optional[int] = None) -> list[tuple[int, Generation]]:
-        """Admits waiting requests into free slots, runs one decode dispatch (at most `max_steps`,
-        default `steps_per_dispatch`), and returns the requests that finished, as (handle, Generation)."""
-        return self._step(max_steps or self.steps_per_dispatch)
+        """Admits waiting requests into free slots, runs one decode dispatch of at most `max_steps`
+        (default `steps_per_dispatch`), and returns the requests that finished, as (handle, Generation).
+        For a live stream, the dispatch ends as soon as a row finishes (its client gets the result at
+        once), and while slots are free it runs at most a quarter of `max_steps` (a request arriving
+        meanwhile is admitted soon)."""
+        return self._step(max_steps or self.steps_per_dispatch, live=True)
 
     def run_until_idle(self) -> list[tuple[int, Generation]]:
         """Steps until every submitted request is finished; returns them in order of finishing. Each
@@ -394,8 +399,9 @@ class InflightEngine:
             finished.extend(self._step(None))
         return finished
 
-    def _step(self, max_steps: Optional[int]) -> list[tuple[int, Generation]]:
-        """`step`; max_steps None: the output buffer's length (every running row can finish)."""
+    def _step(self, max_steps: Optional[int], live: bool = False) -> list[tuple[int, Generation]]:
+        """`step` (live) or a step of `run_until_idle`; max_steps None: the output buffer's length (every
+        running row can finish)."""
         self._drop_cancelled()
         self._admit_waiting()
         if self.idle:
@@ -407,6 +413,9 @@ class InflightEngine:
         waiting, free = len(self._waiting), self._occupant.count(None)
         leave_when_done = min(waiting, self.refill_batch) if waiting else self.slots - self.slots // 4
         leave_when_done = max(leave_when_done, free + 1)  # at least one running row finishes: progress
+        if live:  # the first row to finish is answered at once; free slots are refilled soon
+            leave_when_done = leave_when_done if waiting else free + 1
+            max_steps = max(1, max_steps // 4) if free else max_steps
         self._state, _ = decode_program(self.sampler.params, self._state, self._eos_ids,
                                         jnp.int32(max_steps or capacity[2]), jnp.int32(leave_when_done),
                                         config=self.sampler.config)
