@@ -52,6 +52,18 @@ def test_the_paper_config_is_one_run_over_the_six_families():
         paper_config("gsm8")
 
 
+def test_the_qwen3_pool_config_is_the_paper_experiment_over_qwen3():
+    spec = importlib.util.spec_from_file_location("qwen3_pool", REPO / "experiments/configs/qwen3_pool.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for family in ("", "math"):
+        qwen3, paper = run_config(module.get_config(family).to_dict()), run_config(paper_config(family).to_dict())
+        assert [(m.name, m.checkpoint, m.base_rate, m.prompt_template) for m in qwen3.pool] == [
+            (f"qwen3-{size}", f"Qwen/Qwen3-{size.upper()}", rate, "{message} /no_think")
+            for size, rate in (("0.6b", 0.6), ("1.7b", 1.7), ("4b", 4.0))]
+        assert (qwen3.task, qwen3.env, qwen3.ppo) == (paper.task, paper.env, paper.ppo)
+
+
 @pytest.mark.parametrize("task, message", [
     (dict(name="mixture"), "config.task.mixture is empty"),
     (dict(name="gsm8k", mixture=[dict(name="math")]), "set config.task.name = 'mixture'"),
