@@ -290,6 +290,24 @@ def tiny_gguf(tmp_path) -> Path:
     return tmp_path / "m.gguf"
 
 
+def test_our_gguf_parser_reads_what_ggufs_own_reader_reads(tmp_path):
+    """Metadata values and tensor views (element types, quantised blocks as bytes) of a tiny model written
+    in several ggml types and of the packaged SmolLM2 GGUF (Q4_1, a 49k-entry vocabulary)."""
+    from hrjax.models.gguf import _parse
+
+    write_gguf(tmp_path / "m.gguf", tiny_model("llama", intermediate_size=256), "llama",
+               types={"ffn_down": Q.Q4_0, "ffn_up": Q.F16, "ffn_gate": Q.Q8_0, "attn_q": Q.BF16})
+    for path in (tmp_path / "m.gguf", assets.smollm2_gguf_path()):
+        ours, theirs = _parse(path), gguf.GGUFReader(path)
+        assert ours.metadata == {key: field.contents() for key, field in theirs.fields.items()
+                                 if not key.startswith("GGUF.")}
+        assert [(t.name, t.tensor_type, t.shape.tolist(), t.data.dtype, t.data.shape) for t in ours.tensors] == [
+            (t.name, int(t.tensor_type), t.shape.tolist(), t.data.dtype, t.data.shape) for t in theirs.tensors]
+        for mine, reference in zip(ours.tensors, theirs.tensors):
+            np.testing.assert_array_equal(mine.data, reference.data, err_msg=mine.name)
+    assert {t.tensor_type for t in _parse(tmp_path / "m.gguf").tensors} >= {Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.BF16}
+
+
 def test_unsupported_quant_type(tmp_path):
     # Q8_K is a ggml type (llama.cpp's dot-product scratch format) that gguf cannot dequantise. Its
     # blocks span 256 values: ffn_down's rows are that long with intermediate_size 256.

@@ -3,7 +3,9 @@
 A GGUF file holds a config under llama.cpp's metadata keys, tensors under llama.cpp's names in ggml
 block formats, and the tokenizer's vocabulary. `read_gguf` turns it into what a HF directory holds:
 a `config.json` dict and HF-named float32 arrays, with every transform of llama.cpp's converter
-(`convert_hf_to_gguf.py`) undone. `load_gguf` then builds the model with `hrjax.models.hf`.
+(`convert_hf_to_gguf.py`) undone. `load_gguf` then builds the model with `hrjax.models.hf`. The file
+is parsed here (`_parse`: the metadata in one pass, tensors as memory-mapped views), the `gguf`
+package dequantises.
 
 Shapes: ggml lists dims fastest-first (`[in, out]` for a matmul weight); numpy arrays here are
 row-major `[out, in]`, the order torch checkpoints use.
@@ -15,8 +17,9 @@ import dataclasses
 import functools
 import math
 import os
+import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -103,13 +106,110 @@ def tensor_rules(arch: str, hf_config: Mapping[str, Any]) -> tuple[TensorRule, .
     )
 
 
-def _open(path: Path):
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file: `shape` in ggml order (reversed from numpy's), `data` a view of the
+    memory-mapped file as gguf's reader gives it (elements for F32/F16/F64/int types, else the raw bytes
+    [..., row bytes] that `gguf.quants.dequantize` reads)."""
+
+    name: str
+    tensor_type: int
+    shape: np.ndarray
+    data: np.ndarray
+
+
+class GGUFContents(NamedTuple):
+    """A GGUF file's metadata (key -> Python value: numbers, strings, lists) and tensors."""
+
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+            12: "<f8"}  # GGUF value type -> numpy dtype; 8: string, 9: array
+_ELEMENT_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                  "I32": np.int32, "I64": np.int64}  # stored as elements; every other type as raw bytes
+
+
+def _parse(path: Path) -> GGUFContents:
+    """Reads a little-endian GGUF (version 2 or 3): metadata with `struct` reads in one pass (gguf's own
+    reader slices the memory map once per vocabulary entry: 15 s for a 262k-token vocabulary), tensors
+    as memory-mapped views. ValueError when the file is not one, or is cut short."""
     import gguf
 
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    buffer = memoryview(data)
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        values = struct.unpack_from(fmt, buffer, offset)
+        offset += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal offset
+        length = take("<Q")
+        if offset + length > len(buffer):
+            raise ValueError(f"a string at byte {offset} runs past the end of the file")
+        offset += length
+        return bytes(buffer[offset - length:offset]).decode("utf-8")
+
+    def value(kind: int):
+        nonlocal offset
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item_kind, count = take("<I"), take("<Q")
+            if item_kind in _SCALARS:
+                items = np.frombuffer(buffer, _SCALARS[item_kind], count, offset)
+                offset += items.nbytes
+                return items.tolist()
+            return [value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind} at byte {offset}")
+        item = np.frombuffer(buffer, _SCALARS[kind], 1, offset)
+        offset += item.nbytes
+        return item.item()
+
+    magic, version, num_tensors, num_keys = take("<4sIQQ")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"magic {magic!r} version {version}: not a little-endian GGUF of version 2 or 3")
+    metadata = {}
+    for _ in range(num_keys):
+        key = string()
+        metadata[key] = value(take("<I"))
+    infos = []
+    for _ in range(num_tensors):
+        name = string()
+        num_dims = take("<I")
+        dims = np.frombuffer(buffer, "<u8", num_dims, offset).astype(np.int64)
+        offset += 8 * num_dims
+        infos.append((name, dims, take("<I"), take("<Q")))
+    alignment = int(metadata.get("general.alignment", 32))
+    start = offset + (-offset) % alignment
+    tensors = []
+    for name, dims, type_id, tensor_offset in infos:
+        ggml_type = gguf.GGMLQuantizationType(type_id)
+        shape = tuple(int(d) for d in reversed(dims.tolist()))
+        block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+        n_bytes = int(np.prod(dims)) * type_size // block_size
+        begin = start + tensor_offset
+        if begin + n_bytes > len(data):
+            raise ValueError(f"tensor '{name}' runs past the end of the file")
+        element = _ELEMENT_TYPES.get(ggml_type.name)
+        if element is None:
+            view = data[begin:begin + n_bytes].reshape(gguf.quants.quant_shape_to_byte_shape(shape, ggml_type))
+        else:
+            view = data[begin:begin + n_bytes].view(element).reshape(shape)
+        tensors.append(GGUFTensor(name, type_id, dims, view))
+    return GGUFContents(metadata, tensors)
+
+
+def _open(path: Path) -> GGUFContents:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file. Pass the path of a .gguf file.")
     try:
-        reader = gguf.GGUFReader(path)
+        return _parse(path)
     except ValueError as e:
         if "GGMLQuantizationType" in str(e):
             raise CheckpointError(
@@ -119,11 +219,10 @@ def _open(path: Path):
         raise CheckpointError(
             f"{path}: cannot parse the file as GGUF ({e}). It is truncated, corrupt or not a GGUF: "
             "download it again.") from e
-    except (OSError, IndexError, KeyError) as e:
+    except (OSError, IndexError, KeyError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(
             f"{path}: cannot read the file as GGUF ({type(e).__name__}: {e}). It is truncated or "
             "corrupt: download it again.") from e
-    return reader
 
 
 def _version(package: str) -> str:
@@ -132,11 +231,11 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def _metadata(reader) -> dict[str, Any]:
+def _metadata(reader: GGUFContents) -> dict[str, Any]:
     """Every metadata value as a Python scalar, string or list, except the vocabulary arrays."""
     skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
             "tokenizer.ggml.merges")
-    return {key: field.contents() for key, field in reader.fields.items() if key not in skip}
+    return {key: value for key, value in reader.metadata.items() if key not in skip}
 
 
 def _float32_decimal(value: float) -> float:
@@ -266,13 +365,10 @@ def _special_tokens(meta: Mapping[str, Any], end_of_turn_ids: list[int]) -> dict
     return out
 
 
-def _end_of_turn_ids(reader) -> list[int]:
+def _end_of_turn_ids(reader: GGUFContents) -> list[int]:
     """Ids of `END_OF_TURN_TOKENS` in the vocabulary."""
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        return []
-    wanted = {t.encode() for t in END_OF_TURN_TOKENS}
-    return [i for i, part in enumerate(field.data) if bytes(field.parts[part]) in wanted]
+    wanted = set(END_OF_TURN_TOKENS)
+    return [i for i, token in enumerate(reader.metadata.get("tokenizer.ggml.tokens", ())) if token in wanted]
 
 
 def _convert(reader, source: Path) -> tuple[dict, LazyTensors]:
@@ -330,7 +426,7 @@ def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike], model
 
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    elif "tokenizer.ggml.tokens" not in reader.fields:
+    elif "tokenizer.ggml.tokens" not in reader.metadata:
         return None
     else:
         try:
@@ -340,9 +436,9 @@ def _tokenizer(path: Path, reader, tokenizer: Optional[str | os.PathLike], model
             raise CheckpointError(
                 f"{path}: transformers cannot build a tokenizer from this GGUF's vocabulary ({e}). Pass "
                 "tokenizer=<directory with the model's HF tokenizer files> to load_gguf.") from e
-    template = reader.fields.get("tokenizer.chat_template")
+    template = reader.metadata.get("tokenizer.chat_template")
     if template is not None and not getattr(tok, "chat_template", None):
-        tok.chat_template = template.contents()
+        tok.chat_template = template
     return tok
 
 
