@@ -268,6 +268,15 @@ def test_a_client_leaving_mid_stream_leaves_the_server_healthy(server, client, e
     assert 'hrjax_routes_total{route="paren>mul"}' in metrics and "hrjax_request_latency_seconds_bucket" in metrics
 
 
+@pytest.mark.parametrize("flag", ["--prompt_cache=-1", "--max_batch=0", "--batch_window_ms=-1"])
+def test_bad_batching_flags_exit_naming_them(flag, capsys):
+    from hrjax.serving.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["hrjax serve", "--bundle=unused", "--compilation_cache=", flag])
+    assert exit_info.value.code == 2 and "Fix the flag:" in capsys.readouterr().err
+
+
 def test_serving_never_imports_the_training_code(server, server_process):
     """Last in the module: stops the server, which then lists the forbidden modules it ever imported after
     loading the bundle and answering every request above (a fresh process when run alone)."""

@@ -378,7 +378,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser(argv[0]).parse_args(argv[1:])
+    parser = build_parser(argv[0])
+    args = parser.parse_args(argv[1:])
     import uvicorn
 
     from hrjax.runtime import use_compilation_cache
@@ -388,11 +389,15 @@ def main(argv: Sequence[str]) -> int:
     if args.compilation_cache:
         use_compilation_cache(Path(args.compilation_cache).expanduser())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        batch = BatchLimits(window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
+                            steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue,
+                            prompt_cache=args.prompt_cache)
+    except ValueError as e:  # exits 2 with the message
+        parser.error(f"{e} Fix the flag: --batch_window_ms (window_s x 1000), --max_batch, --steps_per_dispatch, "
+                     "--max_queue or --prompt_cache.")
     limits = ServerLimits(api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
-                          max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
-                          batch=BatchLimits(window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
-                                            steps_per_dispatch=args.steps_per_dispatch, max_queue=args.max_queue,
-                                            prompt_cache=args.prompt_cache))
+                          max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens, batch=batch)
     router = BundleRouter(load_bundle(args.bundle))
     if args.warmup:
         started = time.perf_counter()
