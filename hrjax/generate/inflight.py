@@ -308,7 +308,7 @@ def _empty_state(config: DecoderConfig, slots: int, width: int, budget: int, num
 @dataclasses.dataclass(frozen=True)
 class _Request:
     handle: int
-    prompt: Sequence[int]
+    prompt: tuple[int, ...]  # hashable: the prompt cache's key
     sampling: SamplingParams
     stops: np.ndarray  # [q, l] the sampler's stop table
 
@@ -359,7 +359,7 @@ class InflightEngine:
         handle = next(self._handles)
         self.sampler.check_request(handle, prompt_ids, sampling)
         stops = self.sampler._stop_token_seqs(sampling.stop)
-        self._waiting.append(_Request(handle, [int(t) for t in prompt_ids], sampling, stops))
+        self._waiting.append(_Request(handle, tuple(int(t) for t in prompt_ids), sampling, stops))
         return handle
 
     def cancel(self, handle: int) -> None:
@@ -516,11 +516,11 @@ class InflightEngine:
     def _run_admit(self, k: int, slots: list[int], newcomers: list[_Request]) -> None:
         """Admits `newcomers` into `slots`: those whose prompt the prompt cache holds from their stored
         prefill (one `place_program` per prompt bucket), the others prefilled together in a k bucket."""
-        kept = [self._kept.get(tuple(r.prompt)) for r in newcomers]
+        kept = [self._kept.get(r.prompt) for r in newcomers]
         for bucket in sorted({entry[0] for entry in kept if entry is not None}):
             rows = [i for i, entry in enumerate(kept) if entry is not None and entry[0] == bucket]
             for i in rows:
-                self._kept.move_to_end(tuple(newcomers[i].prompt))
+                self._kept.move_to_end(newcomers[i].prompt)
             self._place_kept(bucket, [slots[i] for i in rows], [newcomers[i] for i in rows],
                              [kept[i][1] for i in rows])
         rows = [i for i, entry in enumerate(kept) if entry is None]
@@ -561,7 +561,7 @@ class InflightEngine:
             store = self._stores.get(prompt_len) or self._new_store(prompt_len)
             entry_ids = np.full((k,), self.prompt_cache, np.int32)  # C: not kept
             for i, r in enumerate(newcomers):
-                key = tuple(r.prompt)
+                key = r.prompt
                 if self._prompt_bucket(len(key)) == prompt_len and key not in keys and len(keys) < self.prompt_cache:
                     keys[key] = entry_ids[i] = self._free_entry(prompt_len, keys.values())
         self.compiled_shapes.add(("admit", k, prompt_len, *self._capacity(), self.prompt_cache))
