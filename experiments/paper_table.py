@@ -2,8 +2,9 @@
 
 Reads RUN/summary.json (written by `hrjax evaluate`, e.g. of experiments/configs/qwen25_paper.py, the
 six-family mixture) and writes RUN/paper_table.md and RUN/paper_table.json: per benchmark and overall, each
-single model's quality, the router's, the oracle's, the router's x-gain over each single model and the cost
-(`hrjax.report.paper_table`). RUN may be local or gs://.
+single model's official figure (the benchmark's own metric, `hrjax.tasks.official`) and quality (the training
+reward), the router's, the oracle's, the router's x-gain over each single model (on the official figure) and the
+cost (`hrjax.report.paper_table`). RUN may be local or gs://.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from hrjax.env.mdp import EnvConfig
-from hrjax.env.tree import PathTree, level_offset
+from hrjax.env.tree import OfficialScores, PathTree, level_offset
 from hrjax.errors import HrjaxError
 from hrjax.rundir import RunPath, as_path, open_for_writing
 
@@ -57,11 +57,13 @@ class EvaluationError(HrjaxError, ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-    """Prompts of one split: rows of a path tree and each row's task label."""
+    """Prompts of one split: rows of a path tree and each row's task label; optionally the tree's official
+    metrics (`hrjax.env.tree.OfficialScores`, all N rows), which the held-out split's reports then show."""
 
     tree: PathTree
     rows: np.ndarray  # [P] int tree rows
     tasks: tuple[str, ...]  # [P]
+    official: OfficialScores | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rows", np.asarray(self.rows, np.int64))
@@ -73,6 +75,9 @@ class Split:
         if self.rows.min() < 0 or self.rows.max() >= n:
             raise EvaluationError(f"Split rows must index the tree's {n} prompts; got rows in "
                                   f"[{self.rows.min()}, {self.rows.max()}]: pass rows of this split's tree.")
+        if self.official is not None and self.official.values.shape[:2] != self.tree.quality.shape:
+            raise EvaluationError(f"The official scores hold {self.official.values.shape[:2]} (prompts, nodes) but the "
+                                  f"tree {self.tree.quality.shape}: pass the scores saved with this tree.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,6 +88,8 @@ class MethodEval:
     quality: np.ndarray  # [S, P] expected quality of the final answer
     cost: np.ndarray  # [S, P] expected cumulative normalised cost
     note: str = ""  # e.g. the best fixed path's models
+    official: np.ndarray | None = None  # [S, P, J] expected official metrics (`Evaluation.official_names`; NaN
+    # past the prompt's family's metrics)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,6 +105,8 @@ class Evaluation:
     stop_action: bool
     action_table: np.ndarray  # [K, L, A] the actions leading to (and stopping at) each node
     oracle_curve: np.ndarray  # [B, P, 2] (cost, quality) per prompt at each lambda where the oracle's choices differ
+    official_families: np.ndarray | None = None  # [P] str, each held-out prompt's benchmark family (with official)
+    official_names: np.ndarray | None = None  # [P, J] str, the metric of each column of `MethodEval.official`
 
     def at(self, method: str, cost_lambda: float | None = None) -> MethodEval:
         lam = self.cost_lambda if cost_lambda is None else float(cost_lambda)
@@ -113,12 +122,17 @@ class Evaluation:
 
 # ---------------------------------------------------------------------------------------------- methods
 
-def method_eval(tree: PathTree, rows: np.ndarray, node_prob: np.ndarray, note: str = "") -> MethodEval:
-    """Expected quality and cost [S, P] of terminal-node distributions `node_prob` [S, P, K] on `rows`."""
+def method_eval(tree: PathTree, rows: np.ndarray, node_prob: np.ndarray, note: str = "",
+                official: OfficialScores | None = None) -> MethodEval:
+    """Expected quality and cost [S, P] of terminal-node distributions `node_prob` [S, P, K] on `rows`, and
+    with the tree's `official` scores the expected official metrics [S, P, J] (NaN where a prompt's family has
+    fewer than J)."""
     node_prob = np.asarray(node_prob, np.float64)
     quality = np.einsum("spk,pk->sp", node_prob, tree.quality[rows].astype(np.float64))
     cost = np.einsum("spk,pk->sp", node_prob, tree.path_cost()[rows].astype(np.float64))
-    return MethodEval(node_prob, quality, cost, note)
+    expected = None if official is None else np.einsum("spk,pkj->spj", node_prob,
+                                                       official.values[rows].astype(np.float64))
+    return MethodEval(node_prob, quality, cost, note, expected)
 
 
 def one_hot_nodes(nodes: np.ndarray, num_nodes: int) -> np.ndarray:
@@ -284,12 +298,14 @@ def evaluate(train: Split, test: Split, env: EnvConfig, router: Policy, cost_lam
     lambdas = tuple(sorted({float(x) for x in cost_lambdas} | {float(env.cost_lambda)}))
     rows, k = test.rows, tree.quality.shape[1]
 
-    fixed = {f"single:{n}": method_eval(tree, rows, fixed_node(tree, rows, i)) for i, n in enumerate(names)}
+    def scored(node_prob: np.ndarray, note: str = "") -> MethodEval:
+        return method_eval(tree, rows, node_prob, note, test.official)
+
+    fixed = {f"single:{n}": scored(fixed_node(tree, rows, i)) for i, n in enumerate(names)}
     if hops > 1:
-        fixed |= {f"repeat:{n}": method_eval(tree, rows, fixed_node(tree, rows, tree.node_of_path([i] * hops)))
+        fixed |= {f"repeat:{n}": scored(fixed_node(tree, rows, tree.node_of_path([i] * hops)))
                   for i, n in enumerate(names)}
-    fixed["random"] = method_eval(tree, rows, np.broadcast_to(uniform_random_nodes(tree, env.stop_action),
-                                                              (1, rows.size, k)))
+    fixed["random"] = scored(np.broadcast_to(uniform_random_nodes(tree, env.stop_action), (1, rows.size, k)))
     sweep = {name: (result,) * len(lambdas) for name, result in fixed.items()}
 
     def path_name(node: int) -> str:
@@ -299,22 +315,24 @@ def evaluate(train: Split, test: Split, env: EnvConfig, router: Policy, cost_lam
     best, knn, routed, oracle = [], [], [], []
     for lam in lambdas:
         node = best_fixed_node(train.tree, train.rows, lam, env.stop_action)
-        best.append(method_eval(tree, rows, fixed_node(tree, rows, node), note=path_name(node)))
-        knn.append(method_eval(tree, rows, one_hot_nodes(knn_one_shot_models(train, test, lam, knn_k)[None], k)))
+        best.append(scored(fixed_node(tree, rows, node), note=path_name(node)))
+        knn.append(scored(one_hot_nodes(knn_one_shot_models(train, test, lam, knn_k)[None], k)))
         nodes = np.asarray(router(tree, rows, lam))
         if nodes.ndim != 2 or nodes.shape[1] != rows.size or nodes.min() < 0 or nodes.max() >= k:
             raise EvaluationError(f"The router policy returned nodes of shape {nodes.shape} in [{nodes.min()}, "
                                   f"{nodes.max()}]; it must return [seeds, {rows.size}] terminal nodes in [0, {k}) "
                                   "(one per held-out prompt and seed).")
-        routed.append(method_eval(tree, rows, one_hot_nodes(nodes, k)))
-        oracle.append(method_eval(tree, rows, one_hot_nodes(oracle_nodes(tree, rows, [lam], env.stop_action), k)))
+        routed.append(scored(one_hot_nodes(nodes, k)))
+        oracle.append(scored(one_hot_nodes(oracle_nodes(tree, rows, [lam], env.stop_action), k)))
     sweep |= {"best_fixed": tuple(best), "knn_one_shot": tuple(knn), ROUTER: tuple(routed), ORACLE: tuple(oracle)}
     groups = {OVERALL: np.ones(rows.size, bool)} | {t: np.asarray(test.tasks) == t for t in dict.fromkeys(test.tasks)}
     curve = oracle_nodes(tree, rows, oracle_curve_lambdas(tree, rows, env.stop_action), env.stop_action)  # [B, P]
     prompts = np.arange(rows.size)
     oracle_curve = np.stack([tree.path_cost()[rows][prompts, curve], tree.quality[rows][prompts, curve]], -1)
+    official = {} if test.official is None else dict(official_families=test.official.families[rows],
+                                                     official_names=test.official.names[rows])
     return Evaluation(float(env.cost_lambda), lambdas, sweep, groups, names, hops, env.stop_action,
-                      action_table(tree, env.stop_action), oracle_curve.astype(np.float64))
+                      action_table(tree, env.stop_action), oracle_curve.astype(np.float64), **official)
 
 
 def _ancestry(tree: PathTree, node: int) -> list[int]:
@@ -451,10 +469,21 @@ def summarize(ev: Evaluation) -> dict:
     cheapest node, so its AIQ and its quality at every cost bound every method's.
     Top level: cost_lambda(s), num_seeds, router_quality / gap_recovered / apgr / aiq (overall
     means), apgr_anchors, best_single_quality, oracle_quality, aiq_by_method (overall means) and
-    aiq_cost_range."""
+    aiq_cost_range.
+
+    Official metrics (when the held-out split has the tree's `OfficialScores`; `quality` above is the training
+    reward, `hrjax.env.mdp.RoutingEnv.quality_fn`): `official_metrics[group]` = {family: its metric names, the
+    headline first (`hrjax.tasks.official.HEADLINE_METRIC`)} of the group's prompts; per method and group
+    `official_headline` = each prompt's family headline metric, averaged over the group's prompts (over a
+    mixture's `overall`, families' different metrics averaged by prompt), and, for a group of one family,
+    `official` = {metric: interval} of each of its metrics; the router's also in `router[group]`. Each is
+    the expected metric at the method's terminal nodes (the oracle's: at the nodes it picks by reward quality
+    - lambda * cost), with the same 95% t-intervals over seeds as quality."""
     methods = {name: {} for name in ev.sweep} | {"zero_router": {}}
     router, cost_range = {}, {}
     shares = {name: np.einsum("spk,kla->spla", ev.at(name).node_prob, ev.action_table) for name in ev.sweep}
+    official_metrics = {} if ev.official_names is None else {g: _family_metrics(ev, mask) for g, mask in
+                                                             ev.groups.items()}
     for group, mask in ev.groups.items():
         # points[name]: [S, lambdas, 2] (cost, quality), seeds of a deterministic method are 1
         points = {name: np.stack([np.stack([_group_mean(r.cost, mask), _group_mean(r.quality, mask)], -1)
@@ -480,6 +509,8 @@ def summarize(ev: Evaluation) -> dict:
                 entry["path"] = at.note
             if name == ORACLE:
                 entry["frontier"] = hulls[ORACLE][0].tolist()
+            if at.official is not None:
+                entry |= _official_entry(at.official, mask, official_metrics[group])
             methods[name][group] = entry
         methods["zero_router"][group] = {"aiq": t_interval(aiq["zero_router"]),
                                          "apgr": t_interval(recovered["zero_router"])}
@@ -497,6 +528,8 @@ def summarize(ev: Evaluation) -> dict:
                          "aiq": t_interval(aiq[ROUTER]), "apgr_anchors": anchors,
                          "best_single": best_single, "best_single_quality": best,
                          "average_single_quality": average, "oracle_quality": oracle}
+        router[group] |= {key: methods[ROUTER][group][key] for key in ("official_headline", "official")
+                          if key in methods[ROUTER][group]}
     overall = router[OVERALL]
     summary = {
         "cost_lambda": ev.cost_lambda, "cost_lambdas": list(ev.cost_lambdas), "num_seeds": len(ev.at(ROUTER).quality),
@@ -509,7 +542,26 @@ def summarize(ev: Evaluation) -> dict:
         "aiq_by_method": {name: groups[OVERALL]["aiq"][0] for name, groups in methods.items()},
         "aiq_cost_range": cost_range, "methods": methods, "router": router,
     }
+    if official_metrics:
+        summary["official_metrics"] = official_metrics
     return _jsonable(summary)
+
+
+def _family_metrics(ev: Evaluation, mask: np.ndarray) -> dict[str, list[str]]:
+    """{family: its official metric names, headline first} of the group's prompts, in order of appearance."""
+    metrics = {}
+    for family, names in zip(ev.official_families[mask], ev.official_names[mask]):
+        metrics.setdefault(str(family), [str(n) for n in names if n])
+    return metrics
+
+
+def _official_entry(official: np.ndarray, mask: np.ndarray, family_metrics: dict[str, list[str]]) -> dict:
+    """A method's official figures in one group from its expected metrics [S, P, J] (see `summarize`)."""
+    entry = {"official_headline": t_interval(_group_mean(official[..., 0], mask))}
+    if len(family_metrics) == 1:
+        (names,) = family_metrics.values()
+        entry["official"] = {name: t_interval(_group_mean(official[..., j], mask)) for j, name in enumerate(names)}
+    return entry
 
 
 def _jsonable(x):
@@ -553,18 +605,38 @@ def method_label(summary: dict, name: str) -> str:
     return f"{name} ({path})" if path else name
 
 
+def official_label(summary: dict, group: str) -> str | None:
+    """The official figure shown for a group (`summarize`'s `official_headline`): 'family metric' for a group of
+    one family, 'headline metrics' for a mixed one; None when the summary has no official metrics."""
+    families = summary.get("official_metrics", {}).get(group)
+    if not families:
+        return None
+    if len(families) == 1:
+        ((family, names),) = families.items()
+        return f"{family} {names[0]}"
+    return "headline metrics"
+
+
 def markdown_table(summary: dict) -> str:
-    """Two Markdown tables: every method's quality and cost per group, its AIQ and APGR (overall; 95%
-    intervals over seeds in brackets); then per group the router's gains, gap recovered at lambda,
-    APGR with its weak and strong model (or why it is undefined) and AIQ."""
+    """Two Markdown tables: every method's quality (the training reward), official figure (`official_label`,
+    when the summary has them) and cost per group, its AIQ and APGR (overall; 95% intervals over seeds in
+    brackets); then per group the router's gains, gap recovered at lambda, APGR with its weak and strong model
+    (or why it is undefined) and AIQ."""
     groups = list(summary["num_prompts"])
-    head = ["method"] + [f"{col} ({g})" for g in groups for col in ("quality", "cost")] + ["AIQ", "APGR"]
+    columns = [(g, col) for g in groups for col in ("quality", "official_headline", "cost")
+               if col != "official_headline" or official_label(summary, g)]
+
+    def title(group: str, col: str) -> str:
+        shown = f"official {official_label(summary, group)}" if col == "official_headline" else col
+        return f"{shown} ({group})"
+
+    head = ["method"] + [title(g, col) for g, col in columns] + ["AIQ", "APGR"]
     lines = [_row(head), _row(["---"] * len(head))]
     for name, entry in summary["methods"].items():
         if name == "zero_router":
-            cells = ["", ""] * len(groups)
+            cells = [""] * len(columns)
         else:
-            cells = [fmt_interval(entry[g][col]) for g in groups for col in ("quality", "cost")]
+            cells = [fmt_interval(entry[g][col]) for g, col in columns]
         lines.append(_row([method_label(summary, name)] + cells + [fmt_interval(entry[OVERALL]["aiq"]),
                                                                    fmt_interval(entry[OVERALL]["apgr"])]))
     lines += ["", _row(["group", "router quality", "best single", "oracle", "gain vs best single",

@@ -26,7 +26,7 @@ import numpy as np
 from hrjax.config import RunConfig
 from hrjax.pool import resolve_pool
 from hrjax.rundir import RunPath, as_path, open_for_writing
-from hrjax.train import load_data, load_or_build_tree, train
+from hrjax.train import load_data, load_or_build_scored_tree, train
 
 SWEEP_FILE = "sweep_routers.npz"
 
@@ -151,7 +151,7 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
         config = resolve_pool(config, progress)
     with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
         data = load_data(config)
-        tree = load_or_build_tree(config, data.examples, progress)
+        tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
     seeds = [config.seed + s for s in range(config.evaluate.seeds)]
     with clock.phase("seed runs"):
         params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
@@ -172,7 +172,7 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
         stacked = {config.env.cost_lambda: stacked, **sweep}
     with clock.phase("evaluation"):
         result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
-                          Split(tree, data.rows("eval"), [e.task for e in data.eval]),
+                          Split(tree, data.rows("eval"), [e.task for e in data.eval], official),
                           config.env, ppo_policy(learner, stacked, config.env), config.evaluate.cost_lambdas,
                           min(config.evaluate.knn_k, len(data.train)), [m.name for m in config.pool])
         summary = summarize(result)

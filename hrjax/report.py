@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hrjax.evaluate import (OVERALL, ROUTER, EvaluationError, _row, anchors_label, fmt, fmt_interval, markdown_table,
-                            method_label, pareto_hull, write_summary)
+                            method_label, official_label, pareto_hull, write_summary)
 from hrjax.rundir import RunPath, as_path, open_for_writing, write_text
 
 LEARNING_CURVE_KEYS = ("return", "quality", "cost", "eval/quality", "eval/cost", "eval/value")
@@ -140,9 +140,13 @@ def write_report(run_dir: str | os.PathLike, summary: dict,
 
 
 def metric_definitions(summary: dict) -> list[str]:
-    """report.md's lines saying how the gap recovered, APGR and AIQ are computed (`summarize`)."""
+    """report.md's lines saying what quality and the official figures are and how the gap recovered, APGR and AIQ
+    are computed (`summarize`)."""
     lam = f"{summary['cost_lambda']:g}"
     return [
+        "- **quality**: the training reward (the env's scorer) of the final answer, as the router was trained on it; "
+        "the gains, gap recovered, APGR and AIQ are on it.",
+        *official_definitions(summary),
         f"- **gap recovered at lambda = {lam}**: (router - best single) / (oracle - best single) mean quality at "
         f"lambda = {lam}; the oracle maximises quality - lambda * cost per prompt, the best single model is chosen "
         "on these held-out prompts' quality.",
@@ -162,20 +166,39 @@ def metric_definitions(summary: dict) -> list[str]:
     ]
 
 
+def official_definitions(summary: dict) -> list[str]:
+    """The lines defining the official figures of a summary that has them (none otherwise)."""
+    if "official_metrics" not in summary:
+        return []
+    families = {family: names for groups in summary["official_metrics"].values() for family, names in groups.items()}
+    each = "; ".join(f"{family}: {names[0]}" + (f" (also {', '.join(names[1:])} in summary.json)" if names[1:] else "")
+                     for family, names in families.items())
+    return [
+        "- **official**: the benchmark's own metric (`hrjax.tasks.official`, reproducing its reference evaluation) of "
+        f"the final answer, per family the headline metric: {each}. A group of several families (overall) shows the "
+        "mean over its prompts of each prompt's family headline metric. The oracle's is at the answers it picks by "
+        "reward quality."]
+
+
 def paper_table(summary: dict) -> list[dict]:
     """The paper's table of one evaluated run (`hrjax.evaluate.summarize`): one row per benchmark (each task of
     the summary, in its order), then an `overall` row over every held-out prompt (so a benchmark weighs by its
-    number of prompts). A row:
+    number of prompts). A row (interval: {"mean", "low", "high"}, 95% t over seeds):
 
         {"benchmark": str, "prompts": int,
-         "single": {model: {"quality": float, "cost": float}},   # the model's one-hop answer
-         "router": {"quality": interval, "cost": interval},       # interval: {"mean", "low", "high"}, 95% t over seeds
-         "oracle": {"quality": float, "cost": float},             # the per-prompt best at the reported lambda
-         "x_gain": {model: interval or None}}
+         "metric": str or None,                    # the official figure's name (`official_label`)
+         "single": {model: {"quality": float, "official": float, "cost": float}},  # the model's one-hop answer
+         "router": {"quality": interval, "official": interval, "cost": interval},
+         "oracle": {"quality": float, "official": float, "cost": float},  # per-prompt best at the reported lambda
+         "x_gain": {model: interval or None},
+         "x_gain_on": "official" or "quality"}
 
-    x-gain over a single model = router quality / that model's quality; a single model is deterministic, so
-    the router's interval over seeds divided by it is the x-gain's. None where the model's quality is 0 (the
-    ratio is undefined; the Markdown shows n/a). Costs are mean cumulative normalised costs per prompt."""
+    quality is the training reward; official the benchmark's own metric (the summary's `official_headline`: per
+    benchmark its headline metric, overall the mean over prompts of each one's), present (and `metric` set) when
+    the summary has official metrics. x-gain over a single model = router / that model's figure, on the official
+    metric when there is one, else on quality; a single model is deterministic, so the router's interval over
+    seeds divided by it is the x-gain's. None where the model's figure is 0 (the ratio is undefined; the
+    Markdown shows n/a). Costs are mean cumulative normalised costs per prompt."""
     missing = [key for key in ("num_prompts", "model_names", "methods", "router") if key not in summary]
     if missing:
         raise EvaluationError(f"The summary lacks {missing}: pass the summary.json that `hrjax evaluate` writes "
@@ -186,8 +209,12 @@ def paper_table(summary: dict) -> list[dict]:
         raise EvaluationError(f"The summary has no {absent} methods for its models {summary['model_names']}: "
                               "pass an unedited summary.json of `hrjax evaluate`.")
 
+    gain_on = "official" if "official_metrics" in summary else "quality"
+    figures = {"quality": "quality", "official": "official_headline", "cost": "cost"}  # row key: summary key
+    figures = {key: at for key, at in figures.items() if key != "official" or gain_on == "official"}
+
     def point(name: str, group: str) -> dict:
-        return {"quality": methods[name][group]["quality"]["mean"], "cost": methods[name][group]["cost"]["mean"]}
+        return {key: methods[name][group][at]["mean"] for key, at in figures.items()}
 
     def ratio(interval: dict, denominator: float | None) -> dict | None:
         if not denominator or interval["mean"] is None:
@@ -197,33 +224,47 @@ def paper_table(summary: dict) -> list[dict]:
     rows = []
     for group in groups:
         single = {m: point(f"single:{m}", group) for m in summary["model_names"]}
-        router = {key: summary[ROUTER][group][key] for key in ("quality", "cost")}
-        rows.append({"benchmark": group, "prompts": summary["num_prompts"][group], "single": single,
-                     "router": router, "oracle": point("oracle", group),
-                     "x_gain": {m: ratio(router["quality"], p["quality"]) for m, p in single.items()}})
+        router = {key: summary[ROUTER][group][at] for key, at in figures.items()}
+        rows.append({"benchmark": group, "prompts": summary["num_prompts"][group],
+                     "metric": official_label(summary, group), "single": single, "router": router,
+                     "oracle": point("oracle", group), "x_gain_on": gain_on,
+                     "x_gain": {m: ratio(router[gain_on], p[gain_on]) for m, p in single.items()}})
     return rows
 
 
 def paper_table_markdown(summary: dict, rows: Sequence[dict]) -> str:
-    """paper_table.md: the rows of `paper_table` as one Markdown table (quality, x-gain, cost) and what they mean."""
+    """paper_table.md: the rows of `paper_table` as one Markdown table (official figure when there is one, quality,
+    x-gain, cost) and what they mean."""
     models = summary["model_names"]
-    head = (["benchmark", "prompts"] + [f"quality {m}" for m in models] + ["quality router", "quality oracle"]
-            + [f"router x-gain vs {m}" for m in models] + [f"cost {m}" for m in models] + ["cost router",
-                                                                                              "cost oracle"])
+    official = any(r["metric"] for r in rows)
+
+    def titles(key: str) -> list[str]:
+        return [f"{key} {m}" for m in models] + [f"{key} router", f"{key} oracle"]
+
+    def cells(r: dict, key: str) -> list[str]:
+        return [fmt(r["single"][m][key]) for m in models] + [fmt_interval(r["router"][key]), fmt(r["oracle"][key])]
+
+    head = (["benchmark", "prompts"] + (["official metric", *titles("official")] if official else [])
+            + titles("quality") + [f"router x-gain vs {m}" for m in models] + titles("cost"))
     lines = [f"# Paper table (lambda = {summary['cost_lambda']:g}, {summary['num_seeds']} seed(s))", "",
              _row(head), _row(["---"] * len(head))]
     for r in rows:
         gains = [fmt_interval(r["x_gain"][m]) if r["x_gain"][m] else "n/a" for m in models]
-        lines.append(_row([r["benchmark"], str(r["prompts"])] + [fmt(r["single"][m]["quality"]) for m in models]
-                          + [fmt_interval(r["router"]["quality"]), fmt(r["oracle"]["quality"])] + gains
-                          + [fmt(r["single"][m]["cost"]) for m in models]
-                          + [fmt_interval(r["router"]["cost"]), fmt(r["oracle"]["cost"])]))
+        shown = [r["metric"], *cells(r, "official")] if official else []
+        lines.append(_row([r["benchmark"], str(r["prompts"]), *shown, *cells(r, "quality"), *gains,
+                           *cells(r, "cost")]))
     lam = f"{summary['cost_lambda']:g}"
+    on = "official figure" if official else "quality"
     return "\n".join(lines + [
-        "", f"- **quality**: mean score of the held-out prompts' final answers; a single model answers once; the "
-        f"router's paths are greedy at lambda = {lam} (95% t-interval over seeds in brackets); the oracle takes, per "
-        f"prompt, the answer of best quality - {lam} * cost over every path a method here can end with.",
-        "- **router x-gain vs a model**: router quality / that model's quality (the router's interval divided by "
+        "", f"- **quality**: mean training reward (the env's scorer) of the held-out prompts' final answers; a single "
+        f"model answers once; the router's paths are greedy at lambda = {lam} (95% t-interval over seeds in "
+        f"brackets); the oracle takes, per prompt, the answer of best quality - {lam} * cost over every path a "
+        "method here can end with.",
+        *(["- **official**: the benchmark's own metric (column `official metric`; `hrjax.tasks.official` reproduces "
+           "its reference evaluation) of the same final answers; overall: the mean over every prompt of its "
+           "benchmark's headline metric. The oracle's is at the answers it picks by reward quality."]
+          if official else []),
+        f"- **router x-gain vs a model**: router {on} / that model's {on} (the router's interval divided by "
         "it); n/a where the model scores 0 on the benchmark, so the ratio is undefined.",
         "- **cost**: mean cumulative normalised cost per prompt.",
         f"- **overall**: every held-out prompt ({rows[-1]['prompts']}), so each benchmark weighs by its prompts.", ""])

@@ -73,6 +73,32 @@ def quality_fn(config: RunConfig):
     return formatted_score if config.task.answer_format else score_example
 
 
+def official_scoring(config: RunConfig, examples: list):
+    """How the path tree scores `examples`' nodes for reports (`hrjax.env.tree.OfficialScoring`): the official
+    metrics of each example's family (`hrjax.tasks.official`), its headline metric first (`HEADLINE_METRIC`), of
+    the formatted answer (`formatted_official_score`: every metric 0.0 when the response holds none) when
+    `config.task.answer_format`, else of the whole response; batched by `official_scores` (code in its bounded
+    sandbox pool)."""
+    from hrjax.env.tree import OfficialScoring
+    from hrjax.tasks.answers import formatted_official_score, read_answer
+    from hrjax.tasks.official import HEADLINE_METRIC, family_of, official_metrics, official_scores
+
+    families = [family_of(e) for e in examples]
+    columns = {f: [HEADLINE_METRIC[f], *(m for m in official_metrics(f) if m != HEADLINE_METRIC[f])]
+               for f in dict.fromkeys(families)}
+    width = max(map(len, columns.values()), default=0)
+    names = np.array([columns[f] + [""] * (width - len(columns[f])) for f in families], str)
+
+    def formatted(chunk: list, responses: list[str]) -> list[dict[str, float]]:
+        answers = [read_answer(e, r) for e, r in zip(chunk, responses)]
+        held = [i for i, answer in enumerate(answers) if answer is not None]
+        scored = dict(zip(held, official_scores([chunk[i] for i in held], [answers[i] for i in held])))
+        return [scored[i] if i in scored else formatted_official_score(e, r)  # no answer: each metric 0.0
+                for i, (e, r) in enumerate(zip(chunk, responses))]
+
+    return OfficialScoring(np.array(families, str), names, formatted if config.task.answer_format else official_scores)
+
+
 def make_env(config: RunConfig, examples: Optional[list] = None):
     """The routing env over the configured pool, encoder and the shared response cache. With `examples`,
     first checks that each of their prompts fits every pool model's context at every hop (one
@@ -114,59 +140,81 @@ def tree_path(config: RunConfig, meta: dict) -> Path:
 
 
 def load_or_build_tree(config: RunConfig, examples: list, progress: bool):
-    """The path tree of `examples`, from the cache dir when one was built before, else built (and saved).
-    One process builds a given tree at a time; another that needs it waits, then reads it. In a
-    multi-process job each process builds only its share of the prompts (`build_tree_share`)."""
-    from hrjax.env.tree import build_tree, load_tree, save_tree
+    """The path tree of `examples` (as `load_or_build_scored_tree` builds it; its official scores not read)."""
+    return _load_or_build(config, examples, progress, official=False)[0]
+
+
+def load_or_build_scored_tree(config: RunConfig, examples: list, progress: bool):
+    """(the path tree of `examples`, its `OfficialScores` (`official_scoring`)), from the cache dir when they
+    were built before, else built (and saved: the official scores as extra arrays beside the tree). One
+    process builds a given tree at a time; another that needs it waits, then reads it. In a multi-process
+    job each process builds only its share of the prompts (`build_tree_share`)."""
+    return _load_or_build(config, examples, progress, official=True)
+
+
+def _load_or_build(config: RunConfig, examples: list, progress: bool, official: bool):
+    """`load_or_build_scored_tree`; the official scores read from a saved tree only when `official` (else None)."""
+    from hrjax.env.tree import build_scored_tree, load_official, load_tree, save_tree
     from hrjax.locking import exclusive
     from hrjax.parallel import all_processes
 
     meta = tree_meta(config, examples)
     path = tree_path(config, meta)
+
+    def read():
+        return load_tree(path, meta), (load_official(path) if official else None)
+
     if jax.process_count() > 1:
         if all_processes(path.exists()):
-            return load_tree(path, meta)
-        tree = build_tree_share(config, examples, meta, path, progress)
-        save_tree(tree, path, meta)  # by every process: its cache dir may be its own (same bytes when shared)
-        return tree
+            return read()
+        built = build_tree_share(config, examples, meta, path, progress)
+        save_tree(built[0], path, meta, **built[1].extras())  # by every process: its cache dir may be its own
+        return built
     if not path.exists():
         with exclusive(path.with_suffix(".lock"), f"the path tree build {path}", wait=True):
             if not path.exists():  # else built by the process this one waited for
-                tree = build_tree(make_env(config, examples), examples, [e.question for e in examples],
-                                  progress=progress)
-                save_tree(tree, path, meta)
-                return tree
-    return load_tree(path, meta)
+                built = build_scored_tree(make_env(config, examples), examples, [e.question for e in examples],
+                                          official_scoring(config, examples), progress=progress)
+                save_tree(built[0], path, meta, **built[1].extras())
+                return built
+    return read()
 
 
 def build_tree_share(config: RunConfig, examples: list, meta: dict, path: Path, progress: bool):
-    """The whole tree of `examples` in every process of a multi-process job, each process generating
-    only its rows (`hrjax.parallel.process_rows`) into a shard file of its own beside `path` (kept:
-    a killed job's rerun reads the shards already built), then gathering the others' rows. A shard
-    holds `generated`: the answers its process generated (cache misses; 0 when the cache had them)."""
+    """The whole tree of `examples` and its `OfficialScores` in every process of a multi-process job, each
+    process generating (and scoring) only its rows (`hrjax.parallel.process_rows`) into a shard file of its
+    own beside `path` (kept: a killed job's rerun reads the shards already built), then gathering the others'
+    rows. A shard holds `generated`: the answers its process generated (cache misses; 0 when the cache had
+    them)."""
     from absl import logging
 
-    from hrjax.env.tree import ROW_FIELDS, build_tree, load_extra, load_tree, save_tree, shard_path
+    from hrjax.env.tree import (ROW_FIELDS, OfficialScores, build_scored_tree, load_extra, load_official, load_tree,
+                                save_tree, shard_path)
     from hrjax.locking import exclusive
     from hrjax.parallel import gather_rows, process_rows
 
     index, count = jax.process_index(), jax.process_count()
     rows, shard = process_rows(len(examples)), shard_path(path, index, count)
     shard_meta = {**meta, "rows": f"{index}::{count}"}
+    scoring = official_scoring(config, examples)  # the layout of every row: the same J in every process
     with exclusive(shard.with_suffix(".lock"), f"the path tree shard {shard}", wait=True):
         if shard.exists():
-            part = load_tree(shard, shard_meta)
+            part, official = load_tree(shard, shard_meta), load_official(shard)
             logging.info("path tree rows %d::%d of %d: read from %s (%d answers generated when built)", index,
                          count, len(examples), shard, int(load_extra(shard, "generated")))
         else:
             env = make_env(config, examples)
-            part = build_tree(env, [examples[i] for i in rows], [examples[i].question for i in rows],
-                              progress=progress)
+            part, official = build_scored_tree(
+                env, [examples[i] for i in rows], [examples[i].question for i in rows],
+                scoring._replace(families=scoring.families[rows], names=scoring.names[rows]), progress=progress)
             generated = env.cache.stats.misses
-            save_tree(part, shard, shard_meta, generated=np.asarray(generated))
+            save_tree(part, shard, shard_meta, generated=np.asarray(generated), **official.extras())
             logging.info("path tree rows %d::%d of %d (%d prompts): %d answers generated, %d from the cache", index,
                          count, len(examples), len(rows), generated, env.cache.stats.hits)
-    return part._replace(**gather_rows({name: getattr(part, name) for name in ROW_FIELDS}, len(examples)))
+    whole = gather_rows({"official": official.values, **{name: getattr(part, name) for name in ROW_FIELDS}},
+                        len(examples))
+    return (part._replace(**{name: whole[name] for name in ROW_FIELDS}),
+            OfficialScores(whole["official"], scoring.families, scoring.names))
 
 
 class _TreeRun:

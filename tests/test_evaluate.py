@@ -18,11 +18,12 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
 from hrjax.agent.tree_mode import make_train
 from hrjax.env.mdp import EnvConfig
-from hrjax.env.tree import PathTree, tree_structure
+from hrjax.env.tree import OfficialScores, PathTree, tree_structure
 from hrjax.evaluate import (EvaluationError, Split, action_table, evaluate, fmt, fmt_interval, hull_area,
                             knn_one_shot_models, markdown_table, method_eval, nodes_of_actions, pareto_hull,
                             ppo_policy, summarize, t_interval, uniform_random_nodes, write_summary)
-from hrjax.report import learning_curves_figure, paths_figure, pareto_figure, write_report
+from hrjax.report import (learning_curves_figure, paper_table, paper_table_markdown, paths_figure, pareto_figure,
+                          write_report)
 from hrjax.rundir import open_for_writing
 from test_tree_learning import N, synthetic_tree
 
@@ -76,6 +77,70 @@ def test_baselines_on_a_hand_worked_tree(hand_summary):
     assert summary["best_single"] == "repeat:m1" and summary["best_single_quality"] == 0.5
     assert summary["router"]["a"]["best_single"] == "single:m0"  # ties: the first listed; all score 0.5 on task a
     assert summary["oracle_quality"] == 1.0
+
+
+# the official metrics of HELD_OUT's nodes: prompts 0, 1 (task a) are gsm8k's (strict_match, flexible_extract),
+# prompts 2, 3 (task b) math's (accuracy only: column 1 NaN)
+OFFICIAL = OfficialScores(
+    np.array([[[1, 1], [0, 1], [1, 0], [0, 0], [0, 0], [0, 1]],
+              [[0, 0], [1, 1], [0, 1], [0, 0], [0, 1], [1, 0]],
+              [[0, np.nan], [0, np.nan], [0, np.nan], [1, np.nan], [0, np.nan], [1, np.nan]],
+              [[1, np.nan], [0, np.nan], [0, np.nan], [1, np.nan], [0, np.nan], [0, np.nan]]], np.float32),
+    np.array(["gsm8k", "gsm8k", "math", "math"]),
+    np.array([["strict_match", "flexible_extract"]] * 2 + [["accuracy", ""]] * 2))
+
+
+def test_official_metrics_per_family_and_the_headline_overall(hand_summary):
+    ev = evaluate(Split(TRAINING, [0, 1], ["a", "a"]),
+                  Split(HELD_OUT, [0, 1, 2, 3], ["a", "a", "b", "b"], OFFICIAL), EnvConfig(num_hops=2), fixed_router,
+                  knn_k=1)
+    summary = summarize(ev)
+    assert summary["official_metrics"] == {"overall": {"gsm8k": ["strict_match", "flexible_extract"],
+                                                       "math": ["accuracy"]},
+                                           "a": {"gsm8k": ["strict_match", "flexible_extract"]},
+                                           "b": {"math": ["accuracy"]}}
+    single = summary["methods"]["single:m1"]  # node 1 of each prompt
+    assert single["a"]["official"] == {"strict_match": {"mean": 0.5, "low": 0.5, "high": 0.5},
+                                       "flexible_extract": {"mean": 1.0, "low": 1.0, "high": 1.0}}
+    assert single["b"]["official"] == {"accuracy": {"mean": 0.0, "low": 0.0, "high": 0.0}}
+    assert single["overall"]["official_headline"]["mean"] == 0.25 and "official" not in single["overall"]
+    for name in ("single:m0", "repeat:m1", "random", "oracle"):  # the mean over the prompts of the node figures
+        headline = np.einsum("spk,pk->sp", ev.at(name).node_prob, OFFICIAL.values[..., 0])
+        assert summary["methods"][name]["overall"]["official_headline"]["mean"] == pytest.approx(headline.mean())
+    # the router's two seeds end at nodes [2, 4, 3, 5] and [2, 5, 5, 3]: headline figures 1 0 1 0 and 1 1 1 1
+    # (their reward qualities 1 1 1 0 and 1 1 1 1)
+    def interval(seeds):
+        return dict(zip(("mean", "low", "high"), t_interval(seeds)))
+
+    router = summary["router"]["b"]
+    assert router["official"] == {"accuracy": interval([0.5, 1.0])} and router["official_headline"]["mean"] == 0.75
+    assert summary["router"]["overall"]["official_headline"] == summary["methods"]["router"]["overall"][
+        "official_headline"] == interval([0.5, 1.0])
+    assert "official" not in summarize(evaluate(Split(TRAINING, [0, 1], ["a", "a"]), Split(HELD_OUT, [0, 1, 2, 3],
+                                                                                          ["a"] * 4, OFFICIAL),
+                                                EnvConfig(num_hops=2), fixed_router, knn_k=1))["router"]["a"]
+
+    table = markdown_table(summary).split("\n\n")[0].splitlines()
+    head = table[0][2:-2].split(" | ")
+    assert head[1:4] == ["quality (overall)", "official headline metrics (overall)", "cost (overall)"]
+    assert head[4:6] == ["quality (a)", "official gsm8k strict_match (a)"] and "official math accuracy (b)" in head
+    single_row = next(line for line in table if line.startswith("| single:m1 |"))[2:-2].split(" | ")
+    assert single_row[head.index("official gsm8k strict_match (a)")] == "0.500"
+    with pytest.raises(EvaluationError, match="official scores hold"):
+        Split(TRAINING, [0, 1], ["a", "a"], OFFICIAL)
+
+    # the paper table: the official figure beside quality, the x-gain on it (on quality without official metrics)
+    overall = paper_table(summary)[-1]
+    assert (overall["metric"], overall["x_gain_on"], overall["router"]["official"]) == (
+        "headline metrics", "official", summary["router"]["overall"]["official_headline"])
+    assert overall["single"]["m1"] == {"quality": 0.25, "official": 0.25, "cost": pytest.approx(0.3)}
+    assert overall["x_gain"]["m1"] == pytest.approx({key: value / 0.25 for key, value in interval([0.5, 1]).items()})
+    assert overall["x_gain"]["m1"] != paper_table(hand_summary[1])[-1]["x_gain"]["m1"]  # the reward's: .875 / .25
+    assert paper_table(summary)[0]["metric"] == "gsm8k strict_match"
+    plain = paper_table(hand_summary[1])
+    assert {r["x_gain_on"] for r in plain} == {"quality"} and {r["metric"] for r in plain} == {None}
+    assert "official" not in paper_table_markdown(hand_summary[1], plain)
+    assert "official" not in plain[0]["single"]["m0"] and "official_metrics" not in hand_summary[1]
 
 
 def test_router_gains_and_gap_recovered_per_seed(hand_summary):
@@ -524,3 +589,30 @@ def test_exporting_a_gs_run_without_gcsfs_is_one_clear_error(bucket, monkeypatch
     with pytest.raises(RunDirError, match=r"^--workdir=gs://bucket/eval: gs:// run directories need gcsfs"):
         export_bundle("gs://bucket/eval", tmp_path / "bundle")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_specialist_worlds_official_figures_are_its_reward(reduced_quickstart):
+    """The reduced main job (the shared run): the specialist world's official metric is its own scorer, so its
+    tree's official scores are its qualities node by node, and every method's official figures its quality."""
+    from runs import reduced_specialist_config
+
+    from hrjax.pool import resolve_pool
+    from hrjax.train import load_data, load_or_build_scored_tree
+
+    root, run = reduced_quickstart
+    config = resolve_pool(reduced_specialist_config(root), progress=False)
+    data = load_data(config)
+    tree, official = load_or_build_scored_tree(config, data.examples, progress=False)  # the run's, from the cache
+    assert official.families.tolist() == ["specialist_world"] * len(data.examples)
+    assert official.names.tolist() == [["score"]] * len(data.examples)
+    np.testing.assert_array_equal(official.values[..., 0], tree.quality)
+    assert 0.1 < tree.quality.mean() < 0.9
+    assert run.summary["official_metrics"] == {group: {"specialist_world": ["score"]} for group in run.summary[
+        "num_prompts"]}
+    for name, groups in run.summary["methods"].items():
+        for entry in groups.values():
+            if name != "zero_router":
+                assert entry["official_headline"] == entry["quality"]
+                assert entry["official"] == {"score": entry["quality"]}
+    report = run.report.read_text()
+    assert "official specialist_world score (overall)" in report and "- **official**: the benchmark's own" in report

@@ -121,7 +121,8 @@ def test_the_paper_mixture_trains_and_evaluates_end_to_end(tiny_qwen2_pool, tmp_
     config.network.hidden = 16
     config.ppo.update(num_envs=8, minibatches=2)
     config.evaluate.update(seeds=1, cost_lambdas=[config.env.cost_lambda])  # no sweep to train
-    run = evaluate_run(run_config(config.to_dict()), tmp_path / "run", progress=False)
+    config = run_config(config.to_dict())
+    run = evaluate_run(config, tmp_path / "run", progress=False)
 
     summary = run.summary
     assert summary["num_prompts"] == {"overall": 6, **{family: 1 for family in FAMILIES}}
@@ -135,14 +136,59 @@ def test_the_paper_mixture_trains_and_evaluates_end_to_end(tiny_qwen2_pool, tmp_
     report = run.report.read_text()
     assert all(f"| {family} |" in report for family in FAMILIES)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == summary["num_prompts"]
+    check_official_scores(config, summary)
     check_paper_table(tmp_path / "run", summary)
+
+
+def check_official_scores(config, summary):
+    """The run's path tree holds the official metrics of every node's response, recomputed here from the env's
+    cached responses (the formatted answer's: `formatted_official_score`); a shard build (the multi-process path)
+    holds the same; the summary's official figures are the means of the tree's at each single model's node."""
+    from hrjax.env.mdp import Context
+    from hrjax.env.tree import shard_path
+    from hrjax.tasks.answers import formatted_official_score
+    from hrjax.tasks.official import HEADLINE_METRIC, official_metrics
+    from hrjax.train import build_tree_share, load_data, load_or_build_scored_tree, make_env, tree_meta, tree_path
+
+    data = load_data(config)
+    tree, official = load_or_build_scored_tree(config, data.examples, progress=False)  # the run's, from the cache
+    env = make_env(config)
+    families = [e.task for e in data.examples]
+    assert official.families.tolist() == families and official.values.shape == (len(families), 2, 2)
+    for i, family in enumerate(families):  # the headline metric first, '' past the family's metrics
+        names = [HEADLINE_METRIC[family], *sorted(set(official_metrics(family)) - {HEADLINE_METRIC[family]})]
+        assert official.names[i].tolist() == names + [""] * (2 - len(names))
+        assert np.isnan(official.values[i, :, len(names):]).all()
+    for model in range(len(config.pool)):  # one hop: node m is model m's answer
+        responses = env.respond(model, [Context(e.question) for e in data.examples]).responses
+        for i, (example, response) in enumerate(zip(data.examples, responses)):
+            expected = formatted_official_score(example, response.text)
+            names = [n for n in official.names[i] if n]
+            assert official.values[i, model, :len(names)].tolist() == [expected[n] for n in names]
+    meta = tree_meta(config, data.examples)
+    for _ in ("built", "read back"):
+        part, shared = build_tree_share(config, data.examples, meta, tree_path(config, meta), progress=False)
+        np.testing.assert_array_equal(shared.values, official.values)
+        assert shared.names.tolist() == official.names.tolist() and part.quality.tolist() == tree.quality.tolist()
+    assert shard_path(tree_path(config, meta), 0, 1).exists()
+
+    eval_rows = data.rows("eval")
+    for family in FAMILIES:
+        rows = eval_rows[[data.examples[r].task == family for r in eval_rows]]
+        assert summary["official_metrics"][family] == {family: [n for n in official.names[rows[0]] if n]}
+        for model, name in enumerate(summary["model_names"]):
+            figures = summary["methods"][f"single:{name}"][family]
+            assert figures["official_headline"]["mean"] == pytest.approx(official.values[rows, model, 0].mean())
+            for j, metric in enumerate(summary["official_metrics"][family][family]):
+                assert figures["official"][metric]["mean"] == pytest.approx(official.values[rows, model, j].mean())
 
 
 def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_path):
     from hrjax.tasks.answers import formatted_score
     from hrjax.tasks.datasets import BUILDERS
     from hrjax.tasks.scorers import score_example
-    from hrjax.train import load_data, quality_fn, tree_meta
+    from hrjax.tasks.official import official_score
+    from hrjax.train import load_data, official_scoring, quality_fn, tree_meta
 
     write_fixture_files(tmp_path / "manual")
     task = dict(name="mixture", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path / "manual"),
@@ -167,6 +213,17 @@ def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_p
     answer = gsm8k.answers[0]
     assert formatted_score(gsm8k, f"Adding them up gives {answer}.") == 0.0  # not in the format: not read
     assert formatted_score(gsm8k, f"Adding them up.\n#### {answer}") == 1.0
+
+    # the tree's official scores (one batch per chunk): of the formatted answer, each metric 0.0 without one
+    trivia = next(e for e in with_format.examples if e.task == "triviaqa")
+    batch, gold = [trivia, gsm8k, trivia], trivia.metadata["normalized_aliases"][0]  # the official golds
+    responses = [f"It is well known.\nAnswer: {gold}", f"Adding them up gives {answer}.", gold]
+    formatted = official_scoring(asked, batch).score(batch, responses)
+    assert formatted == [official_score(trivia, gold), {"strict_match": 0.0, "flexible_extract": 0.0},
+                         {"exact_match": 0.0, "f1": 0.0}]
+    raw = official_scoring(plain, batch).score(batch, responses)
+    assert raw == [official_score(e, r) for e, r in zip(batch, responses)] and raw != formatted
+    assert formatted[0]["exact_match"] == raw[2]["exact_match"] == 1.0
     with pytest.raises(ConfigError, match="none of the tasks \\['specialist_world'\\] declares an answer format"):
         run_config(dict(pool=pool, task=dict(name="specialist_world", answer_format=True)))
 
@@ -178,24 +235,30 @@ def markdown_rows(markdown: str) -> list[list[str]]:
 
 
 def check_paper_table(run_dir, summary):
-    """`python -m experiments.paper_table` on an evaluated run: its rows against the run's summary.json; the
-    x-gains and an n/a for a 0 denominator on a copy of the summary with a scoring single model (the tiny
-    random models score 0 everywhere)."""
+    """`python -m experiments.paper_table` on an evaluated run: its rows against the run's summary.json, the
+    official figure (each benchmark's headline metric) beside the reward quality; the x-gains (on the official
+    figure) and an n/a for a 0 denominator on a copy of the summary with a scoring single model (the tiny random
+    models score 0 everywhere)."""
     done = subprocess.run([sys.executable, "-m", "experiments.paper_table", f"--workdir={run_dir}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     table = json.loads((run_dir / "paper_table.json").read_text())
     rows, models, methods = table["rows"], summary["model_names"], summary["methods"]
     assert [r["benchmark"] for r in rows] == [*FAMILIES, "overall"] and table["model_names"] == models
+    figures = {"quality": "quality", "official": "official_headline", "cost": "cost"}  # row key: summary key
     for row in rows:
         group = row["benchmark"]
         assert row["prompts"] == summary["num_prompts"][group]
-        assert row["single"] == {m: {key: methods[f"single:{m}"][group][key]["mean"] for key in ("quality", "cost")}
+        assert row["single"] == {m: {key: methods[f"single:{m}"][group][at]["mean"] for key, at in figures.items()}
                                  for m in models}
-        assert row["router"] == {key: summary["router"][group][key] for key in ("quality", "cost")}
+        assert row["router"] == {key: summary["router"][group][at] for key, at in figures.items()}
         assert row["oracle"]["quality"] == summary["router"][group]["oracle_quality"]
         assert row["oracle"]["cost"] == methods["oracle"][group]["cost"]["mean"]
-        assert row["x_gain"] == {m: None for m in models}  # every single model scores 0: no ratio
+        assert row["oracle"]["official"] == methods["oracle"][group]["official_headline"]["mean"]
+        headline = {"gsm8k": "strict_match", "math": "accuracy", "mbpp": "pass@1", "humaneval": "pass@1",
+                    "triviaqa": "exact_match", "hotpotqa": "f1"}.get(group)
+        assert row["metric"] == (f"{group} {headline}" if headline else "headline metrics")
+        assert row["x_gain"] == {m: None for m in models} and row["x_gain_on"] == "official"  # singles score 0
     benchmarks, overall = rows[:-1], rows[-1]  # overall: every prompt, each benchmark weighed by its prompts
     weights = [r["prompts"] for r in benchmarks]
     for cell in [lambda r: r["router"]["cost"]["mean"], lambda r: r["oracle"]["cost"],
@@ -203,18 +266,27 @@ def check_paper_table(run_dir, summary):
         assert cell(overall) == pytest.approx(np.average([cell(r) for r in benchmarks], weights=weights))
     cells = markdown_rows((run_dir / "paper_table.md").read_text())
     assert [c[:2] for c in cells] == [[r["benchmark"], str(r["prompts"])] for r in rows]
-    assert cells[-1][2:] == ([fmt(overall["single"][m]["quality"]) for m in models]
-                             + [fmt_interval(overall["router"]["quality"]), fmt(overall["oracle"]["quality"])]
-                             + ["n/a"] * len(models) + [fmt(overall["single"][m]["cost"]) for m in models]
-                             + [fmt_interval(overall["router"]["cost"]), fmt(overall["oracle"]["cost"])])
 
-    scoring = copy.deepcopy(summary)  # on math tiny-0 scores 0.25, the router 0.5 [0.4, 0.6], the oracle 0.75
-    scoring["methods"]["single:tiny-0"]["math"]["quality"]["mean"] = 0.25
-    scoring["router"]["math"]["quality"] = {"mean": 0.5, "low": 0.4, "high": 0.6}
+    def shown(key):
+        return ([fmt(overall["single"][m][key]) for m in models]
+                + [fmt_interval(overall["router"][key]), fmt(overall["oracle"][key])])
+
+    assert cells[-1][2:] == ["headline metrics", *shown("official"), *shown("quality"), *["n/a"] * len(models),
+                             *shown("cost")]
+
+    scoring = copy.deepcopy(summary)  # on math tiny-0 scores 0.25 and 0.2 official, the router 0.5 [0.4, 0.6]
+    scoring["methods"]["single:tiny-0"]["math"]["quality"]["mean"] = 0.25  # official, the oracle 0.75 both
+    scoring["methods"]["single:tiny-0"]["math"]["official_headline"]["mean"] = 0.2
+    scoring["router"]["math"]["quality"] = scoring["router"]["math"]["official_headline"] = {"mean": 0.5, "low": 0.4,
+                                                                                             "high": 0.6}
     scoring["methods"]["oracle"]["math"]["quality"]["mean"] = scoring["router"]["math"]["oracle_quality"] = 0.75
+    scoring["methods"]["oracle"]["math"]["official_headline"]["mean"] = 0.75
     rows = paper_table(scoring)
     math_row = rows[FAMILIES.index("math")]
     assert (math_row["single"]["tiny-0"]["quality"], math_row["oracle"]["quality"]) == (0.25, 0.75)
-    assert math_row["x_gain"] == {"tiny-0": pytest.approx({"mean": 2.0, "low": 1.6, "high": 2.4}), "tiny-1": None}
-    gains = markdown_rows(paper_table_markdown(scoring, rows))[FAMILIES.index("math")][6:8]
-    assert gains == ["2.000 [1.600, 2.400]", "n/a"]
+    assert (math_row["single"]["tiny-0"]["official"], math_row["oracle"]["official"]) == (0.2, 0.75)
+    assert math_row["x_gain"] == {"tiny-0": pytest.approx({"mean": 2.5, "low": 2.0, "high": 3.0}), "tiny-1": None}
+    table = paper_table_markdown(scoring, rows)
+    assert "- **router x-gain vs a model**: router official figure / that model's official figure" in table
+    math_cells = markdown_rows(table)[FAMILIES.index("math")]
+    assert math_cells[2:4] + math_cells[11:13] == ["math accuracy", "0.200", "2.500 [2.000, 3.000]", "n/a"]

@@ -7,6 +7,9 @@ look-ups (exact oracle, jit-speed training). STOP needs no nodes of its own: sto
 scores k's response, which `quality[:, k]` already holds. Generation goes through the env's
 response cache, flushed every `chunk_size` answers, so an interrupted build resumes where it stopped
 (losing at most one chunk) and paths that rollouts already took are not generated again.
+Reports also score every node's response with the official metrics of its prompt's benchmark family
+(`build_scored_tree`, given an `OfficialScoring`, one batched call per chunk): `OfficialScores`, saved beside
+the tree as extra arrays, never part of `PathTree`, so training neither reads nor carries them.
 Prompts are independent rows, so a multi-process job builds the tree of each process's rows into a
 shard file of its own (`shard_path`) and assembles the rows (`hrjax.train.build_tree_share`).
 """
@@ -16,17 +19,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from hrjax.env.mdp import Context, RoutingEnv
+from hrjax.errors import HrjaxError
 from hrjax.fsutil import atomic_file
 
 # part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
-# (3: the embeddings follow the env's context view, `hrjax.env.mdp.embed_contexts`)
-FORMAT_VERSION = 3
+# (3: the embeddings follow the env's context view, `hrjax.env.mdp.embed_contexts`; 4: the official metrics,
+# `OfficialScores`, saved with it: bump it too when `hrjax.tasks.official` changes what a metric gives)
+FORMAT_VERSION = 4
 DEFAULT_CHUNK_SIZE = 256  # answers generated between two flushes of the response cache
+
+
+class TreeError(HrjaxError, ValueError):
+    """Official scores that do not fit the tree or its prompts."""
 
 
 class PathTree(NamedTuple):
@@ -66,6 +75,28 @@ class PathTree(NamedTuple):
         return self.quality - cost_lambda * self.path_cost()
 
 
+class OfficialScoring(NamedTuple):
+    """How `build_scored_tree` scores the N prompts' nodes with their official metrics (`hrjax.tasks.official`)."""
+
+    families: np.ndarray  # [N] str, each prompt's benchmark family
+    names: np.ndarray  # [N, J] str, the family's metric in each column ('' past its metrics); column 0 its headline
+    score: Callable[[Sequence[Any], Sequence[str]], Sequence[Mapping[str, float]]]  # (examples, responses) ->
+    # one {metric name: value in [0, 1]} per pair, the family's metrics (e.g. `hrjax.tasks.official.official_scores`)
+
+
+class OfficialScores(NamedTuple):
+    """The official metrics of every node's response, for reports only: N prompts, K nodes, J = the most metrics
+    of any family in the run. Saved beside the tree (`extras`, `load_official`), never on the training path."""
+
+    values: np.ndarray  # [N, K, J] float32, column j = metric `names[n, j]` of the node's response; NaN past them
+    families: np.ndarray  # [N] str, each prompt's benchmark family
+    names: np.ndarray  # [N, J] str, '' past the family's metrics; column 0 is the family's headline metric
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """The arrays `save_tree` stores beside a tree: `official_<field>`."""
+        return {f"official_{name}": np.asarray(value) for name, value in self._asdict().items()}
+
+
 def level_offset(num_models: int, depth: int) -> int:
     """Index of the first node of `depth` (M + M^2 + ... + M^depth nodes come before it)."""
     return sum(num_models ** (d + 1) for d in range(depth))
@@ -87,11 +118,22 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
     """Enumerates every path of every prompt, depth by depth, each model answering its nodes in
     batched (cached) calls of at most `chunk_size` answers, each chunk flushed to the response cache
     as soon as it is generated: a killed build loses at most one chunk, and a rerun resumes there."""
+    return build_scored_tree(env, examples, questions, None, progress, chunk_size)[0]
+
+
+def build_scored_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str],
+                      official: OfficialScoring | None, progress: bool = True,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[PathTree, OfficialScores | None]:
+    """`build_tree`, and with `official` every node's response scored by `official.score` too, one call per
+    chunk (so code runs in its bounded sandbox pool) -> (tree, its `OfficialScores`, or None without)."""
     from tqdm.auto import tqdm
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     m, hops, n = len(env.pool), env.config.num_hops, len(examples)
+    if official is not None and (len(official.families) != n or len(official.names) != n):
+        raise TreeError(f"official scoring for {len(official.families)} families and {len(official.names)} name "
+                        f"rows, but {n} examples: give one of each per example.")
     model, parent, depth = tree_structure(m, hops)
     k = len(model)
     contexts: list[list[Context]] = [[None] * k for _ in range(n)]
@@ -99,6 +141,7 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
     cost, quality = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
     root_embedding = env.embed([Context(q) for q in questions])
     embedding = np.zeros((n, k, root_embedding.shape[-1]), np.float32)
+    official_values = None if official is None else np.full((n, k, official.names.shape[1]), np.nan, np.float32)
     bar = tqdm(total=n * k, desc="path tree", unit="answer", disable=not progress)
     for d in range(hops):
         level = np.flatnonzero(depth == d)
@@ -117,9 +160,26 @@ def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str
                     tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
                     cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
                     quality[i, node] = env.quality_fn(examples[i], after[j].responses[-1].text)
+                if official is not None:
+                    _score_official(official, official_values, examples, chunk, [c.responses[-1].text for c in after])
                 bar.update(len(chunk))
     bar.close()
-    return PathTree(root_embedding, embedding, tokens_in, tokens_out, cost, quality, model, parent, depth)
+    tree = PathTree(root_embedding, embedding, tokens_in, tokens_out, cost, quality, model, parent, depth)
+    if official is None:
+        return tree, None
+    return tree, OfficialScores(official_values, np.asarray(official.families), np.asarray(official.names))
+
+
+def _score_official(official: OfficialScoring, values: np.ndarray, examples: Sequence[Any],
+                    chunk: Sequence[tuple[int, int]], responses: Sequence[str]) -> None:
+    """Writes the official metrics of a chunk's (prompt, node) responses into `values` [N, K, J]."""
+    scores = official.score([examples[i] for i, _ in chunk], responses)
+    for (i, node), got in zip(chunk, scores):
+        names = [name for name in official.names[i] if name]
+        if sorted(got) != sorted(names):
+            raise TreeError(f"the official scorer gave metrics {sorted(got)} for prompt {i} "
+                            f"({official.families[i]}), whose columns are {names}: score with the family's metrics.")
+        values[i, node, :len(names)] = [got[name] for name in names]
 
 
 ROW_FIELDS = ("root_embedding", "embedding", "tokens_in", "tokens_out", "cost", "quality")  # [N, ...] per prompt
@@ -143,6 +203,16 @@ def load_extra(path: str | os.PathLike, name: str) -> np.ndarray:
     """The `extra` array `name` saved with a tree."""
     with np.load(path) as data:
         return data[name]
+
+
+def load_official(path: str | os.PathLike) -> OfficialScores:
+    """The `OfficialScores` saved beside a tree (`OfficialScores.extras`)."""
+    with np.load(path) as data:
+        missing = [f"official_{name}" for name in OfficialScores._fields if f"official_{name}" not in data.files]
+        if missing:
+            raise TreeError(f"{path} holds no official metrics ({missing} missing): build the tree with them "
+                            "(`build_scored_tree`, as `hrjax.train.load_or_build_tree` does).")
+        return OfficialScores(**{name: data[f"official_{name}"] for name in OfficialScores._fields})
 
 
 def load_tree(path: str | os.PathLike, expected_meta: dict) -> PathTree:
