@@ -1,7 +1,7 @@
 """The `hrjax` console script. Each command is one module's `main(argv)`, imported only when run, so
 `hrjax serve` never imports the training code and `hrjax train` never imports the server:
 
-  hrjax train|evaluate --config=FILE.py --workdir=DIR [--config.a.b=value]   (absl flags, as experiments/)
+  hrjax train|evaluate|trade_offs --config=FILE.py --workdir=DIR [--config.a.b=value]   (absl flags, as experiments/)
   hrjax export --workdir=RUN --out=BUNDLE        a serving bundle from a trained run
   hrjax calibrate --bundle=BUNDLE                the bundle's cost/quality table per lambda
   hrjax route --bundle=BUNDLE "question"         route one question through the pool
@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 COMMANDS = {
     "train": ("hrjax.experiment", "main", "train a router"),
     "evaluate": ("hrjax.experiment", "evaluate_main", "train over seeds and evaluate against the baselines"),
+    "trade_offs": ("hrjax.experiment", "trade_offs_main",
+                   "a lambda-conditioned router against fixed-lambda routers at each lambda of the sweep"),
     "export": ("hrjax.export", "main", "write a serving bundle from a trained run"),
     "calibrate": ("hrjax.export", "calibrate_main", "a bundle's mean cost and quality at each lambda"),
     "route": ("hrjax.serving.route", "main", "route questions with a bundle"),

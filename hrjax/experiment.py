@@ -3,8 +3,9 @@
     python -m experiments.train --config=experiments/configs/tiny.py --workdir=runs/tiny \
         [--config.ppo.learning_rate=3e-4 ...]
     python -m experiments.evaluate --config=experiments/configs/specialist_world.py --workdir=runs/sw
+    python -m experiments.trade_offs --config=experiments/configs/specialist_world.py:conditioned --workdir=runs/sw_t
 
-(`hrjax train ...` and `hrjax evaluate ...` take the same flags.) A multi-process job runs the same
+(`hrjax train|evaluate|trade_offs ...` take the same flags.) A multi-process job runs the same
 command in every process, with `--coordinator_address/--num_processes/--process_id` or, on SLURM and
 TPU pods, with none (detected from the environment); see launch/README.md. `train` trains one router in the
 workdir; `evaluate` trains `config.evaluate.seeds` of them (or reuses finished ones) and writes the
@@ -40,7 +41,10 @@ _COORDINATOR_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", 300, "multi-p
                                             "the coordinator and for every process to join before an error")
 _JOBS = {"train": "Train one router in --workdir (resumes the run found there).",
          "evaluate": "Train config.evaluate.seeds routers (or reuse finished ones) and evaluate them against every "
-                     "baseline: summary.json, report.md and plots in --workdir."}
+                     "baseline: summary.json, report.md and plots in --workdir.",
+         "trade_offs": "Train config.evaluate.seeds lambda-conditioned routers (config.ppo.lambda_range) and, with the "
+                       "same settings, fixed-lambda routers at each lambda of config.evaluate.cost_lambdas; compare "
+                       "their held-out value at each lambda: trade_offs.json and trade_offs.md in --workdir."}
 _HELP = ("--help", "-h", "--helpshort", "-?")
 
 
@@ -59,6 +63,12 @@ def _evaluate(config, workdir, progress) -> None:
     run = evaluate_run(config, workdir, progress=progress)
     print(run.table)
     print(f"report: {run.report}")
+
+
+def _trade_offs(config, workdir, progress) -> None:
+    from hrjax.trade_offs import compare_trade_offs, markdown
+
+    print(markdown(compare_trade_offs(config, workdir, progress=progress).result))
 
 
 def _main(job, argv: Sequence[str]) -> None:
@@ -101,8 +111,8 @@ def usage(command: str, job: str) -> str:
         lines.append(f"  {name}: {flag.help}" + (f" (default: {flag.default})" if flag.default is not None else ""))
     lines += ["  --config.SECTION.KEY=VALUE: override any config field, e.g. --config.ppo.learning_rate=3e-4 or "
               "--config.train.num_iterations=50", f"      (sections: {sections}; see hrjax/config.py)",
-              "", "Config files: experiments/configs/ (tiny.py, specialist_world.py[:reduced], cpu_pool.py[:TASK], "
-              "qwen25_paper.py:FAMILY)."]
+              "", "Config files: experiments/configs/ (tiny.py, specialist_world.py[:reduced|conditioned], "
+              "cpu_pool.py[:TASK], qwen25_paper.py:FAMILY)."]
     return "\n".join(lines)
 
 
@@ -149,3 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> None:
     """Train over seeds and evaluate (`python -m experiments.evaluate`, `hrjax evaluate`)."""
     _launch(_evaluate, "evaluate", argv)
+
+
+def trade_offs_main(argv: Optional[Sequence[str]] = None) -> None:
+    """Lambda-conditioned against fixed-lambda routers (`python -m experiments.trade_offs`, `hrjax trade_offs`)."""
+    _launch(_trade_offs, "trade_offs", argv)

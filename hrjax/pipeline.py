@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -62,14 +62,16 @@ def timing_line(seconds: dict) -> str:
     return "phase seconds: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
 
 
-def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int]) -> dict:
-    """{cost_lambda: params stacked over seeds} for every lambda of the evaluation sweep but the run's
-    own: fixed-lambda routers trained like the seed runs (same keys), in memory, as one jitted program
-    vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once. The same
-    routers as one program per lambda, up to float32 rounding."""
+def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int],
+                  lambdas: Optional[Sequence[float]] = None) -> dict:
+    """{cost_lambda: params stacked over seeds} for each of `lambdas` (default: every lambda of the evaluation
+    sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
+    jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once. The
+    same routers as one program per lambda, up to float32 rounding."""
     from hrjax.agent.tree_mode import make_train
 
-    lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+    if lambdas is None:
+        lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
     if not lambdas:
         return {}
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)

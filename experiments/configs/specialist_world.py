@@ -8,7 +8,8 @@ STOP; routers trained over 3 seeds at lambda = 0.05 and, for the AIQ sweep, at e
 eval/* metrics and best/ checkpoint use 16 'validation' prompts per type (8 when reduced): small, so
 the path tree grows by a tenth.
 `--config=experiments/configs/specialist_world.py:reduced` is the small world CI trains (add and
-paren only, three experts).
+paren only, three experts). `:conditioned` is the default world with one lambda-conditioned router per seed
+(lambda drawn from [0, 2] per episode, entropy 0.2, 5 seeds), for `hrjax trade_offs`.
 """
 
 import dataclasses
@@ -17,7 +18,10 @@ from hrjax.config import base_config
 from hrjax.tasks.specialist_world import HOP_TEMPLATE, MAX_NEW_TOKENS
 
 
-def get_config(recipe: str = "default"):
+def get_config(variant: str = "default"):
+    if variant not in ("default", "reduced", "conditioned"):
+        raise ValueError(f"specialist_world.py takes 'reduced' or 'conditioned' (or nothing), not '{variant}'.")
+    recipe = "reduced" if variant == "reduced" else "default"
     config = base_config()
     config.specialists = recipe
     config.task.name = "specialist_world"
@@ -38,4 +42,9 @@ def get_config(recipe: str = "default"):
     config.train.eval_every = 1
     config.evaluate.seeds = 3
     config.evaluate.cost_lambdas = (0.0, 0.05, 0.5, 2.0) if reduced else (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0)
+    if variant == "conditioned":
+        # one policy for every lambda of the sweep; at entropy 0.1 two seeds in five settled into one hop then STOP
+        config.ppo.lambda_range = (0.0, 2.0)
+        config.ppo.entropy_coef = 0.2
+        config.evaluate.seeds = 5
     return config
