@@ -133,6 +133,27 @@ def test_each_prompt_hop_generated_once_by_its_model_and_then_cached(pool, encod
     np.testing.assert_array_equal(first.tokens_out, second.tokens_out)
 
 
+def test_long_answer_budgets_generate_in_flight_with_the_same_answers(pool, encoder, monkeypatch):
+    from hrjax.env.mdp import INFLIGHT_MIN_TOKENS
+
+    streamed = []  # rows per in-flight call (the real engine runs: this only counts)
+    for model in pool.models:
+        def counted(prompts, sampling, slots, _original=model.sampler.generate_stream):
+            streamed.append(len(prompts))
+            return _original(prompts, sampling, slots)
+        monkeypatch.setattr(model.sampler, "generate_stream", counted)
+    contexts = [Context(q) for q in QUESTIONS]
+    make_env(pool, encoder).respond(1, contexts)  # a short budget: static batches
+    assert streamed == []
+    env = RoutingEnv(pool, encoder, quality_by_length, EnvConfig(max_new_tokens=INFLIGHT_MIN_TOKENS))
+    hop = env.respond(1, contexts)
+    assert streamed == [len(QUESTIONS)]
+    model = pool.models[1]
+    static = model.sampler.generate_tokens([hop_prompt(model, env.config.template, c) for c in contexts], env.sampling)
+    assert hop.tokens_out.tolist() == [len(g.tokens) for g in static]
+    assert [a.text for a in hop.responses] == [model.sampler.with_text(g).text for g in static]
+
+
 def test_bad_actions_are_named(pool, encoder):
     env = make_env(pool, encoder)
     state, _ = env.reset([0, 1], QUESTIONS[:2])

@@ -50,6 +50,10 @@ CONTEXT_VIEWS = {"joined": 1, "question_and_latest": 2, "question_latest_pooled"
 tokens, so long answers push the later ones out); 'question_and_latest': [question, latest answer], each
 embedded on its own; 'question_latest_pooled': [question, latest answer, mean of every answer's
 embedding]. Before the first answer the answer parts are zeros."""
+# answer budgets (max_new_tokens) from which a hop generates through in-flight batching (`RoutingEnv._generate`).
+# SmolLM2-135M, 128 cpu_pool prompts, greedy, 64 rows, AVX-512, one process: budget 16 (12 tokens made on
+# average) in-flight at 0.92x static batching's speed; budget 32 (16 on average) 1.23x; 64 (19 on average) 1.7x
+INFLIGHT_MIN_TOKENS = 32
 TEXT_CONTEXT_VIEW = "question_and_latest"  # what 'auto' means outside the specialist world (`hrjax.config`)
 
 
@@ -280,7 +284,7 @@ class RoutingEnv:
         if missing:
             prompt_of = dict(zip(keys, prompts))
             sampler = pool_model.sampler
-            for key, gen in zip(missing, sampler.generate_tokens([prompt_of[k] for k in missing], self.sampling)):
+            for key, gen in zip(missing, self._generate(sampler, [prompt_of[k] for k in missing])):
                 gen = sampler.with_text(gen, self.sampling.stop)
                 found[key] = CachedResponse(tuple(int(t) for t in gen.tokens), gen.text, gen.finish_reason)
                 self.cache.put(key, found[key])
@@ -289,6 +293,15 @@ class RoutingEnv:
         cost = hop_cost(pool_model.spec.base_rate, tokens_in, tokens_out, self.cost_unit)
         answers = [make_answer(pool_model, found[k].tokens, found[k].text, found[k].finish_reason) for k in keys]
         return Hop(answers, tokens_in, tokens_out, cost)
+
+    def _generate(self, sampler, prompts: list) -> list:
+        """A hop's prompts (token ids) -> greedy generations: through in-flight batching when the answer budget is
+        at least `INFLIGHT_MIN_TOKENS` and the sampler unsharded (`Sampler.generate_stream` over `max_batch`
+        slots: a finished row's slot takes the next prompt, where a static batch decodes to its longest answer;
+        the same tokens), else in static batches (`generate_tokens`), the faster for short budgets."""
+        if self.sampling.max_new_tokens >= INFLIGHT_MIN_TOKENS and sampler.mesh is None:
+            return sampler.generate_stream(prompts, self.sampling, sampler.max_batch)
+        return sampler.generate_tokens(prompts, self.sampling)
 
     def action_mask(self, hop: np.ndarray) -> np.ndarray:
         """[B, A] bool (`action_mask`)."""
