@@ -619,12 +619,19 @@ def official_label(summary: dict, group: str) -> str | None:
 
 def markdown_table(summary: dict) -> str:
     """Two Markdown tables: every method's quality (the training reward), official figure (`official_label`,
-    when the summary has them) and cost per group, its AIQ and APGR (overall; 95% intervals over seeds in
-    brackets); then per group the router's gains, gap recovered at lambda, APGR with its weak and strong model
-    (or why it is undefined) and AIQ."""
+    when the summary has them and they differ from quality somewhere in the group: the specialist world's and
+    reasoning-gym's official metric is their training scorer) and cost per group, its AIQ and APGR (overall; 95%
+    intervals over seeds in brackets); then per group the router's gains, gap recovered at lambda, APGR with its
+    weak and strong model (or why it is undefined) and AIQ."""
     groups = list(summary["num_prompts"])
+    methods = [entry for name, entry in summary["methods"].items() if name != "zero_router"]
+
+    def shows_official(group: str) -> bool:
+        return bool(official_label(summary, group)) and any(
+            entry[group]["official_headline"] != entry[group]["quality"] for entry in methods)
+
     columns = [(g, col) for g in groups for col in ("quality", "official_headline", "cost")
-               if col != "official_headline" or official_label(summary, g)]
+               if col != "official_headline" or shows_official(g)]
 
     def title(group: str, col: str) -> str:
         shown = f"official {official_label(summary, group)}" if col == "official_headline" else col
