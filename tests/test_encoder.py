@@ -218,17 +218,3 @@ def test_bucketing_bounds_compilations(tiny):
     inside = jax.jit(lambda p, i, m: enc_mod.jitted_embed(encoder.config)(p, i, m) * 2.0)(
         encoder.params, ids, np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(inside)[0] / 2.0, alone[0], atol=1e-5)
-
-
-def test_batches_pad_neither_rows_nor_short_texts_to_long_ones():
-    from hrjax.models.sentence_batches import batch_plan, bucket_shape, bucket_shapes
-
-    lengths = [5, 12, 9, 5, 40, 6, 12, 3, 7, 9, 11, 5, 6, 300, 8, 9, 10, 12, 4, 5]
-    plan = batch_plan(lengths, batch_size=8, max_seq_length=256)
-    assert sorted(j for rows, _, _ in plan for j in rows) == list(range(len(lengths)))  # each text once
-    shapes = set(bucket_shapes(8, 256))
-    for rows, b, t in plan:
-        assert len(rows) == b and (b, t) in shapes  # no padded rows; a shape the warm-up compiles
-        assert {bucket_shape(1, lengths[j], 8, 256)[1] for j in rows} == {t}  # one length bucket per batch
-    # longest first: 300 tokens (cut to 256), 40 (64), the 8 texts of 9-16 tokens, the 10 of up to 8 as 8 + 2
-    assert [(b, t) for _, b, t in plan] == [(1, 256), (1, 64), (8, 16), (8, 8), (2, 8)]

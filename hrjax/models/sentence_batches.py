@@ -2,9 +2,8 @@
 the exported one a serving bundle runs (`hrjax.serving.router`); no Flax here, so serving can import it.
 
 Texts are tokenised as sentence-transformers does (stripped, lower-cased when the model is, truncated),
-grouped by their power-of-two length bucket, and each group split into batches of power-of-two rows
-(`batch_plan`), so a stream of varied inputs compiles the embedding only a few times and no batch pads a
-short text to a long one's length or fills rows with padding: the encoder's work follows the tokens.
+sorted by length so similar lengths share a batch, and each batch padded to a (power-of-two rows,
+power-of-two length) bucket so a stream of varied inputs compiles the embedding only a few times.
 """
 
 from __future__ import annotations
@@ -38,33 +37,19 @@ def bucket_shapes(batch_size: int, max_seq_length: int) -> list[tuple[int, int]]
     return [(b, t) for t in lengths for b in rows]
 
 
-def batch_plan(lengths: Sequence[int], batch_size: int, max_seq_length: int) -> list[tuple[list[int], int, int]]:
-    """The padded batches that embed texts of token `lengths`: [(rows, B, T)], each batch's rows (indices into
-    `lengths`) of one length bucket T, B a power of two <= `batch_size` (a group of 20 rows runs as 16 + 4),
-    longest texts first. Every (B, T) is one of `bucket_shapes`."""
-    groups: dict[int, list[int]] = {}
-    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        groups.setdefault(bucket_shape(1, lengths[j], batch_size, max_seq_length)[1], []).append(j)
-    plan = []
-    for t, rows in groups.items():
-        start = 0
-        while start < len(rows):
-            b = 1 << (min(len(rows) - start, batch_size).bit_length() - 1)  # largest power of two that fits
-            plan.append((rows[start:start + b], b, t))
-            start += b
-    return plan
-
-
 def embed_in_buckets(ids: Sequence[Sequence[int]], embed: Callable[[np.ndarray, np.ndarray], np.ndarray], dim: int,
                      batch_size: int, pad_id: int, max_seq_length: int) -> np.ndarray:
     """Token ids per text -> [N, dim] float32 embeddings in input order; `embed(input_ids [B, T] int32,
-    attention_mask [B, T] int32) -> [B, dim]` runs once per batch of `batch_plan`."""
+    attention_mask [B, T] int32) -> [B, dim]` runs once per padded batch."""
     out = np.zeros((len(ids), dim), np.float32)
-    for rows, b, t in batch_plan([len(x) for x in ids], batch_size, max_seq_length):
+    order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        b, t = bucket_shape(len(rows), max(len(ids[j]) for j in rows), batch_size, max_seq_length)
         input_ids = np.full((b, t), pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
         for r, j in enumerate(rows):
             input_ids[r, :len(ids[j])] = ids[j]
             mask[r, :len(ids[j])] = 1
-        out[rows] = np.asarray(embed(input_ids, mask))
+        out[rows] = np.asarray(embed(input_ids, mask))[:len(rows)]
     return out
