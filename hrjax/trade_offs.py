@@ -100,6 +100,7 @@ def markdown(result: dict) -> str:
 
 def compare_trade_offs(config: RunConfig, workdir: str | os.PathLike, progress: bool = True) -> TradeOffs:
     """Trains and compares both kinds of router (module docstring)."""
+    from hrjax.agent.ppo import Learner
     from hrjax.agent.tree_mode import make_train
     from hrjax.parallel import is_chief
     from hrjax.rundir import locked_run_dir, write_text
@@ -124,8 +125,9 @@ def compare_trade_offs(config: RunConfig, workdir: str | os.PathLike, progress: 
         with clock.phase("fixed-lambda routers"):
             fixed = sweep_routers(fixed_config, tree, train_rows, seeds, lambdas)
         with clock.phase("evaluation"):
-            fixed_learner = make_train(fixed_config.ppo, config.network, config.env, tree, train_rows,
-                                       config.train.num_iterations).learner
+            learner = trainer.learner  # the fixed routers' network differs only by its missing lambda input
+            fixed_learner = Learner(fixed_config.ppo, config.network, learner.num_actions, learner.num_hops,
+                                    config.train.num_iterations)
             result = comparison(
                 lambdas,
                 [held_out_values(fixed_learner, fixed, config.env, tree, test_rows, lam) for lam in lambdas],
