@@ -49,3 +49,40 @@ def test_real_pool_rollout_cache_and_tree(real_pool, tmp_path):
     rebuilt = build_tree(again, entries, questions, progress=False)
     assert again.cache.stats.misses == 0 and again.cache.stats.hits == 18
     np.testing.assert_array_equal(rebuilt.tokens_out, tree.tokens_out)
+
+
+def test_the_cpu_pool_mixture_asks_few_shot_and_answers_end_at_the_line(tmp_path):
+    """`cpu_pool.py:mixture`: five reasoning-gym tasks at their configured counts; every hop is a few-shot
+    completion (no chat template) whose answer generation ends at the line's end."""
+    import collections
+    import importlib.util
+    from pathlib import Path
+
+    from hrjax.config import run_config
+    from hrjax.env.mdp import Context, hop_prompt
+    from hrjax.train import load_data, quality_fn
+
+    spec = importlib.util.spec_from_file_location(
+        "cpu_pool", Path(__file__).resolve().parents[1] / "experiments/configs/cpu_pool.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = module.get_config("mixture")
+    raw.task.data_dir = str(tmp_path / "data")
+    config = run_config(raw.to_dict())
+    data = load_data(config)
+    per_task = collections.Counter((e.task, part) for part in ("train", "select", "eval") for e in getattr(data, part))
+    assert per_task == {(task, part): count for task in module.MIXTURE_TASKS
+                        for part, count in (("train", 80), ("select", 16), ("eval", 50))}
+
+    pool = Pool.from_specs(config.pool[:1])  # SmolLM2: what a hop looks like is the same for both members
+    questions = [next(e for e in data.eval if e.task == task) for task in module.MIXTURE_TASKS]
+    env = RoutingEnv(pool, load_encoder(), quality_fn(config), config.env, ResponseCache(tmp_path / "cache"))
+    hop = env.respond(0, [Context(e.question) for e in questions])
+    first = hop.responses
+    prompt = pool.models[0].tokenizer.decode(hop_prompt(pool.models[0], config.env.template, Context(
+        questions[0].question, (first[0],))))
+    assert prompt.startswith(module.FEW_SHOT.split("{message}")[0]) and "<|im_start|>" not in prompt
+    assert prompt.endswith(f"Question: {questions[0].question} (A first attempt answered: {first[0].text}. "
+                           "Check it.)\nAnswer:")
+    for answer, tokens_out in zip(first, hop.tokens_out):  # stopped at the newline, inside the 16-token budget
+        assert "\n" not in answer.text and answer.text.strip() and 0 < tokens_out < 16
