@@ -118,10 +118,12 @@ def make_env(config: RunConfig, examples: Optional[list] = None):
 
 def tree_meta(config: RunConfig, examples: list) -> dict:
     """What a path tree depends on: the tree format, the pool (its specs and their files' content), the
-    encoder, the generation settings, and every example's content with the versions of their scorers."""
+    encoder, the generation settings, and every example's content with the versions of their scorers and of
+    their families' official metrics."""
     from hrjax.env.tree import FORMAT_VERSION
     from hrjax.pool import FileDigests, digest_index, spec_fingerprint
     from hrjax.tasks.datasets import examples_fingerprint
+    from hrjax.tasks.official import OFFICIAL_VERSIONS, family_of
 
     generation = {k: v for k, v in config.to_dict()["env"].items()
                   if k not in ("cost_lambda", "cost_timing", "stop_action")}
@@ -129,8 +131,10 @@ def tree_meta(config: RunConfig, examples: list) -> dict:
     files = [spec_fingerprint(spec, digests) for spec in config.pool]
     digests.save()
     scoring = {"answer_format": True} if config.task.answer_format else {}  # formatted answers scored
+    official = {family: OFFICIAL_VERSIONS[family] for family in sorted({family_of(e) for e in examples})}
     return {"format": FORMAT_VERSION, "pool": config.to_dict()["pool"], "pool_files": files, "encoder": config.encoder,
-            "env": generation, "task": config.task.name, **scoring, **examples_fingerprint(examples)}
+            "env": generation, "task": config.task.name, **scoring, **examples_fingerprint(examples),
+            "official": official}
 
 
 def tree_path(config: RunConfig, meta: dict) -> Path:

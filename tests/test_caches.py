@@ -275,10 +275,10 @@ def config_of(checkpoints, tmp_path, **env):
     return run_config(config.to_dict())
 
 
-def test_tree_key_covers_what_each_example_holds_and_its_scorer_version(tiny_checkpoints, tmp_path, monkeypatch):
+def test_tree_key_covers_what_each_example_holds_and_its_scorer_and_official_versions(tiny_checkpoints, tmp_path, monkeypatch):
     from test_task_datasets import hotpot_orig, write_json
 
-    from hrjax.tasks import scorers
+    from hrjax.tasks import official, scorers
     from hrjax.tasks.datasets import load_task
     from hrjax.train import tree_meta
 
@@ -292,6 +292,12 @@ def test_tree_key_covers_what_each_example_holds_and_its_scorer_version(tiny_che
     before = key(plain)
     monkeypatch.setitem(scorers.SCORER_VERSIONS, "f1", scorers.SCORER_VERSIONS["f1"] + 1)  # a scorer fix
     assert key(plain) != before
+    before = key(plain)
+    monkeypatch.setitem(official.OFFICIAL_VERSIONS, "hotpotqa", official.OFFICIAL_VERSIONS["hotpotqa"] + 1)
+    assert key(plain) != before  # an official metric's fix: its family's trees are scored again
+    before = key(plain)
+    monkeypatch.setitem(official.OFFICIAL_VERSIONS, "gsm8k", official.OFFICIAL_VERSIONS["gsm8k"] + 1)
+    assert key(plain) == before  # another family's fix leaves this tree alone
 
 
 def test_prompts_that_cannot_fit_are_named_before_anything_is_generated(tiny_checkpoints, tmp_path):

@@ -318,6 +318,9 @@ OFFICIAL_METRICS: Mapping[str, Mapping[str, Metric]] = {
 HEADLINE_METRIC: Mapping[str, str] = {"math": "accuracy", "gsm8k": "strict_match", "triviaqa": "exact_match",
                                       "nq_open": "exact_match", "hotpotqa": "f1", "humaneval": "pass@1",
                                       "mbpp": "pass@1", "reasoning_gym": "score", "specialist_world": "score"}
+# Part of a saved path tree's key (`hrjax.train.tree_meta`): bump a family's version when one of its metrics
+# changes what it gives, and the trees holding that family's official scores are scored again, no others.
+OFFICIAL_VERSIONS: Mapping[str, int] = {family: 1 for family in OFFICIAL_METRICS}
 _CODE_FAMILIES = frozenset(family for family, metrics in OFFICIAL_METRICS.items() if pass_at_1 in metrics.values())
 
 
