@@ -1,5 +1,6 @@
 """Stored data carries the version of the code that made it: a TFDS builder's VERSION (its build
-directory) and a scorer's `SCORER_VERSIONS` entry (path-tree keys). The tables below pin each version
+directory), a scorer's `SCORER_VERSIONS` entry and an official-metric family's `OFFICIAL_VERSIONS` entry
+(path-tree keys). The tables below pin each version
 to a digest of the code it names, that code's hrjax helpers included; a code change without a version
 bump fails here, so old builds and trees are never served for new code.
 
@@ -25,7 +26,7 @@ import tensorflow_datasets as tfds
 
 import hrjax
 from hrjax.tasks import base as tasks_base
-from hrjax.tasks import scorers
+from hrjax.tasks import official, scorers
 from hrjax.tasks.datasets import BUILDERS, load_task
 from hrjax.tasks.families.math import HrjaxMath
 from hrjax.tasks.families.nq_open import HrjaxNqOpen
@@ -54,6 +55,19 @@ SCORER_CODE = {
     "math": ("1", "6980e812d5ffaf55"),
     "numeric": ("1", "22ed766f3a1704bd"),
     "reasoning_gym": ("1", "64b9848388c291dd"),
+}
+
+# official-metric family -> (OFFICIAL_VERSIONS entry, code digest of its metrics).
+OFFICIAL_CODE = {
+    "gsm8k": ("1", "35f404894217fd97"),
+    "hotpotqa": ("1", "5a160f55bbd55f05"),
+    "humaneval": ("1", "45a98d5028f35415"),
+    "math": ("1", "92aabae5c8dab5aa"),
+    "mbpp": ("1", "45a98d5028f35415"),
+    "nq_open": ("1", "5a160f55bbd55f05"),
+    "reasoning_gym": ("1", "64b9848388c291dd"),
+    "specialist_world": ("1", "724a35bb2695c6b5"),
+    "triviaqa": ("1", "9a94dcd17b72a568"),
 }
 
 
@@ -204,6 +218,13 @@ def test_scorer_code_changes_come_with_a_version_bump(scorer):
     check_version(SCORER_CODE, scorer, str(scorers.SCORER_VERSIONS[scorer]),
                   digest(reached_code(scorers.SCORERS[scorer])),
                   f"SCORER_VERSIONS[{scorer!r}] in hrjax/tasks/scorers.py", "a score")
+
+
+@pytest.mark.parametrize("family", sorted(official.OFFICIAL_METRICS))
+def test_official_metric_code_changes_come_with_a_version_bump(family):
+    check_version(OFFICIAL_CODE, family, str(official.OFFICIAL_VERSIONS[family]),
+                  digest(reached_code(official.OFFICIAL_METRICS[family])),
+                  f"OFFICIAL_VERSIONS[{family!r}] in hrjax/tasks/official.py", "an official score")
 
 
 def test_the_digest_follows_helpers_imports_and_constants_not_docstrings(monkeypatch):
