@@ -275,7 +275,8 @@ def config_of(checkpoints, tmp_path, **env):
     return run_config(config.to_dict())
 
 
-def test_tree_key_covers_what_each_example_holds_and_its_scorer_and_official_versions(tiny_checkpoints, tmp_path, monkeypatch):
+def test_tree_key_covers_what_each_example_holds_and_its_scorer_and_official_versions(tiny_checkpoints, tmp_path,
+                                                                                     monkeypatch):
     from test_task_datasets import hotpot_orig, write_json
 
     from hrjax.tasks import official, scorers

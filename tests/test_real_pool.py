@@ -52,7 +52,7 @@ def test_real_pool_rollout_cache_and_tree(real_pool, tmp_path):
 
 
 def test_the_cpu_pool_mixture_asks_few_shot_and_answers_end_at_the_line(tmp_path):
-    """`cpu_pool.py:mixture`: five reasoning-gym tasks at their configured counts; every hop is a few-shot
+    """`cpu_pool.py:mixture`: four reasoning-gym tasks at their configured counts; every hop is a few-shot
     completion (no chat template) whose answer generation ends at the line's end."""
     import collections
     import importlib.util

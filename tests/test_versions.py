@@ -60,14 +60,14 @@ SCORER_CODE = {
 # official-metric family -> (OFFICIAL_VERSIONS entry, code digest of its metrics).
 OFFICIAL_CODE = {
     "gsm8k": ("1", "35f404894217fd97"),
-    "hotpotqa": ("1", "5a160f55bbd55f05"),
+    "hotpotqa": ("1", "cabfc6ccc6f5b089"),
     "humaneval": ("1", "45a98d5028f35415"),
     "math": ("1", "92aabae5c8dab5aa"),
     "mbpp": ("1", "45a98d5028f35415"),
-    "nq_open": ("1", "5a160f55bbd55f05"),
+    "nq_open": ("1", "d1db0690d403eeef"),
     "reasoning_gym": ("1", "64b9848388c291dd"),
     "specialist_world": ("1", "724a35bb2695c6b5"),
-    "triviaqa": ("1", "9a94dcd17b72a568"),
+    "triviaqa": ("1", "50f0a168628eba51"),
 }
 
 
@@ -116,6 +116,7 @@ def reached_code(root) -> dict[str, str]:
     methods), the value of each plain-data global it reads (`constant_text`), and the whole of each hrjax
     module its code names -> {name (and line): source}."""
     texts: dict[object, str] = {}
+    functions: set = set()  # visited function objects
 
     def visit_global(module: str, name: str, value) -> None:
         if name.startswith("__"):  # __doc__, __file__, __name__: not code
@@ -153,11 +154,13 @@ def reached_code(root) -> dict[str, str]:
             for v in (value.func, *value.args, *value.keywords.values()):
                 visit(v)
         elif inspect.isfunction(value):
-            if value.__code__ in texts or not value.__code__.co_filename.startswith(HRJAX):
+            if value in functions or not value.__code__.co_filename.startswith(HRJAX):
                 return  # seen, or not ours (a dataclass's generated methods: its class source covers them)
-            texts[value.__code__] = _normalised(inspect.getsource(value))
-            visit_code(value.__code__, value.__globals__)
-            for cell in value.__closure__ or ():
+            functions.add(value)
+            if value.__code__ not in texts:
+                texts[value.__code__] = _normalised(inspect.getsource(value))
+                visit_code(value.__code__, value.__globals__)
+            for cell in value.__closure__ or ():  # per function: closures of one code differ in what they hold
                 visit(cell.cell_contents)
             visit(getattr(value, "__wrapped__", None))
         elif inspect.isclass(value):
@@ -234,6 +237,8 @@ def test_the_digest_follows_helpers_imports_and_constants_not_docstrings(monkeyp
     assert {"specialist_examples", "_rev", "hrjax.tasks.specialist_world._LETTERS"} <= {
         n.split(":")[0] for n in builder_code(HrjaxSpecialistWorld)}
     assert "run_python" in {n.split(":")[0] for n in reached_code(scorers.SCORERS["code_pass"])}
+    # closures of one code are each followed: hotpotqa's F1 and exact match are both `_qa_metric`'s `metric`
+    assert {"_hotpot_f1", "_equal"} <= {n.split(":")[0] for n in reached_code(official.OFFICIAL_METRICS["hotpotqa"])}
     documented = 'def f(x):\n    """Says what it does."""\n    return x + 1  # and a comment\n'
     assert _normalised(documented) == _normalised("def f(x):\n    return x+1\n") != _normalised("def f(x): return x")
     # A constant outside the family's file that its code reads counts: which files are read, a scorer's regex.

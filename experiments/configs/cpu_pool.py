@@ -15,8 +15,9 @@ The path tree is generated once (cached), then tree-mode PPO trains in seconds.
 from hrjax import assets
 from hrjax.config import base_config
 
+# reasoning-gym's default basic_arithmetic (up to 6 terms of 4 digits) is beyond these models
 EASY_ARITHMETIC = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, allow_parentheses=False,
-                       allow_negation=False, operators=["+", "-", "*"])  # reasoning-gym's default is beyond these models
+                       allow_negation=False, operators=["+", "-", "*"])
 # reasoning-gym dataset -> its config: the tasks where a probe of both models' one-hop answers (40 prompts a task,
 # drawn with seed 0) found one model at least 0.08 better than the other (of 12 easy tasks probed); the mixture
 # draws its prompts with seed 2, so its held-out figures are not the probe's
