@@ -118,8 +118,8 @@ def make_env(config: RunConfig, examples: Optional[list] = None):
 
 def tree_meta(config: RunConfig, examples: list) -> dict:
     """What a path tree depends on: the tree format, the pool (its specs and their files' content), the
-    encoder, the generation settings, and every example's content with the versions of their scorers and of
-    their families' official metrics."""
+    encoder, the generation settings, and every example's content with the versions of their scorers, of
+    their families' official metrics and, when answers are scored in their family's format, of its extractor."""
     from hrjax.env.tree import FORMAT_VERSION
     from hrjax.pool import FileDigests, digest_index, spec_fingerprint
     from hrjax.tasks.datasets import examples_fingerprint
@@ -130,7 +130,13 @@ def tree_meta(config: RunConfig, examples: list) -> dict:
     digests = FileDigests(digest_index(config))
     files = [spec_fingerprint(spec, digests) for spec in config.pool]
     digests.save()
-    scoring = {"answer_format": True} if config.task.answer_format else {}  # formatted answers scored
+    if config.task.answer_format:  # formatted answers scored: by each family's extractor, at its version
+        from hrjax.tasks.answers import answer_format
+
+        read_by = {e.task: fmt.version for e in examples if (fmt := answer_format(e)) is not None}
+        scoring = {"answer_format": dict(sorted(read_by.items()))}
+    else:
+        scoring = {}
     official = {family: OFFICIAL_VERSIONS[family] for family in sorted({family_of(e) for e in examples})}
     return {"format": FORMAT_VERSION, "pool": config.to_dict()["pool"], "pool_files": files, "encoder": config.encoder,
             "env": generation, "task": config.task.name, **scoring, **examples_fingerprint(examples),

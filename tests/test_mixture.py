@@ -183,7 +183,9 @@ def check_official_scores(config, summary):
                 assert figures["official"][metric]["mean"] == pytest.approx(official.values[rows, model, j].mean())
 
 
-def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_path):
+def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_path, monkeypatch):
+    import dataclasses
+
     from hrjax.tasks.answers import formatted_score
     from hrjax.tasks.datasets import BUILDERS
     from hrjax.tasks.scorers import score_example
@@ -207,6 +209,10 @@ def test_answer_formats_are_asked_for_and_only_the_formatted_answer_scores(tmp_p
         assert example.question == formats[example.task].ask(original.question)
         assert example.question.endswith(formats[example.task].instruction)
     assert tree_meta(asked, with_format.examples) != tree_meta(plain, with_format.examples)
+    before = tree_meta(asked, with_format.examples)
+    monkeypatch.setattr(BUILDERS["gsm8k"], "ANSWER_FORMAT", dataclasses.replace(formats["gsm8k"], version=2))
+    assert tree_meta(asked, with_format.examples) != before  # an extractor fix: formatted answers are scored again
+    monkeypatch.setattr(BUILDERS["gsm8k"], "ANSWER_FORMAT", formats["gsm8k"])
     assert (quality_fn(asked), quality_fn(plain)) == (formatted_score, score_example)  # the env's scorer
 
     gsm8k = next(e for e in with_format.examples if e.task == "gsm8k")

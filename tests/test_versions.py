@@ -1,6 +1,6 @@
 """Stored data carries the version of the code that made it: a TFDS builder's VERSION (its build
-directory), a scorer's `SCORER_VERSIONS` entry and an official-metric family's `OFFICIAL_VERSIONS` entry
-(path-tree keys). The tables below pin each version
+directory), a scorer's `SCORER_VERSIONS` entry, an official-metric family's `OFFICIAL_VERSIONS` entry and
+an answer format's `version` (path-tree keys). The tables below pin each version
 to a digest of the code it names, that code's hrjax helpers included; a code change without a version
 bump fails here, so old builds and trees are never served for new code.
 
@@ -68,6 +68,17 @@ OFFICIAL_CODE = {
     "reasoning_gym": ("1", "64b9848388c291dd"),
     "specialist_world": ("1", "724a35bb2695c6b5"),
     "triviaqa": ("1", "50f0a168628eba51"),
+}
+
+# task -> (its ANSWER_FORMAT's version, code digest of its extractor).
+ANSWER_FORMAT_CODE = {
+    "gsm8k": ("1", "7cdace8f7577ce31"),
+    "hotpotqa": ("1", "d0f026e8b25f4207"),
+    "humaneval": ("1", "cab095efc6fe865f"),
+    "math": ("1", "9a7de9c959c12084"),
+    "mbpp": ("1", "cab095efc6fe865f"),
+    "nq_open": ("1", "d0f026e8b25f4207"),
+    "triviaqa": ("1", "d0f026e8b25f4207"),
 }
 
 
@@ -228,6 +239,13 @@ def test_official_metric_code_changes_come_with_a_version_bump(family):
     check_version(OFFICIAL_CODE, family, str(official.OFFICIAL_VERSIONS[family]),
                   digest(reached_code(official.OFFICIAL_METRICS[family])),
                   f"OFFICIAL_VERSIONS[{family!r}] in hrjax/tasks/official.py", "an official score")
+
+
+@pytest.mark.parametrize("task", sorted(task for task, builder in BUILDERS.items() if builder.ANSWER_FORMAT))
+def test_answer_format_code_changes_come_with_a_version_bump(task):
+    declared = BUILDERS[task].ANSWER_FORMAT
+    check_version(ANSWER_FORMAT_CODE, task, str(declared.version), digest(reached_code(declared.extract)),
+                  f"the version of {BUILDERS[task].__name__}.ANSWER_FORMAT", "the answer read from a response")
 
 
 def test_the_digest_follows_helpers_imports_and_constants_not_docstrings(monkeypatch):

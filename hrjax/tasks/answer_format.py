@@ -32,11 +32,13 @@ _ANSWER_LINE = re.compile(r"^[ \t*_`]*answer[ \t*_`]*:[ \t*_`]*(.*?[^\s*_`])[ \t
 @dataclasses.dataclass(frozen=True)
 class AnswerFormat:
     """What a family asks for (`instruction`, after the question), where a generation may stop (`stop`) and
-    how its answer is read (`extract(response) -> answer text or None`)."""
+    how its answer is read (`extract(response) -> answer text or None`). `version` is part of the key of a path
+    tree scored on formatted answers (`hrjax.train.tree_meta`): bump it when `extract` changes what it reads."""
 
     instruction: str
     extract: Callable[[str], str | None]
     stop: tuple[str, ...] = ()
+    version: int = 1
 
     def ask(self, question: str) -> str:
         """The question with the format's instruction after it."""
