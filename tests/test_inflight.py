@@ -300,3 +300,5 @@ def test_smollm2_stream_matches_one_at_a_time(smollm2, num_prompts, max_budget):
     theirs = one_at_a_time(reference_sampler(sampler, max_budget), prompts, samplings)
     assert_same_greedy(ours, theirs, atol=1e-4)
     assert "stop" in {g.finish_reason for g in theirs}
+    # rows ended on the text while generating: trimming the text afterwards cuts no token
+    assert [len(sampler.with_text(g, s.stop).tokens) for g, s in zip(ours, samplings)] == [len(g.tokens) for g in ours]

@@ -109,9 +109,25 @@ def test_stop_strings_end_generation_and_cut_text(llama_sampler):
     assert cut.text == full.text[:full.text.index(stop)]
 
 
+@pytest.mark.parametrize("engine", ["static", "inflight"])
+def test_a_stop_across_tokens_ends_the_row_while_generating(llama_sampler, engine):
+    """A stop that starts inside a token ('5 6' in the text '15 6' of ids 15, 6; not the ids 5, 6) ends the
+    row at the token that completes it, while generating: the raw tokens stop there, not at the budget."""
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, IdTokenizer())
+    prompt = varied_prompts(lengths=(5,))[0]
+    tokens = sampler.generate_tokens([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True))[0].tokens.tolist()
+    i = next(i for i in range(1, len(tokens)) if tokens[i - 1] >= 10)
+    stop = f"{tokens[i - 1]} {tokens[i]}"[1:]
+    end = next(n for n in range(1, len(tokens) + 1) if stop in " ".join(map(str, tokens[:n])))
+    assert end < len(tokens)
+    generate = sampler.generate_tokens if engine == "static" else sampler.generate_stream
+    cut = generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    assert (cut.tokens.tolist(), cut.finish_reason) == (tokens[:end], "stop")
+
+
 def test_a_stop_found_only_in_the_text_trims_the_tokens(llama_sampler):
-    """Token ids 15, 6 decode to '15 6', which holds the stop '5 6' that the token-level check (ids 5, 6)
-    cannot see: the tokens are trimmed to the one that completed it, so cost counts what was kept."""
+    """`with_text` on a generation made without its stop: ids 15, 6 decode to '15 6', which holds the stop
+    '5 6': the tokens are trimmed to the one that completed it, so cost counts what was kept."""
     sampler = Sampler(llama_sampler.config, llama_sampler.params, IdTokenizer())
     generation = Generation(np.array([9, 15, 6, 7, 8], np.int32), np.arange(5, dtype=np.float32), "length")
     cut = sampler.with_text(generation, stop=("7 8", "5 6"))

@@ -23,7 +23,8 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
   four together 290 ms). A live stream (`step`) also leaves as soon as a row finishes and runs a
   quarter of the steps while slots are free, so a served client gets its answer at once and its next
   request a slot soon.
-- Per row: max_new_tokens, temperature, top_k, top_p, seed, ignore_eos and a stop table [Q, L]. Token
+- Per row: max_new_tokens, temperature, top_k, top_p, seed, ignore_eos and its stop strings' automaton
+  [Q, 256] (`hrjax.generate.stops`: a row ends once its decoded text holds a stop). Token
   i of a sampled row is drawn with `fold_in(PRNGKey(seed), i)`: a row's samples depend on its seed
   only, not on its slot, ring column or batch-mates (so rows that should differ need different seeds).
   Greedy rows make the same tokens as `Sampler.generate_tokens` on the prompt alone (and
@@ -32,10 +33,10 @@ Design (S slots, W cache columns per slot, N output tokens per slot):
   and waiting requests, or `max_slots`; when nothing waits, a dispatch ends once 3/4 of the slots
   are free and the live rows move into a state a quarter the size. A decode step computes every slot,
   so a lone request decodes at S = 1 and a stream's long tail at a few slots, not at `max_slots`.
-- Capacity (W, N, Q, L) grows when a request needs more, live rows included (`_grown`: the ring gets
+- Capacity (W, N, Q) grows when a request needs more, live rows included (`_grown`: the ring gets
   empty columns after its last one); a grown size at least doubles, so few capacities are compiled.
   `generate_stream` sizes it once for its whole list.
-- Compiled programs, per capacity (S, W, N, Q, L): one decode program, and one admission program (and,
+- Compiled programs, per capacity (S, W, N, Q): one decode program, and one admission program (and,
   with the prompt cache, one placement program) per (k, P) bucket pair; S takes at most log4(max_slots)
   + 2 values.
 - One device: a `Sampler` with a mesh is refused (in-flight batching runs unsharded for now).
@@ -58,8 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrjax.errors import HrjaxError
-from hrjax.generate.sampler import (Generation, Sampler, SamplingParams, _ends_with_stop, _select_tokens, left_pad,
-                                    prompt_positions, row_generation)
+from hrjax.generate.sampler import (Generation, Sampler, SamplingParams, _select_tokens, left_pad, prompt_positions,
+                                    row_generation)
+from hrjax.generate.stops import TokenBytes, advance, automaton_states, stop_automaton
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 from hrjax.shapes import fine_bucket, pow2_bucket, pow4_bucket
 
@@ -77,7 +79,8 @@ class RowSettings(NamedTuple):
     top_p: jax.Array  # [R] float32, 1 = off
     key: jax.Array  # [R, 2] uint32, PRNGKey(seed)
     ignore_eos: jax.Array  # [R] bool
-    stops: jax.Array  # [R, Q, L] int32 stop token sequences, right-aligned, -1 padded
+    stop_transitions: jax.Array  # [R, Q, 256] int32, each row's stop automaton (`hrjax.generate.stops`)
+    stop_accepting: jax.Array  # [R, Q] bool
 
 
 class Rows(NamedTuple):
@@ -89,7 +92,9 @@ class Rows(NamedTuple):
     tokens: jax.Array  # [R, N] int32, -1 past each row's end
     logprobs: jax.Array  # [R, N] float32
     done: jax.Array  # [R] bool (free slots are done)
-    stopped: jax.Array  # [R] bool, ended by a stop sequence
+    stopped: jax.Array  # [R] bool, ended by a stop string
+    stop_state: jax.Array  # [R] int32, the row's stop automaton's state
+    text_started: jax.Array  # [R] bool, the row's decoded text has begun
     settings: RowSettings
 
 
@@ -135,8 +140,8 @@ def _select_rows(logits, settings: RowSettings, count, active):
     return jax.lax.cond(jnp.any(sampled & active), sample, lambda _: (greedy_tokens, greedy_logprobs), None)
 
 
-def _record(rows: Rows, tokens, logprobs, eos_ids) -> Rows:
-    """Appends tokens [R] / logprobs [R] to the rows not done and ends rows on EOS, a stop sequence or
+def _record(rows: Rows, tokens, logprobs, eos_ids, token_table: TokenBytes) -> Rows:
+    """Appends tokens [R] / logprobs [R] to the rows not done and ends rows on EOS, a stop string or
     their max_new_tokens (the static sampler's `finish`, per row)."""
     active = ~rows.done
     settings = rows.settings
@@ -145,13 +150,13 @@ def _record(rows: Rows, tokens, logprobs, eos_ids) -> Rows:
     out_tokens = rows.tokens.at[index, at].set(tokens, mode="drop")
     out_logprobs = rows.logprobs.at[index, at].set(logprobs, mode="drop")
     count = rows.count + active
-    ends_with_stop = jax.vmap(lambda out, step, stops: _ends_with_stop(out[None], step, stops)[0])
-    hit_stop = ends_with_stop(out_tokens, count - 1, settings.stops) & active
+    stop_state, text_started, hit_stop = advance(tokens, rows.stop_state, rows.text_started, active, token_table,
+                                                 settings.stop_transitions, settings.stop_accepting)
     hit_eos = jnp.any(tokens[:, None] == eos_ids[None], axis=-1) & ~settings.ignore_eos & active
     hit_length = (count >= settings.max_new_tokens) & active
     return rows._replace(last=jnp.where(active, tokens, rows.last), position=rows.position + active, count=count,
                          tokens=out_tokens, logprobs=out_logprobs, done=rows.done | hit_stop | hit_eos | hit_length,
-                         stopped=rows.stopped | hit_stop)
+                         stopped=rows.stopped | hit_stop, stop_state=stop_state, text_started=text_started)
 
 
 class PromptStore(NamedTuple):
@@ -163,7 +168,7 @@ class PromptStore(NamedTuple):
 
 
 def _place(state: SlotState, slot_ids, cache: KVCache, logits, prompt_valid, settings: RowSettings,
-           eos_ids) -> SlotState:
+           eos_ids, token_table: TokenBytes) -> SlotState:
     """Puts k prefilled newcomers into their slots: their first token drawn from `logits` [k, V] and
     recorded, their keys and values (`cache`, [k, ..., P]) written to the P ring columns before the
     shared one. slot_ids [k]: S (out of range) for rows that only fill the k bucket."""
@@ -173,9 +178,10 @@ def _place(state: SlotState, slot_ids, cache: KVCache, logits, prompt_valid, set
     fresh = Rows(last=jnp.zeros((k,), jnp.int32), position=positions[:, -1], count=jnp.zeros((k,), jnp.int32),
                  tokens=jnp.full((k, state.rows.tokens.shape[1]), -1, jnp.int32),
                  logprobs=jnp.zeros((k, state.rows.tokens.shape[1]), jnp.float32),
-                 done=jnp.zeros((k,), bool), stopped=jnp.zeros((k,), bool), settings=settings)
+                 done=jnp.zeros((k,), bool), stopped=jnp.zeros((k,), bool), stop_state=jnp.zeros((k,), jnp.int32),
+                 text_started=jnp.zeros((k,), bool), settings=settings)
     tokens, logprobs = _select_rows(logits, settings, fresh.count, slot_ids < slots)
-    fresh = _record(fresh, tokens, logprobs, eos_ids)
+    fresh = _record(fresh, tokens, logprobs, eos_ids, token_table)
 
     columns = (state.column - p + jnp.arange(p)) % width  # the P columns before the shared one
     put = lambda full, new: full.at[slot_ids].set(new, mode="drop")  # noqa: E731
@@ -192,15 +198,15 @@ def _place(state: SlotState, slot_ids, cache: KVCache, logits, prompt_valid, set
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state", "store"))
 def admit_program(params, state: SlotState, slot_ids, prompt, prompt_valid, settings: RowSettings, eos_ids,
-                  store: Optional[PromptStore] = None, entry_ids=None, *,
+                  token_table: TokenBytes, store: Optional[PromptStore] = None, entry_ids=None, *,
                   config: DecoderConfig) -> tuple[SlotState, Optional[PromptStore]]:
     """Prefills k newcomers and puts them into their slots (`_place`).
 
     Args:
       slot_ids: [k] int32 slot of each newcomer; S (out of range) for rows that only fill the k bucket.
       prompt: [k, P] int32 left-padded prompts; prompt_valid: [k, P] bool.
-      settings: `RowSettings` of the k newcomers (stops [k, Q, L] at the engine's Q, L).
-      eos_ids: [E] int32.
+      settings: `RowSettings` of the k newcomers (stop automata [k, Q, 256] at the engine's Q).
+      eos_ids: [E] int32; token_table: the sampler's `TokenBytes`.
       store, entry_ids: a `PromptStore` of bucket P and [k] int32 entries that keep each row's prefill
         (C, out of range: not kept); None: nothing kept.
     Returns (the new state, each newcomer's first token recorded (it may already be done); the store).
@@ -211,20 +217,20 @@ def admit_program(params, state: SlotState, slot_ids, prompt, prompt_valid, sett
     if store is not None:
         keep = lambda full, new: full.at[entry_ids].set(new, mode="drop")  # noqa: E731
         store = PromptStore(jax.tree.map(keep, store.cache, cache), keep(store.logits, logits))
-    return _place(state, slot_ids, cache, logits, prompt_valid, settings, eos_ids), store
+    return _place(state, slot_ids, cache, logits, prompt_valid, settings, eos_ids, token_table), store
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def place_program(state: SlotState, store: PromptStore, entry_ids, slot_ids, prompt_valid, settings: RowSettings,
-                  eos_ids) -> SlotState:
+                  eos_ids, token_table: TokenBytes) -> SlotState:
     """Admits k newcomers whose prompts the store holds (entry_ids [k] int32) without prefilling them;
     otherwise as `admit_program`."""
     cache = jax.tree.map(lambda full: full[entry_ids], store.cache)
-    return _place(state, slot_ids, cache, store.logits[entry_ids], prompt_valid, settings, eos_ids)
+    return _place(state, slot_ids, cache, store.logits[entry_ids], prompt_valid, settings, eos_ids, token_table)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def decode_program(params, state: SlotState, eos_ids, max_steps, leave_when_done, *,
+def decode_program(params, state: SlotState, eos_ids, token_table: TokenBytes, max_steps, leave_when_done, *,
                    config: DecoderConfig) -> tuple[SlotState, jax.Array]:
     """Up to `max_steps` decode steps over every slot; stops early when all rows are done or when
     `leave_when_done` (int32 scalar) rows are (free slots count as done). Returns (state, steps run)."""
@@ -242,7 +248,7 @@ def decode_program(params, state: SlotState, eos_ids, max_steps, leave_when_done
         logits, cache = model.apply(params, rows.last[:, None], rows.position[:, None], None, s.cache, s.column,
                                     last_only=True, key_positions=key_positions)
         tokens, logprobs = _select_rows(logits, rows.settings, rows.count, ~rows.done)
-        rows = _record(rows, tokens, logprobs, eos_ids)
+        rows = _record(rows, tokens, logprobs, eos_ids, token_table)
         return step + 1, SlotState(cache, key_positions, (s.column + 1) % width, rows)
 
     steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
@@ -256,15 +262,16 @@ def _pad_to(x: jax.Array, axis: int, size: int, fill, left: bool = False) -> jax
     return jnp.pad(x, pads, constant_values=fill)
 
 
-def _grown(state: SlotState, width: int, budget: int, num_stops: int, stop_len: int) -> SlotState:
-    """`state` with W, N, Q, L raised to these sizes. A wider ring gets empty columns on the right and
+def _grown(state: SlotState, width: int, budget: int, stop_states: int) -> SlotState:
+    """`state` with W, N, Q raised to these sizes. A wider ring gets empty columns on the right and
     keeps its shared column c: a live row owns a block of u columns ending at c - 1 (mod old W) and
     writes at most old W - u more, which now run from c into the new columns and end before its block
-    starts again (mod new W). Stop tables get new sequences below and longer ones padded on the left."""
+    starts again (mod new W). Stop automata get states no row reaches."""
     rows = state.rows
-    stops = _pad_to(_pad_to(rows.settings.stops, 1, num_stops, -1), 2, stop_len, -1, left=True)
+    settings = rows.settings._replace(stop_transitions=_pad_to(rows.settings.stop_transitions, 1, stop_states, 0),
+                                      stop_accepting=_pad_to(rows.settings.stop_accepting, 1, stop_states, False))
     rows = rows._replace(tokens=_pad_to(rows.tokens, 1, budget, -1), logprobs=_pad_to(rows.logprobs, 1, budget, 0.0),
-                         settings=rows.settings._replace(stops=stops))
+                         settings=settings)
     cache = KVCache(tuple(_pad_to(k, 3, width, 0) for k in state.cache.keys),
                     tuple(_pad_to(v, 2, width, 0) for v in state.cache.values))
     return SlotState(cache, _pad_to(state.key_positions, 1, width, -1), state.column, rows)
@@ -273,13 +280,13 @@ def _grown(state: SlotState, width: int, budget: int, num_stops: int, stop_len: 
 @functools.partial(jax.jit, static_argnames=("slots", "config"))
 def _resized(state: SlotState, order, *, slots: int, config: DecoderConfig) -> SlotState:
     """`state` with `slots` slots: row i is its row order[i] (order [min(S, slots)] int32: live rows
-    first, then free ones), then, when growing, free rows; W, N, Q, L and the shared column unchanged.
+    first, then free ones), then, when growing, free rows; W, N, Q and the shared column unchanged.
     One program per (S, slots, capacity)."""
     rows, cache, key_positions = jax.tree.map(lambda x: x[order], (state.rows, state.cache, state.key_positions))
     extra = slots - order.shape[0]
     if extra:
         free = _empty_state(config, extra, key_positions.shape[1], rows.tokens.shape[1],
-                            *rows.settings.stops.shape[1:])
+                            rows.settings.stop_accepting.shape[1])
         rows, cache, key_positions = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (rows, cache, key_positions),
                                                   (free.rows, free.cache, free.key_positions))
     return SlotState(cache, key_positions, state.column, rows)
@@ -291,17 +298,18 @@ def _ended(state: SlotState, rows_to_end) -> SlotState:
     return state._replace(rows=state.rows._replace(done=state.rows.done | rows_to_end))
 
 
-def _empty_state(config: DecoderConfig, slots: int, width: int, budget: int, num_stops: int,
-                 stop_len: int) -> SlotState:
+def _empty_state(config: DecoderConfig, slots: int, width: int, budget: int, stop_states: int) -> SlotState:
     """Every slot free (done)."""
     settings = RowSettings(max_new_tokens=jnp.ones((slots,), jnp.int32), temperature=jnp.zeros((slots,)),
                            top_k=jnp.zeros((slots,), jnp.int32), top_p=jnp.ones((slots,)),
                            key=jnp.zeros((slots, 2), jnp.uint32), ignore_eos=jnp.zeros((slots,), bool),
-                           stops=jnp.full((slots, num_stops, stop_len), -1, jnp.int32))
+                           stop_transitions=jnp.zeros((slots, stop_states, 256), jnp.int32),
+                           stop_accepting=jnp.zeros((slots, stop_states), bool))
     rows = Rows(last=jnp.zeros((slots,), jnp.int32), position=jnp.zeros((slots,), jnp.int32),
                 count=jnp.zeros((slots,), jnp.int32), tokens=jnp.full((slots, budget), -1, jnp.int32),
                 logprobs=jnp.zeros((slots, budget), jnp.float32), done=jnp.ones((slots,), bool),
-                stopped=jnp.zeros((slots,), bool), settings=settings)
+                stopped=jnp.zeros((slots,), bool), stop_state=jnp.zeros((slots,), jnp.int32),
+                text_started=jnp.zeros((slots,), bool), settings=settings)
     return SlotState(KVCache.zeros(config, slots, width), jnp.full((slots, width), -1, jnp.int32), jnp.int32(0), rows)
 
 
@@ -310,7 +318,7 @@ class _Request:
     handle: int
     prompt: tuple[int, ...]  # hashable: the prompt cache's key
     sampling: SamplingParams
-    stops: np.ndarray  # [q, l] the sampler's stop table
+    stop_states: int  # Q of its stop automaton (`hrjax.generate.stops.automaton_states`)
 
 
 class InflightEngine:
@@ -339,7 +347,7 @@ class InflightEngine:
         self.max_slots = pow2_bucket(slots)
         self.steps_per_dispatch = steps_per_dispatch
         self._refill_batch = refill_batch
-        # ('admit', k, P, S, W, N, Q, L) / ('decode' | 'end', S, W, N, Q, L) / ('resize', S, S', W, N, Q, L)
+        # ('admit', k, P, S, W, N, Q) / ('decode' | 'end', S, W, N, Q) / ('resize', S, S', W, N, Q)
         self.compiled_shapes: set[tuple] = set()
         self._eos_ids = jnp.asarray(sampler.eos_ids, jnp.int32)
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -358,8 +366,8 @@ class InflightEngine:
         """Queues one request; returns its handle (`step` and `run_until_idle` report it with its result)."""
         handle = next(self._handles)
         self.sampler.check_request(handle, prompt_ids, sampling)
-        stops = self.sampler._stop_token_seqs(sampling.stop)
-        self._waiting.append(_Request(handle, tuple(int(t) for t in prompt_ids), sampling, stops))
+        self._waiting.append(_Request(handle, tuple(int(t) for t in prompt_ids), sampling,
+                                      automaton_states(sampling.stop)))
         return handle
 
     def cancel(self, handle: int) -> None:
@@ -416,7 +424,7 @@ class InflightEngine:
         if live:  # the first row to finish is answered at once; free slots are refilled soon
             leave_when_done = leave_when_done if waiting else free + 1
             max_steps = max(1, max_steps // 4) if free else max_steps
-        self._state, _ = decode_program(self.sampler.params, self._state, self._eos_ids,
+        self._state, _ = decode_program(self.sampler.params, self._state, self._eos_ids, self.sampler.token_table,
                                         jnp.int32(max_steps or capacity[2]), jnp.int32(leave_when_done),
                                         config=self.sampler.config)
         return self._harvest()
@@ -449,10 +457,10 @@ class InflightEngine:
     def _prompt_bucket(self, length: int) -> int:
         return fine_bucket(length, self.sampler.min_prompt_bucket, steps_per_octave=2)
 
-    def _capacity(self) -> tuple[int, int, int, int, int]:
-        """(S, W, N, Q, L) of the current state."""
-        stops = self._state.rows.settings.stops
-        return (self.slots, self._state.key_positions.shape[1], self._state.rows.tokens.shape[1], *stops.shape[1:])
+    def _capacity(self) -> tuple[int, int, int, int]:
+        """(S, W, N, Q) of the current state."""
+        rows, width = self._state.rows, self._state.key_positions.shape[1]
+        return self.slots, width, rows.tokens.shape[1], rows.settings.stop_accepting.shape[1]
 
     def _reserve(self, requests: Sequence[_Request]) -> None:
         """Grows (or first makes) the state so every one of `requests` fits; a grown size at least doubles,
@@ -460,15 +468,14 @@ class InflightEngine:
         budget = pow2_bucket(max(r.sampling.max_new_tokens for r in requests), self.sampler.min_budget_bucket)
         prompt = self._prompt_bucket(max(len(r.prompt) for r in requests))
         width = fine_bucket(prompt + budget, steps_per_octave=2)
-        num_stops = pow2_bucket(max(r.stops.shape[0] for r in requests))
-        stop_len = pow2_bucket(max(r.stops.shape[1] for r in requests), 4)
+        stop_states = max(r.stop_states for r in requests)
         if self._state is None:
-            self._state = _empty_state(self.sampler.config, self.slots, width, budget, num_stops, stop_len)
+            self._state = _empty_state(self.sampler.config, self.slots, width, budget, stop_states)
             return
-        _, old_width, old_budget, old_q, old_l = self._capacity()
+        _, old_width, old_budget, old_q = self._capacity()
         grow = lambda need, old: old if need <= old else max(need, 2 * old)  # noqa: E731
-        new = (grow(width, old_width), grow(budget, old_budget), grow(num_stops, old_q), grow(stop_len, old_l))
-        if new != (old_width, old_budget, old_q, old_l):
+        new = (grow(width, old_width), grow(budget, old_budget), grow(stop_states, old_q))
+        if new != (old_width, old_budget, old_q):
             self._state = _grown(self._state, *new)
 
     def _fit_slots(self) -> None:
@@ -531,9 +538,10 @@ class InflightEngine:
 
     def _row_inputs(self, k: int, prompt_len: int, newcomers: list[_Request]):
         """(tokens [k, P], valid [k, P], RowSettings [k]) of newcomers left-padded to `prompt_len`."""
-        _, _, _, num_stops, stop_len = self._capacity()
+        stop_states = self._capacity()[3]
         tokens, valid = left_pad([r.prompt for r in newcomers], k, prompt_len)
-        stops = np.full((k, num_stops, stop_len), -1, np.int32)
+        transitions = np.zeros((k, stop_states, 256), np.int32)
+        accepting = np.zeros((k, stop_states), bool)
         fields = dict(max_new_tokens=np.ones((k,), np.int32), temperature=np.zeros((k,), np.float32),
                       top_k=np.zeros((k,), np.int32), top_p=np.ones((k,), np.float32), key=np.zeros((k, 2), np.uint32),
                       ignore_eos=np.zeros((k,), bool))
@@ -542,9 +550,8 @@ class InflightEngine:
             fields["max_new_tokens"][i], fields["temperature"][i] = s.max_new_tokens, s.temperature
             fields["top_k"][i], fields["top_p"][i], fields["ignore_eos"][i] = s.top_k, s.top_p, s.ignore_eos
             fields["key"][i] = np.asarray(jax.random.PRNGKey(s.seed))
-            q, l = r.stops.shape
-            stops[i, :q, stop_len - l:] = r.stops
-        return tokens, valid, RowSettings(**fields, stops=stops)
+            transitions[i], accepting[i] = stop_automaton(s.stop, stop_states)
+        return tokens, valid, RowSettings(**fields, stop_transitions=transitions, stop_accepting=accepting)
 
     def _slot_ids(self, k: int, slots: list[int]) -> np.ndarray:
         slot_ids = np.full((k,), self.slots, np.int32)  # S: filler rows, dropped
@@ -566,7 +573,8 @@ class InflightEngine:
                     keys[key] = entry_ids[i] = self._free_entry(prompt_len, keys.values())
         self.compiled_shapes.add(("admit", k, prompt_len, *self._capacity(), self.prompt_cache))
         self._state, store = admit_program(self.sampler.params, self._state, self._slot_ids(k, slots), tokens, valid,
-                                           settings, self._eos_ids, store, entry_ids, config=self.sampler.config)
+                                           settings, self._eos_ids, self.sampler.token_table, store, entry_ids,
+                                           config=self.sampler.config)
         if store is not None:
             self._stores[prompt_len] = store
             for key, entry in keys.items():
@@ -579,7 +587,7 @@ class InflightEngine:
         entry_ids[:len(entries)] = entries
         self.compiled_shapes.add(("place", k, prompt_len, *self._capacity(), self.prompt_cache))
         self._state = place_program(self._state, self._stores[prompt_len], entry_ids, self._slot_ids(k, slots), valid,
-                                    settings, self._eos_ids)
+                                    settings, self._eos_ids, self.sampler.token_table)
         self.prompt_cache_hits += len(newcomers)
 
     def _new_store(self, prompt_len: int) -> PromptStore:

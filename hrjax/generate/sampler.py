@@ -1,8 +1,9 @@
 """The sampler: jit-compiled prefill plus a `lax.while_loop` decode over a KV cache.
 
 Prompts are left-padded into shape buckets (batch rounded up to half-octave steps, prompt length
-to quarter-octave steps, the generation budget to a power of two), so a stream of varied requests compiles a handful of programs.
-Greedy, temperature, top-k and top-p sampling; EOS ids and stop sequences end a row; every row
+to quarter-octave steps, the generation budget to a power of two), so a stream of varied requests
+compiles a handful of programs. Greedy, temperature, top-k and top-p sampling; EOS ids and stop
+strings (found in the decoded text as it is made, `hrjax.generate.stops`) end a row; every row
 reports its generated length, finish reason and the model's log-probability of each token.
 """
 
@@ -12,7 +13,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hrjax.errors import PromptTooLongError
+from hrjax.generate.stops import (TokenBytes, advance, automaton_states, no_token_bytes, stop_automaton,
+                                  token_bytes)
 from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 from hrjax.models.sharding import cache_sharding, param_shardings, warn_replicated
@@ -120,7 +123,7 @@ def left_pad(prompts: Sequence[Sequence[int]], batch: int, prompt_len: int) -> t
 
 def row_generation(tokens: np.ndarray, logprobs: np.ndarray, length: int, stopped: bool,
                    eos_ids: Sequence[int]) -> Generation:
-    """One row of the output buffers ([N] tokens and logprobs, its length, whether a stop sequence
+    """One row of the output buffers ([N] tokens and logprobs, its length, whether a stop string
     ended it) -> its `Generation`; `eos_ids` the ids that ended it ((): ignore_eos, so 'length')."""
     n = int(length)
     row = tokens[:n]
@@ -128,42 +131,37 @@ def row_generation(tokens: np.ndarray, logprobs: np.ndarray, length: int, stoppe
     return Generation(row.astype(np.int32), logprobs[:n].astype(np.float32), reason)
 
 
-def bucket_stop_table(table: np.ndarray) -> np.ndarray:
-    """A [q, l] stop table (right-aligned, -1 padded) padded to [Q, L], the powers of two >= max(q, 4) and
-    max(l, 4): up to four stops of up to four tokens share one shape (and program)."""
-    q, length = table.shape
-    out = np.full((pow2_bucket(q, 4), pow2_bucket(length, 4)), -1, np.int32)
-    out[:q, out.shape[1] - length:] = table
-    return out
+class _StaticRows(NamedTuple):
+    """The static sampler's per-row decode state over B rows and N output tokens."""
 
-
-def _ends_with_stop(out_tokens, step, stop_seqs):
-    """out_tokens [B, N]; stop_seqs [Q, L] right-aligned, -1 padded -> [B] bool: a stop sequence
-    ends at index `step`."""
-    q, length = stop_seqs.shape
-    padded = jnp.pad(out_tokens, ((0, 0), (length, 0)), constant_values=-2)
-    window = jax.lax.dynamic_slice_in_dim(padded, step + 1, length, axis=1)  # tokens step-L+1..step
-    match = (window[:, None, :] == stop_seqs[None]) | (stop_seqs[None] < 0)
-    return jnp.any(jnp.all(match, axis=-1) & jnp.any(stop_seqs >= 0, axis=-1)[None], axis=-1)
+    tokens: jax.Array  # [B, N] int32, -1 past each row's end
+    logprobs: jax.Array  # [B, N] float32
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool, ended by a stop string
+    lengths: jax.Array  # [B] int32
+    stop_state: jax.Array  # [B] int32, the stop automaton's state
+    text_started: jax.Array  # [B] bool (`hrjax.generate.stops.advance`)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "budget", "greedy", "top_k", "use_top_p", "mesh"))
-def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs, max_new_tokens,
-                    key, temperature, top_p, top_k_limit, *, config: DecoderConfig, budget: int, greedy: bool,
-                    top_k: int, use_top_p: bool, mesh: Optional[Mesh] = None):
+def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, token_table, stop_transitions, stop_accepting,
+                    max_new_tokens, key, temperature, top_p, top_k_limit, *, config: DecoderConfig, budget: int,
+                    greedy: bool, top_k: int, use_top_p: bool, mesh: Optional[Mesh] = None):
     """The compiled sampler over one bucket.
 
     Args:
       prompt: [B, P] int32 left-padded prompts; prompt_valid: [B, P] bool (False on padding).
       row_active: [B] bool, False for rows that only fill the batch bucket.
-      eos_ids: [E] int32 (-1: none); stop_seqs: [Q, L] int32 token sequences, right-aligned, -1 padded.
+      eos_ids: [E] int32 (-1: none).
+      token_table: the tokenizer's `TokenBytes`; stop_transitions [Q, 256] int32, stop_accepting [Q] bool:
+        the stop strings' automaton (`hrjax.generate.stops`), which ends a row once its text holds one.
       max_new_tokens: int32 scalar <= budget; budget: static N, the output buffer length.
       key: PRNG key; temperature, top_p: float32 scalars.
       top_k_limit: int32 scalar, the top-k filter's k (<= the static bucket `top_k`; 0 with top_k 0: off).
       mesh: a ('data', 'model') mesh whose shardings `params` carry (`hrjax.models.sharding`); the KV
         cache is then split like them (rows over 'data', kv heads over 'model'). None: one device.
     Returns (tokens [B, N] int32 (-1 past each row's end), logprobs [B, N] float32,
-      lengths [B] int32, stopped [B] bool: ended by a stop sequence rather than EOS).
+      lengths [B] int32, stopped [B] bool: ended by a stop string rather than EOS).
     """
     model = Decoder(config)
     batch, prompt_len = prompt.shape
@@ -178,39 +176,42 @@ def generate_arrays(params, prompt, prompt_valid, row_active, eos_ids, stop_seqs
     select = functools.partial(_select_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                top_k=top_k, use_top_p=use_top_p, top_k_limit=top_k_limit)
 
-    def finish(tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step):
+    transitions = jnp.broadcast_to(stop_transitions, (batch, *stop_transitions.shape))
+    accepting = jnp.broadcast_to(stop_accepting, (batch, *stop_accepting.shape))
+
+    def finish(tokens, logprobs, rows: _StaticRows, step) -> _StaticRows:
+        done = rows.done
         tokens = jnp.where(done, -1, tokens)
-        out_tokens = out_tokens.at[:, step].set(tokens)
-        out_logprobs = out_logprobs.at[:, step].set(jnp.where(done, 0.0, logprobs))
-        lengths = jnp.where(done, lengths, step + 1)
-        hit_stop = _ends_with_stop(out_tokens, step, stop_seqs) & ~done
+        stop_state, text_started, hit_stop = advance(tokens, rows.stop_state, rows.text_started, ~done, token_table,
+                                                     transitions, accepting)
         hit_eos = jnp.any(tokens[:, None] == eos_ids[None], axis=-1) & ~done
-        return out_tokens, out_logprobs, done | hit_eos | hit_stop, stopped | hit_stop, lengths
+        return _StaticRows(rows.tokens.at[:, step].set(tokens),
+                           rows.logprobs.at[:, step].set(jnp.where(done, 0.0, logprobs)),
+                           done | hit_eos | hit_stop, rows.stopped | hit_stop, jnp.where(done, rows.lengths, step + 1),
+                           stop_state, text_started)
 
     key, first_key = jax.random.split(key)
     first, first_lp = select(logits, first_key)
-    out = finish(first, first_lp, jnp.full((batch, budget), -1, jnp.int32), jnp.zeros((batch, budget)),
-                 ~row_active, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), 0)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    rows = finish(first, first_lp, _StaticRows(jnp.full((batch, budget), -1, jnp.int32), jnp.zeros((batch, budget)),
+                                               ~row_active, zeros > 0, zeros, zeros, zeros > 0), 0)
 
     def cond(state):
-        step, _, _, _, _, done, _, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        step, _, _, rows, _ = state
+        return (step < max_new_tokens) & ~jnp.all(rows.done)
 
     def body(state):
-        step, cache, last, out_tokens, out_logprobs, done, stopped, lengths, key = state
+        step, cache, last, rows, key = state
         key, step_key = jax.random.split(key)
         logits, cache = model.apply(params, last[:, None], (real_lengths + step - 1)[:, None], kv_valid,
                                     cache, prompt_len + step - 1, last_only=True)
         cache = split_cache(cache)
         tokens, logprobs = select(logits, step_key)
-        out_tokens, out_logprobs, done, stopped, lengths = finish(
-            tokens, logprobs, out_tokens, out_logprobs, done, stopped, lengths, step)
-        return step + 1, cache, jnp.maximum(tokens, 0), out_tokens, out_logprobs, done, stopped, lengths, key
+        return step + 1, cache, jnp.maximum(tokens, 0), finish(tokens, logprobs, rows, step), key
 
-    out_tokens, out_logprobs, done, stopped, lengths = out
-    state = (jnp.int32(1), cache, jnp.maximum(out_tokens[:, 0], 0), out_tokens, out_logprobs, done, stopped, lengths, key)
-    _, _, _, out_tokens, out_logprobs, _, stopped, lengths, _ = jax.lax.while_loop(cond, body, state)
-    return out_tokens, out_logprobs, lengths, stopped
+    state = (jnp.int32(1), cache, jnp.maximum(rows.tokens[:, 0], 0), rows, key)
+    rows = jax.lax.while_loop(cond, body, state)[3]
+    return rows.tokens, rows.logprobs, rows.lengths, rows.stopped
 
 
 def _constrain_cache(cache: KVCache, config: DecoderConfig, mesh: Optional[Mesh]) -> KVCache:
@@ -273,14 +274,12 @@ class Sampler:
                     eos_ids.append(token)
         return cls(lm.config, lm.params, lm.tokenizer, eos_ids=kwargs.pop("eos_ids", eos_ids), **kwargs)
 
-    def _stop_token_seqs(self, stop: Sequence[str]) -> np.ndarray:
-        seqs = [self.tokenizer.encode(s, add_special_tokens=False) for s in stop] if stop else []
-        seqs = [s for s in seqs if s]
-        length = max((len(s) for s in seqs), default=1)
-        table = np.full((max(len(seqs), 1), length), -1, np.int32)
-        for i, s in enumerate(seqs):
-            table[i, length - len(s):] = s
-        return table
+    @functools.cached_property
+    def token_table(self) -> TokenBytes:
+        """The tokenizer's `TokenBytes` (`hrjax.generate.stops`), read once (about 1 s for 50k tokens);
+        without a tokenizer, or one whose text is not its pieces joined, a table that ends no row early."""
+        table = None if self.tokenizer is None else token_bytes(self.tokenizer, self.config.vocab_size)
+        return no_token_bytes() if table is None else table
 
     def check_request(self, index: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
         """Raises a clear error when prompt number `index` cannot be generated with `sampling`."""
@@ -336,12 +335,13 @@ class Sampler:
         if self.mesh is not None:
             tokens, valid, active = (jax.device_put(a, data_sharding(self.mesh, a.ndim))
                                      for a in (tokens, valid, active))
-        stop_seqs = jnp.asarray(bucket_stop_table(self._stop_token_seqs(sampling.stop)))
+        transitions, accepting = stop_automaton(sampling.stop, automaton_states(sampling.stop))
         eos_ids = jnp.asarray([-1] * len(self.eos_ids) if sampling.ignore_eos else self.eos_ids, jnp.int32)
-        top_k = min(pow2_bucket(sampling.top_k), self.config.vocab_size) if sampling.top_k and not sampling.greedy else 0
+        top_k = 0 if sampling.greedy or not sampling.top_k else min(pow2_bucket(sampling.top_k), self.config.vocab_size)
         static = dict(config=self.config, budget=budget, greedy=sampling.greedy, top_k=top_k,
                       use_top_p=sampling.top_p < 1.0 and not sampling.greedy, mesh=self.mesh)
-        args = (self.params, tokens, valid, active, eos_ids, stop_seqs, jnp.int32(sampling.max_new_tokens), key,
+        args = (self.params, tokens, valid, active, eos_ids, self.token_table, jnp.asarray(transitions),
+                jnp.asarray(accepting), jnp.int32(sampling.max_new_tokens), key,
                 jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k))
         return args, static
 
@@ -372,7 +372,8 @@ class Sampler:
         """`generation` with `.text` decoded (special tokens skipped) and cut before the first stop
         string. A stop found in the text also trims the tokens and logprobs to the shortest prefix whose
         text holds it (the token completing the stop stays: it was generated) and makes the finish reason
-        'stop', so cost is charged on what was kept even where the token-level check missed the stop."""
+        'stop', so cost is charged on what was kept. Generation already ends a row at the token that completes a
+        stop; this trims a generation made without its stops, or by a tokenizer without a `token_table`."""
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         tokens = generation.tokens.tolist()
         text = decode(tokens)
@@ -380,7 +381,7 @@ class Sampler:
         if not cuts:
             return dataclasses.replace(generation, text=text)
         # the shortest prefix whose text holds a stop (a prefix's text is a prefix of the text); mostly
-        # the whole answer, which the token-level check ended at the stop
+        # the whole answer, which generation ended at the stop
         holds_stop = lambda n: any(s in decode(tokens[:n]) for s in stop)  # noqa: E731
         low, high = (len(tokens), len(tokens)) if not holds_stop(len(tokens) - 1) else (1, len(tokens) - 1)
         while low < high:
