@@ -141,11 +141,14 @@ def test_after_warm_up_no_text_or_batch_compiles_the_encoder_or_policy_again(rou
 
     rng = np.random.default_rng(0)
     words = [str(w) for w in rng.integers(0, 10 ** 6, size=400)]
+    for model in router.pool.models:  # read again by the warm-up, not at the first request
+        vars(model.sampler).pop("token_table", None)
     shapes = router.warm_up(max_decisions=64)
     compiled = (router._encoder._cache_size(), router._policy._cache_size())
     settings = router.encoder_settings
     assert compiled[0] == len(bucket_shapes(settings["batch_size"], settings["max_seq_length"]))
     assert shapes == compiled[0] + 7  # and the policy at batches 1, 2, 4, ..., 64
+    assert all("token_table" in vars(model.sampler) for model in router.pool.models)
     for count in (1, 3, 17, 33, 64):  # texts from 1 word to past the encoder's token limit
         questions = [" ".join(words[:n]) for n in rng.integers(1, 400, size=count)]
         router.decide([router.start(q) for q in questions], [router.default_lambda] * count)

@@ -80,3 +80,23 @@ def test_real_tokenizers_decode_to_their_pieces_joined():
                 bytes(rest[v, :rest_length[v]]) for v in ids[1:])
             assert tokenizer.decode(ids, skip_special_tokens=True).encode() == joined, (name, ids)
         assert len(whole) > 0.9 * len(tokenizer), name
+
+
+def test_advance_reads_a_texts_first_token_without_its_leading_space():
+    """With pieces '15' first and ' 15' later (a decoder that drops the text's leading space), the text of
+    ids 15, 6, 15 is '15 6 15': ' 15' is found at the third token, not the first; '5 6' at the second."""
+    import jax.numpy as jnp
+
+    from hrjax.generate.stops import advance
+
+    table = token_bytes(SpaceJoinedIds(), 300)
+    stops = [(" 15",), ("5 6",), ("7",)]
+    automata = [stop_automaton(s, 16) for s in stops]
+    transitions, accepting = (jnp.asarray(np.stack(a)) for a in zip(*automata))
+    state, started = jnp.zeros(3, jnp.int32), jnp.zeros(3, bool)
+    hits = []
+    for token in (15, 6, 15):
+        state, started, hit = advance(jnp.full(3, token), state, started, jnp.ones(3, bool), table, transitions,
+                                      accepting)
+        hits.append(np.asarray(hit).tolist())
+    assert hits == [[False, False, False], [False, True, False], [True, False, False]]

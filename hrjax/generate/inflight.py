@@ -66,6 +66,12 @@ from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 from hrjax.shapes import fine_bucket, pow2_bucket, pow4_bucket
 
 
+# A known list's free slots are refilled once two are free. Measured in one process on SmolLM2-135M, 256
+# requests of 8-256 tokens over 32 slots (the sampler bench's uniform stream): 77.7 s against 87.5 s at
+# the default S / 4 (static batches: 123.2 s).
+LIST_REFILL_BATCH = 2
+
+
 class InflightError(HrjaxError, ValueError):
     """A request or sampler that in-flight batching cannot serve."""
 

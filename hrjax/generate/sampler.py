@@ -310,10 +310,11 @@ class Sampler:
 
     def generate_stream(self, prompts: Sequence[Sequence[int]], samplings, slots: int = 16) -> list[Generation]:
         """Token-id prompts, each with its own `SamplingParams` (or one for all), through in-flight
-        batching over `slots` rows (`hrjax.generate.inflight`) -> one `Generation` per prompt, in order."""
-        from hrjax.generate.inflight import InflightEngine
+        batching over `slots` rows (`hrjax.generate.inflight`, refilled two at a time: `LIST_REFILL_BATCH`)
+        -> one `Generation` per prompt, in order."""
+        from hrjax.generate.inflight import LIST_REFILL_BATCH, InflightEngine
 
-        return InflightEngine(self, slots).generate_stream(prompts, samplings)
+        return InflightEngine(self, slots, refill_batch=LIST_REFILL_BATCH).generate_stream(prompts, samplings)
 
     def lower(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> jax.stages.Lowered:
         """The program `generate_tokens` runs on `prompts` (at most `max_batch`), lowered: read its HLO,

@@ -203,7 +203,10 @@ class BundleRouter:
     def warm_up(self, max_decisions: int) -> int:
         """Compiles, by running each once on padding, the exported encoder at every shape `embed` pads to
         and the policy at every power-of-two batch up to `max_decisions` rows, so that no request waits for
-        a compilation; -> the number of shapes run. The pool models' programs compile on first use."""
+        a compilation; -> the number of shapes run. Each pool model's token table (its stop strings' bytes,
+        about 1 s for 50k tokens) is read too; the pool models' programs compile on first use."""
+        for model in self.pool.models:
+            model.sampler.token_table  # noqa: B018 - a cached property: read here, not at the first request
         cfg = self.encoder_settings
         shapes = sentence_batches.bucket_shapes(cfg["batch_size"], cfg["max_seq_length"])
         for rows, length in shapes:
