@@ -261,10 +261,10 @@ def decode_program(params, state: SlotState, eos_ids, token_table: TokenBytes, m
     return state, steps
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, fill, left: bool = False) -> jax.Array:
-    """`x` padded with `fill` along `axis` up to `size` (on the right, or on the left)."""
+def _pad_to(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
+    """`x` padded on the right with `fill` along `axis` up to `size`."""
     pads = [(0, 0)] * x.ndim
-    pads[axis] = (size - x.shape[axis], 0) if left else (0, size - x.shape[axis])
+    pads[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pads, constant_values=fill)
 
 

@@ -47,14 +47,14 @@ def _decode_all(tokenizer, sequences: list[list[int]]) -> list[str]:
     return [tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
 
 
-def _pieces_table(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    width = max(max((len(p) for p in pieces), default=1), 1)
+def _pieces_table(pieces: list[bytes], width: int) -> tuple[jax.Array, jax.Array]:
+    """-> (pieces [V, width] uint8 zero-padded, lengths [V] int32)."""
     table = np.zeros((len(pieces), width), np.uint8)
     lengths = np.zeros((len(pieces),), np.int32)
     for v, piece in enumerate(pieces):
         table[v, :len(piece)] = np.frombuffer(piece, np.uint8)
         lengths[v] = len(piece)
-    return table, lengths
+    return jnp.asarray(table), jnp.asarray(lengths)
 
 
 def token_bytes(tokenizer, vocab_size: int, checks: int = 8, check_length: int = 48) -> Optional[TokenBytes]:
@@ -81,10 +81,8 @@ def token_bytes(tokenizer, vocab_size: int, checks: int = 8, check_length: int =
                             "found in the text after generation, not while generating.", type(tokenizer).__name__,
                             text[:60])
             return None
-    (first, first_length), (rest, rest_length) = _pieces_table(first), _pieces_table(rest)
-    width = max(first.shape[1], rest.shape[1])
-    return TokenBytes(*(jnp.asarray(a) for a in (np.pad(first, ((0, 0), (0, width - first.shape[1]))), first_length,
-                                                   np.pad(rest, ((0, 0), (0, width - rest.shape[1]))), rest_length)))
+    width = max(1, *(len(p) for p in first + rest))
+    return TokenBytes(*_pieces_table(first, width), *_pieces_table(rest, width))
 
 
 def no_token_bytes() -> TokenBytes:
