@@ -5,7 +5,7 @@ import pytest
 
 from hrjax.generate.stops import automaton_states, stop_automaton, token_bytes
 
-STOP_SETS = [("\n",), ("aa", "aab", "ba"), ("é\n", "b"), ("abcab", "cab", "bca"), ("Question:", "\n\n"), ()]
+STOP_SETS = [("\n",), ("aa", "aab", "ba"), ("abcd", "bc"), ("é\n", "b"), ("abcab", "cab", "bca"), ("Question:", "\n\n"), ()]
 
 
 @pytest.mark.parametrize("stops", STOP_SETS)
