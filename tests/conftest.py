@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random checkpoints (made once per session) and the test environment."""
 
+import gc
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from hrjax.runtime import use_precise_cpu_matmuls
@@ -26,6 +28,16 @@ def tiny_decoder(tmp_path_factory):
         return made[arch]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA:CPU program holds about a dozen
+    memory maps until it is freed; the suite in one process compiles thousands, and past the kernel's
+    `vm.max_map_count` (65530 by default) the next compilation segfaults inside XLA."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_generate_tests(metafunc):
