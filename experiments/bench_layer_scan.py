@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from hrjax import assets
-from hrjax.benchmarks.common import host_isa
+from hrjax.benchmarks.common import host_info
 from hrjax.generate.sampler import untie_lm_head
 from hrjax.models.decoder import Decoder, DecoderLayer, KVCache, RMSNorm
 from hrjax.models.gguf import load_gguf
@@ -92,7 +92,7 @@ def decode_programs(config, params, batch: int, steps: int):
 def measure(config, params, batch: int, steps: int) -> dict:
     last = jnp.asarray(np.random.RandomState(1).randint(0, 1000, batch), jnp.int32)
     programs = decode_programs(config, params, batch, steps)
-    result, tokens = {"host_isa": host_isa(), "batch": batch, "steps": steps}, {}
+    result, tokens = {**host_info(), "batch": batch, "steps": steps}, {}
     for form, (program, cache) in programs.items():
         start = time.perf_counter()
         program.lower(cache, last, steps).compile()

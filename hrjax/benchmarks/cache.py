@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from hrjax.benchmarks.common import host_isa
+from hrjax.benchmarks.common import host_info
 
 _OPEN = """
 import json, sys, time
@@ -49,6 +49,6 @@ def run(num_entries: int = 20_000) -> dict:
                                            capture_output=True, text=True).stdout)
     if not opened["found"]:
         raise RuntimeError("The benchmark's entry was not found after reopening the cache.")
-    return {"host_isa": host_isa(), "entries": num_entries, "fill_seconds": round(fill_seconds, 2),
+    return {**host_info(), "entries": num_entries, "fill_seconds": round(fill_seconds, 2),
             "open_and_get_ms": round(opened["open_and_get_ms"], 2),
             "added_rss_mib": round(opened["added_rss_mib"], 2)}

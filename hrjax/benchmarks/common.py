@@ -61,6 +61,26 @@ def host_isa() -> str:
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
 
 
+def matmul_kernel() -> str:
+    """The library XLA runs a float32 matmul with on the default backend, read from a compiled dot:
+    'ynnpack', 'xnnpack' or 'onednn' (XLA:CPU's library fusions, chosen by its version and `XLA_FLAGS`),
+    a custom call's target, or 'xla' (XLA's own dot: Eigen on CPU)."""
+    import re
+
+    a = jnp.ones((64, 256), jnp.float32)
+    compiled = jax.jit(jnp.matmul).lower(a, a.T).compile().as_text()
+    kinds = re.findall(r'"kind":"__(ynn|xnn|onednn)_?\w*"', compiled)
+    if kinds:
+        return {"ynn": "ynnpack", "xnn": "xnnpack"}.get(kinds[0], kinds[0])
+    targets = re.findall(r'custom_call_target="([^"]+)"', compiled)
+    return targets[0] if targets else "xla"
+
+
+def host_info() -> dict:
+    """What every benchmark line states about its machine's kernels: `host_isa` and `matmul_kernel`."""
+    return {"host_isa": host_isa(), "matmul_kernel": matmul_kernel()}
+
+
 def random_tree(num_prompts: int, embedding_dim: int, num_models: int, num_hops: int):
     """A path tree of random arrays (throughput does not depend on the values)."""
     from hrjax.env.tree import PathTree, tree_structure

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from hrjax.agent.ppo import PPOConfig
-from hrjax.benchmarks.common import best_seconds, host_isa, matmul_peak_gflops, random_tree
+from hrjax.benchmarks.common import best_seconds, host_info, matmul_peak_gflops, random_tree
 
 PPO_DEFAULTS = PPOConfig()
 
@@ -94,4 +94,4 @@ def online_mode(num_envs: int = 32, iterations: int = 3, max_new_tokens: int = 1
 
 
 def run(tree_num_envs: int = PPO_DEFAULTS.num_envs, online: bool = True) -> dict:
-    return {"host_isa": host_isa(), **tree_mode(tree_num_envs), **(online_mode() if online else {})}
+    return {**host_info(), **tree_mode(tree_num_envs), **(online_mode() if online else {})}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from hrjax.benchmarks.common import experiment_config, host_isa
+from hrjax.benchmarks.common import experiment_config, host_info
 
 
 
@@ -53,7 +53,7 @@ def run(recipe: str = "default") -> dict:
         job = evaluate_run(config, Path(root) / "run", progress=False)
         sequential = sequential_sweep_seconds(config, [config.seed + s for s in range(config.evaluate.seeds)])
     seconds = {name: round(value, 1) for name, value in job.seconds.items()}
-    return {"host_isa": host_isa(), "recipe": recipe, "total_seconds": seconds.pop("total"),
+    return {**host_info(), "recipe": recipe, "total_seconds": seconds.pop("total"),
             "phase_seconds": seconds, "sequential_sweep_seconds": round(sequential, 1),
             "speedup_vs_sequential_sweep": round(sequential / job.seconds["sweep"], 2),
             "router_quality": round(job.summary["router_quality"], 3),

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from hrjax.benchmarks.common import host_isa
+from hrjax.benchmarks.common import host_info
 
 TASK = "basic_arithmetic"
 
@@ -71,7 +71,7 @@ def run(batch: int = 64, num_hops: int = 2, max_new_tokens: int = 32, naive_prom
             responses.append(model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
     naive = time.perf_counter() - start
     return {
-        "host_isa": host_isa(), "batch": batch, "num_hops": num_hops, "max_new_tokens": max_new_tokens, "task": TASK,
+        **host_info(), "batch": batch, "num_hops": num_hops, "max_new_tokens": max_new_tokens, "task": TASK,
         "pool": [s.name for s in specs],
         "episodes_per_s": round(batch / ours, 3),
         "naive_episodes_per_s": round(naive_prompts / naive, 3),

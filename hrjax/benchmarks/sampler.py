@@ -14,7 +14,7 @@ import os
 import time
 from typing import Sequence
 
-from hrjax.benchmarks.common import best_seconds, host_isa, matmul_peak_gflops
+from hrjax.benchmarks.common import best_seconds, host_info, matmul_peak_gflops
 from hrjax.models.decoder import DecoderConfig
 
 CHAT_PROMPT = ("Explain in two sentences why the sky is blue, and give one everyday example that "
@@ -61,7 +61,7 @@ def run(batch_sizes: Sequence[int] = (1, 16, 64), new_tokens: int = 64, repeats:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
 
     peak = matmul_peak_gflops()
-    result = {"host_isa": host_isa(), "model": "SmolLM2-135M-Instruct", "prompt_tokens": len(prompt_ids),
+    result = {**host_info(), "model": "SmolLM2-135M-Instruct", "prompt_tokens": len(prompt_ids),
               "new_tokens": new_tokens, "dtype": lm.config.dtype, "load_seconds": round(load_seconds, 2),
               "matmul_peak_gflops": round(peak, 1)}
     for batch in batch_sizes:

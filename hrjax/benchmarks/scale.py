@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from hrjax.benchmarks.common import best_seconds, host_isa, random_tree
+from hrjax.benchmarks.common import best_seconds, host_info, random_tree
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -220,5 +220,5 @@ def run() -> dict:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"the 8-device measurement failed: {done.stderr[-2000:]}")
-    return {"host_isa": host_isa(), "cpu_cores": os.cpu_count(), **json.loads(done.stdout.strip().splitlines()[-1]),
+    return {**host_info(), "cpu_cores": os.cpu_count(), **json.loads(done.stdout.strip().splitlines()[-1]),
             "paper_iteration_model": paper_model()}

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from hrjax.benchmarks.common import host_isa
+from hrjax.benchmarks.common import host_info
 
 CONCURRENCY = 32
 STORY_PROMPT = "Write a long story about a robot who learns to paint, with many details."
@@ -248,7 +248,7 @@ def run(specialist_requests: int = 2000, serial_requests: int = 200, smollm_requ
     root = bench_dir()
     root.mkdir(parents=True, exist_ok=True)
     llama_cpp = llama_cpp or os.environ.get("HRJAX_LLAMA_CPP")
-    result: dict = {"host_isa": host_isa(), "cpu_count": os.cpu_count()}
+    result: dict = {**host_info(), "cpu_count": os.cpu_count()}
 
     questions = [e.question for split in ("test", "validation")
                  for e in specialist_examples(split, 300, task_types=("add", "paren"))]

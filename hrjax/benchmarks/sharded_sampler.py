@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from hrjax.benchmarks.common import best_seconds, host_isa
+from hrjax.benchmarks.common import best_seconds, host_info
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
@@ -75,7 +75,7 @@ def run() -> dict:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     one = figures["tok_s_unsharded"]
     overhead = {f"slowdown_model{m}": round(one / figures[f"tok_s_model{m}"], 2) for _, m in MESHES}
-    return {"host_isa": host_isa(), "model": "SmolLM2-135M-Instruct", "batch": 16, "new_tokens": 32,
+    return {**host_info(), "model": "SmolLM2-135M-Instruct", "batch": 16, "new_tokens": 32,
             "prompt_tokens": 32, **figures, **overhead}
 
 
