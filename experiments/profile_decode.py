@@ -18,7 +18,6 @@ import gzip
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -69,7 +68,7 @@ def main(argv):
         use_precise_cpu_matmuls()
     import jax
 
-    from hrjax.benchmarks.common import experiment_config, host_info
+    from hrjax.benchmarks.common import best_seconds, experiment_config, host_info
     from hrjax.generate.sampler import SamplingParams
     from hrjax.pool import load_model
 
@@ -78,11 +77,7 @@ def main(argv):
         prompts = [[1] + list(range(100, 140 + i % 8)) for i in range(batch)]
         sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         sampler.generate_tokens(prompts, sampling)  # compile
-        wall = float("inf")
-        for _ in range(2):
-            start = time.perf_counter()
-            sampler.generate_tokens(prompts, sampling)
-            wall = min(wall, time.perf_counter() - start)
+        wall = best_seconds(lambda: sampler.generate_tokens(prompts, sampling), repeats=2)
         with jax.profiler.trace(Path(root) / "trace", create_perfetto_trace=True):
             sampler.generate_tokens(prompts, sampling)
         times = thunk_times(Path(root) / "trace")
