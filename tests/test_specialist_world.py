@@ -23,8 +23,10 @@ from hrjax.tasks.scorers import score_example
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, MAX_NEW_TOKENS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-# One paren expert, small enough to train in seconds: the rewrite `(a+b)*c` -> `s*c`, and echo.
-PAREN = Member("paren", ("paren", ECHO), 1.0, SFTConfig(steps=600, batch_size=64, learning_rate=5e-3))
+# One paren expert, small enough to train in seconds: the rewrite `(a+b)*c` -> `s*c`, and echo. 1000 steps:
+# rewrite accuracy 0.97 on 200 validation questions under the suite's precise matmuls on an Intel AVX-512 host
+# (600 steps gave 0.80 there, under the test's 0.85, and 0.925 with YNNPACK: the margin differs by host).
+PAREN = Member("paren", ("paren", ECHO), 1.0, SFTConfig(steps=1000, batch_size=64, learning_rate=5e-3))
 RECIPE = Recipe(members=(PAREN,), train_per_task=2000, echo_per_task=500)
 TINY = SFTConfig(hidden_size=16, intermediate_size=32, num_layers=1, steps=50, batch_size=8, warmup_steps=10)
 
@@ -186,7 +188,7 @@ def test_cache_reuse_and_recipe_hash(built):
     assert recipe_hash(dataclasses.replace(RECIPE)) == digest
     assert recipe_hash(dataclasses.replace(RECIPE, seed=1)) != digest
     assert recipe_hash(dataclasses.replace(RECIPE, echo_per_task=499)) != digest
-    changed = dataclasses.replace(PAREN, sft=dataclasses.replace(PAREN.sft, steps=601))
+    changed = dataclasses.replace(PAREN, sft=dataclasses.replace(PAREN.sft, steps=1001))
     assert recipe_hash(dataclasses.replace(RECIPE, members=(changed,))) != digest
     assert recipe_hash(dataclasses.replace(RECIPE, members=(dataclasses.replace(PAREN, base_rate=2.0),))) != digest
 
