@@ -13,6 +13,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,29 @@ class NetworkConfig:
     layers: int = 2
     stage_dim: int = 16
     shared_torso: bool = True
+
+    def __post_init__(self):
+        if self.hidden < 1 or self.layers < 1 or self.stage_dim < 1:
+            raise ValueError(f"network.hidden, layers and stage_dim must be >= 1, got {self.hidden}, {self.layers} "
+                             f"and {self.stage_dim}.")
+
+
+class ConcatDense(nn.Module):
+    """`nn.Dense` over the concatenation of `parts` (each [..., D_i]), with the same parameters (kernel
+    [sum D_i, features], bias), without building the concatenation: the sum of each part times its rows
+    of the kernel. The gradient then reaches each input part on its own, so a wide constant input (the
+    context embedding) costs no input gradient when only a narrow learned one (the stage embedding)
+    needs it."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, parts):
+        widths = [part.shape[-1] for part in parts]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (sum(widths), self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        starts = np.cumsum([0, *widths])
+        return sum(part @ kernel[start:end] for part, start, end in zip(parts, starts[:-1], starts[1:])) + bias
 
 
 class RouterNetwork(nn.Module):
@@ -39,11 +63,10 @@ class RouterNetwork(nn.Module):
         parts = [embedding, stage, cost_features]
         if cost_lambda is not None:
             parts.append(cost_lambda[..., None])
-        x = jnp.concatenate(parts, axis=-1)
 
         def torso(name):
-            h = x
-            for i in range(cfg.layers):
+            h = nn.tanh(ConcatDense(cfg.hidden, name=f"{name}_0")(parts))
+            for i in range(1, cfg.layers):
                 h = nn.tanh(nn.Dense(cfg.hidden, name=f"{name}_{i}")(h))
             return h
 

@@ -2,9 +2,10 @@
 
 `Learner.update` runs GAE, advantage normalisation and `epochs` x shuffled `minibatches` of the
 clipped PPO loss (with gradient clipping, Adam and an optional approx-KL early stop) as nested
-`lax.scan`s, so the whole update is one XLA program. Old log-probabilities and values are
-recomputed from the trajectory with the parameters that sampled it, so a rollout only has to
-record observations, actions and rewards. The learning rate is read from the schedule at each
+`lax.scan`s, so the whole update is one XLA program. The sampled actions' old log-probabilities and
+values come from the rollout (`Learner.sample`, tree mode) or, when a rollout records only
+observations, actions and rewards (online mode), are recomputed from the trajectory with the
+parameters that sampled it. The learning rate is read from the schedule at each
 minibatch's place in the run (iteration x epochs x minibatches), not from the optimiser's step
 count: minibatches skipped by the KL stop still advance it, so a linear schedule ends at 0.
 
@@ -160,10 +161,17 @@ class Learner:
 
     def act(self, params, key, embedding, hop, cost_features, cost_lambda, action_mask, greedy: bool = False):
         """Samples (or, `greedy`, takes the argmax) action [B] for observations [B, ...]."""
-        log_probs, _ = self.apply(params, embedding, hop, cost_features, cost_lambda, action_mask)
         if greedy:
+            log_probs, _ = self.apply(params, embedding, hop, cost_features, cost_lambda, action_mask)
             return jnp.argmax(log_probs, axis=-1)
-        return jax.random.categorical(key, log_probs)
+        return self.sample(params, key, embedding, hop, cost_features, cost_lambda, action_mask)[0]
+
+    def sample(self, params, key, embedding, hop, cost_features, cost_lambda, action_mask):
+        """Samples actions for observations [B, ...] -> (action [B], its log-probability [B], value [B]):
+        what `update` needs of the sampling policy (`behaviour`)."""
+        log_probs, value = self.apply(params, embedding, hop, cost_features, cost_lambda, action_mask)
+        action = jax.random.categorical(key, log_probs)
+        return action, jnp.take_along_axis(log_probs, action[..., None], axis=-1)[..., 0], value
 
     def _loss(self, params, minibatch, count):
         """count []: the minibatch's valid steps, summed beforehand (`losses.masked_mean`)."""
@@ -181,17 +189,23 @@ class Learner:
         return total, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
                            clip_fraction=clip_fraction, approx_kl=approx_kl)
 
-    def update(self, params, opt_state, trajectory: Trajectory, key: chex.PRNGKey, iteration: chex.Array):
+    def update(self, params, opt_state, trajectory: Trajectory, key: chex.PRNGKey, iteration: chex.Array,
+               behaviour: Optional[tuple[chex.Array, chex.Array]] = None):
         """One PPO update on a trajectory [T, B, ...] sampled with `params`; `iteration` [] int is
-        this update's 0-based index in the run (the learning-rate schedule reads it).
-        -> (params, opt_state, metrics: dict of scalars)."""
+        this update's 0-based index in the run (the learning-rate schedule reads it); `behaviour`: the
+        sampled actions' log-probabilities and the values [T, B] as `sample` returned them (None:
+        recomputed here from the trajectory). -> (params, opt_state, metrics: dict of scalars)."""
         cfg = self.config
         t, b = trajectory.reward.shape
         chex.assert_shape(trajectory.valid, (t, b))
         chex.assert_shape(trajectory.action_mask, (t, b, self.num_actions))
-        log_probs, values = self.apply(params, trajectory.embedding, trajectory.hop, trajectory.cost_features,
-                                       trajectory.cost_lambda, trajectory.action_mask)
-        old_log_prob = jnp.take_along_axis(log_probs, trajectory.action[..., None], axis=-1)[..., 0]
+        if behaviour is None:
+            log_probs, values = self.apply(params, trajectory.embedding, trajectory.hop, trajectory.cost_features,
+                                           trajectory.cost_lambda, trajectory.action_mask)
+            old_log_prob = jnp.take_along_axis(log_probs, trajectory.action[..., None], axis=-1)[..., 0]
+        else:
+            old_log_prob, values = behaviour
+            chex.assert_shape((old_log_prob, values), (t, b))
         advantages, returns = losses.gae(trajectory.reward, values, trajectory.done, trajectory.valid,
                                          jnp.zeros(b), cfg.gamma, cfg.gae_lambda)
         if cfg.normalize_advantages:
@@ -218,9 +232,12 @@ class Learner:
             learning_rate = self.learning_rate(step)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -learning_rate * u, updates))
-            keep = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
-            params = jax.tree_util.tree_map(keep, new_params, params)
-            opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+            if cfg.target_kl is None:  # nothing stops an update: no per-step select over every parameter
+                params, opt_state = new_params, new_opt_state
+            else:
+                keep = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
+                params = jax.tree_util.tree_map(keep, new_params, params)
+                opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
             return (params, opt_state, stopped), dict(info, kl_stop=stopped.astype(jnp.float32),
                                                       learning_rate=learning_rate)
 

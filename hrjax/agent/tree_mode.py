@@ -145,26 +145,27 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
     b = ppo.num_envs
 
     def rollout(params, key, fixed_lambda):
-        """-> (trajectory [L, B], final state)."""
+        """-> (trajectory [L, B], the sampled actions' (log-probability, value) [L, B], final state)."""
         pick, draw, act = jax.random.split(key, 3)
         cost_lambda = sample_cost_lambda(ppo, fixed_lambda, draw, b)
         state = constrain_batch(env.reset(jax.random.choice(pick, prompts, (b,)), cost_lambda), mesh)
 
         def step(state, step_key):
             embedding, hop, cost_features, mask = env.observe(state)
-            action = learner.act(params, step_key, embedding, hop, cost_features, state.cost_lambda, mask)
+            action, log_prob, value = learner.sample(params, step_key, embedding, hop, cost_features,
+                                                     state.cost_lambda, mask)
             next_state, reward, finished, valid = env.step(state, action)
-            return next_state, Trajectory(embedding, hop, cost_features, state.cost_lambda, mask, action, reward,
-                                          finished, valid)
+            return next_state, (Trajectory(embedding, hop, cost_features, state.cost_lambda, mask, action, reward,
+                                           finished, valid), (log_prob, value))
 
-        final, trajectory = jax.lax.scan(step, state, jax.random.split(act, env.num_hops))
-        return constrain_batch(trajectory, mesh, axis=1), final
+        final, (trajectory, behaviour) = jax.lax.scan(step, state, jax.random.split(act, env.num_hops))
+        return constrain_batch(trajectory, mesh, axis=1), constrain_batch(behaviour, mesh, axis=1), final
 
     def iteration(carry: TrainCarry, fixed_lambda):
         rng, rollout_key, update_key = jax.random.split(carry.rng, 3)
-        trajectory, final = rollout(carry.params, rollout_key, fixed_lambda)
+        trajectory, behaviour, final = rollout(carry.params, rollout_key, fixed_lambda)
         params, opt_state, metrics = learner.update(carry.params, carry.opt_state, trajectory, update_key,
-                                                    carry.iteration)
+                                                    carry.iteration, behaviour)
         params, opt_state = constrain_replicated((params, opt_state), mesh)
         quality = env.arrays.quality[final.prompt, final.node]
         metrics.update(quality=jnp.mean(quality), cost=jnp.mean(final.cost),
