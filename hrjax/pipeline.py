@@ -66,20 +66,20 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
                   lambdas: Optional[Sequence[float]] = None) -> dict:
     """{cost_lambda: params stacked over seeds} for each of `lambdas` (default: every lambda of the evaluation
     sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
-    jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once. The
-    same routers as one program per lambda, up to float32 rounding."""
-    from hrjax.agent.tree_mode import make_train
+    jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once and
+    split over this process's devices (`hrjax.agent.tree_mode.train_runs`). The same routers as one program
+    per lambda, up to float32 rounding."""
+    from hrjax.agent.tree_mode import make_train, train_runs
 
     if lambdas is None:
         lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
     if not lambdas:
         return {}
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
-    over_seeds = jax.vmap(lambda key, lam: trainer.train(key, lam)[0], (0, None))
-    params = jax.jit(jax.vmap(over_seeds, (None, 0)))(keys, jax.numpy.asarray(lambdas, jax.numpy.float32))
-    params = jax.device_get(params)  # [lambdas, seeds, ...] each
-    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i], params) for i, lam in enumerate(lambdas)}
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for lam in lambdas for s in seeds])
+    params = jax.device_get(train_runs(trainer, keys, [lam for lam in lambdas for s in seeds]))  # lambda-major
+    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * len(seeds):(i + 1) * len(seeds)], params)
+            for i, lam in enumerate(lambdas)}
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:

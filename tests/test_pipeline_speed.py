@@ -3,6 +3,10 @@ lambda x seed equals one program per lambda; a rerun reuses the saved sweep; the
 timings."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -36,6 +40,36 @@ def test_sweep_is_one_program_equal_to_one_per_lambda():
         np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
     first, last = (jax.tree_util.tree_leaves(sweep[lam]) for lam in (0.0, 2.0))
     assert max(float(np.abs(a - b).max()) for a, b in zip(first, last)) > 10 * TOLERANCE  # lambda reaches the run
+
+
+SPLIT_RUNS = """
+import json, jax, numpy as np
+from hrjax.agent.networks import NetworkConfig
+from hrjax.agent.ppo import PPOConfig
+from hrjax.agent.tree_mode import make_train, train_runs
+from hrjax.benchmarks.common import random_tree
+from hrjax.env.mdp import EnvConfig
+trainer = make_train(PPOConfig(num_envs=32), NetworkConfig(hidden=16), EnvConfig(num_hops=2, stop_action=True),
+                     random_tree(16, 8, num_models=2, num_hops=2), np.arange(12), 6)
+runs = [(seed, lam) for lam in (0.0, 2.0) for seed in (3, 4, 5)]
+params = train_runs(trainer, jax.numpy.stack([jax.random.PRNGKey(s) for s, _ in runs]), [lam for _, lam in runs])
+leaf = jax.tree_util.tree_leaves(params)[0]
+alone = [jax.tree_util.tree_leaves(jax.jit(trainer.train)(jax.random.PRNGKey(s), lam)[0]) for s, lam in runs]
+got = [[np.asarray(x[r]) for x in jax.tree_util.tree_leaves(params)] for r in range(len(runs))]
+print(json.dumps(dict(devices=len(leaf.sharding.device_set), runs=leaf.shape[0],
+                      difference=max(float(np.abs(a - b).max()) for g, w in zip(got, alone) for a, b in zip(g, w)),
+                      seeds_apart=max(float(np.abs(a - b).max()) for a, b in zip(got[0], got[1])))))
+"""
+
+
+def test_runs_split_over_host_devices_train_as_they_would_alone():
+    # 6 runs over 4 host devices (padded to 8): each device trains its runs alone, as one program
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", SPLIT_RUNS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["runs"] == 6, result
+    assert result["difference"] <= TOLERANCE and result["seeds_apart"] > 10 * TOLERANCE, result
 
 
 def test_main_job_prints_its_phase_seconds_and_a_rerun_reuses_the_sweep(reduced_quickstart, capsys):

@@ -11,11 +11,14 @@ Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh as JaxMesh
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
@@ -187,6 +190,25 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
         return carry.params, metrics
 
     return TreeTrainer(learner, env, init, run, train)
+
+
+def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
+               devices: Optional[Sequence[jax.Device]] = None):
+    """The final parameters of R independent fixed-lambda runs (run r from `keys[r]` at `cost_lambdas[r]`,
+    [R] each) as one jitted program vmapped over the runs and split over `devices` (default: this
+    process's own), the runs padded to a multiple of them with copies of the last. A run's arithmetic
+    never crosses devices, so each device trains its share alone: on a CPU split into host devices
+    (`--xla_force_host_platform_device_count`) the cores train runs side by side, which the small
+    matmuls of one run cannot do. -> params, each leaf [R, ...], split over the devices."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    runs = keys.shape[0]
+    padding = -runs % len(devices)
+    keys, cost_lambdas = (jnp.concatenate([x, jnp.repeat(x[-1:], padding, axis=0)]) for x in
+                          (keys, jnp.asarray(cost_lambdas, jnp.float32)))
+    split = NamedSharding(JaxMesh(np.asarray(devices), ("runs",)), PartitionSpec("runs"))
+    params = jax.jit(jax.vmap(lambda key, lam: trainer.train(key, lam)[0]), out_shardings=split)(
+        jax.device_put(keys, split), jax.device_put(cost_lambdas, split))
+    return jax.tree_util.tree_map(lambda x: x[:runs], params)
 
 
 def greedy_paths(learner: Learner, params, env: TreeEnv, prompts: chex.Array, cost_lambda: float = 0.0):
