@@ -17,7 +17,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh as JaxMesh
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hrjax.agent.networks import NetworkConfig
@@ -205,7 +204,7 @@ def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
     padding = -runs % len(devices)
     keys, cost_lambdas = (jnp.concatenate([x, jnp.repeat(x[-1:], padding, axis=0)]) for x in
                           (keys, jnp.asarray(cost_lambdas, jnp.float32)))
-    split = NamedSharding(JaxMesh(np.asarray(devices), ("runs",)), PartitionSpec("runs"))
+    split = NamedSharding(Mesh(np.asarray(devices), ("runs",)), PartitionSpec("runs"))
     params = jax.jit(jax.vmap(lambda key, lam: trainer.train(key, lam)[0]), out_shardings=split)(
         jax.device_put(keys, split), jax.device_put(cost_lambdas, split))
     return jax.tree_util.tree_map(lambda x: x[:runs], params)
