@@ -14,7 +14,8 @@ from hrjax.env.tree import build_tree
 from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import Pool
-from hrjax.specialists.build import Member, Recipe, build_pool, is_built, recipe_hash, training_pairs
+from hrjax.specialists.build import (
+    DEFAULT_RECIPE, Member, Recipe, build_pool, is_built, member_cost, partition_members, recipe_hash, training_pairs)
 from hrjax.specialists.sft import SFTConfig, encode_pairs, train, train_together
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
 from hrjax.tasks.base import SPLITS
@@ -193,14 +194,55 @@ def test_cache_reuse_and_recipe_hash(built):
     assert recipe_hash(dataclasses.replace(RECIPE, members=(dataclasses.replace(PAREN, base_rate=2.0),))) != digest
 
 
-def test_failed_build_leaves_nothing_reusable(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_failed_build_leaves_nothing_reusable(tmp_path, processes):
     good = Member("good", (ECHO,), 1.0, TINY)
     bad = Member("bad", (ECHO,), 1.0, dataclasses.replace(TINY, learning_rate=float("inf")))
     recipe = Recipe(members=(good, bad), train_per_task=50, echo_per_task=50)
-    with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
-        build_pool(recipe, tmp_path, progress=False)
+    assert len(partition_members(list(recipe.members), processes)) == processes
+    with pytest.raises(TrainingDivergedError, match="member 'bad'.*lower learning_rate"):
+        build_pool(recipe, tmp_path, progress=False, processes=processes)
     root = tmp_path / recipe_hash(recipe)
     assert sorted(p.name for p in root.iterdir()) == ["good", "recipe.json"]  # no half-written member or temp dir
     assert is_built(root / "good", recipe_hash(recipe)) and not is_built(root / "bad", recipe_hash(recipe))
     fixed = Recipe(members=(good,), train_per_task=50, echo_per_task=50)
     assert not is_built(root / "good", recipe_hash(fixed))  # another recipe never takes it
+
+
+def test_members_trained_in_processes_equal_members_trained_in_one(tmp_path):
+    """Two child processes (one member each, pinned to a core each) save what one process saves."""
+    from safetensors.numpy import load_file
+
+    recipe = Recipe(members=(Member("a", ("add", ECHO), 1.0, TINY),
+                             Member("r", ("rev", ECHO), 1.0, dataclasses.replace(TINY, seed=3, steps=60))),
+                    train_per_task=50, echo_per_task=50)
+    one = build_pool(recipe, tmp_path / "one", progress=False, processes=1)
+    two = build_pool(recipe, tmp_path / "two", progress=False, processes=2)
+    assert [s.name for s in two] == ["a", "r"]
+    for in_one, in_two in zip(one, two):
+        assert is_built(Path(in_two.checkpoint), recipe_hash(recipe))
+        want, got = (load_file(f"{s.checkpoint}/model.safetensors") for s in (in_one, in_two))
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0)
+    first, second = (load_file(f"{s.checkpoint}/model.safetensors") for s in two)
+    assert not all(np.allclose(first[k], second[k], atol=1e-3) for k in first)  # each its own
+
+
+def test_a_failing_build_process_is_reported_with_its_error(tmp_path):
+    short = Member("short", ("add", ECHO), 1.0, dataclasses.replace(TINY, max_position_embeddings=8))
+    recipe = Recipe(members=(Member("ok", (ECHO,), 1.0, TINY), short), train_per_task=50, echo_per_task=50)
+    with pytest.raises(HrjaxError, match=r"(?s)\['short'\] failed \(exit status 1\).*max_position_embeddings=8"):
+        build_pool(recipe, tmp_path, progress=False, processes=2)
+    root = tmp_path / recipe_hash(recipe)
+    assert is_built(root / "ok", recipe_hash(recipe)) and not (root / "short").exists()
+
+
+def test_members_are_split_by_cost_in_recipe_order():
+    members = list(DEFAULT_RECIPE.members)
+    assert partition_members(members, 1) == [members]
+    groups = partition_members(members, 2)
+    assert [[m.name for m in g] for g in groups] == [["mul", "rev"], ["add", "paren", "generalist"]]
+    loads = [sum(map(member_cost, g)) for g in groups]
+    assert max(loads) - min(loads) <= min(map(member_cost, members))  # no move of one member evens them more
+    assert [[m.name for m in g] for g in partition_members(members[:2], 4)] == [["mul"], ["add"]]
