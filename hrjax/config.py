@@ -115,11 +115,18 @@ class LoopConfig:
     max_to_keep: int = 3
     best_metric: str = "eval/value"  # higher is better; the best checkpoint is kept apart
     cache_dir: str = "~/.cache/hrjax"  # response cache and path trees, shared between runs
+    # child processes of this host, each pinned to its share of the cores, that a specialist pool's
+    # build is split over (`hrjax.local_processes`): 0 = one per core (at most 8) when JAX computes
+    # on the CPU, else 1; 1 = all in this process
+    local_processes: int = 0
 
     def __post_init__(self):
         for name in ("num_iterations", "iterations_per_step", "eval_every", "checkpoint_every", "max_to_keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.train.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.local_processes < 0:
+            raise ConfigError(f"config.train.local_processes must be >= 0 (0: one per core on a CPU host), got "
+                              f"{self.local_processes}.")
 
 
 @dataclasses.dataclass(frozen=True)

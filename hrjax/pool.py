@@ -233,7 +233,7 @@ def resolve_pool(config: "RunConfig", progress: bool = True) -> "RunConfig":
     if config.pool:
         raise ConfigError("config.pool and config.specialists are both set: keep one (the recipe builds the pool).")
     specs = build_pool(RECIPES[config.specialists], Path(config.train.cache_dir).expanduser() / "specialists",
-                       progress=progress)
+                       progress=progress, processes=config.train.local_processes)
     return dataclasses.replace(config, pool=tuple(specs), specialists="")
 
 

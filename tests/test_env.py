@@ -5,7 +5,7 @@ import pytest
 
 from hrjax import assets
 from hrjax.env.cache import ResponseCache
-from hrjax.env.mdp import Answer, Context, EnvConfig, RoutingEnv, hop_prompt, rollout
+from hrjax.env.mdp import Answer, Context, EmbeddingMemo, EnvConfig, RoutingEnv, hop_prompt, rollout
 from hrjax.env.tree import build_tree, load_tree, save_tree, tree_structure
 from hrjax.evaluate import oracle_nodes
 from hrjax.models.encoder import load_encoder
@@ -259,3 +259,24 @@ def test_stop_string_cut_answers_pass_as_text(pool, encoder):
     state, _ = env.reset([0], QUESTIONS[:1])
     answer = env.step(state, np.array([0])).state.contexts[0].responses[0]
     assert answer.text == full[:full.index(stop)] and answer.tokens == ()
+
+
+def test_embedding_memo_encodes_each_text_once_and_forgets_the_least_recent(encoder):
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return encoder.encode(texts)
+
+    memo = EmbeddingMemo(encode, capacity=3)
+    texts = ["2+3", "(1+2)*4", "2+3", "rev(abc)"]
+    np.testing.assert_allclose(memo(texts), encoder.encode(texts), atol=1e-6)
+    assert calls == [["2+3", "(1+2)*4", "rev(abc)"]] and (memo.hits, memo.misses) == (1, 3)
+    again = memo(["rev(abc)", "2+3", "7*8"])  # 7*8 new: the least recently used, (1+2)*4, leaves
+    np.testing.assert_allclose(again, encoder.encode(["rev(abc)", "2+3", "7*8"]), atol=1e-6)
+    assert calls[1:] == [["7*8"]]
+    memo(["(1+2)*4", "7*8"])
+    assert calls[2:] == [["(1+2)*4"]]
+    assert memo([]).shape == (0, encoder.dim)
+    with pytest.raises(ValueError, match="capacity"):
+        EmbeddingMemo(encode, capacity=0)

@@ -12,6 +12,7 @@ quality - lambda * cost, charged per step or at the end.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -141,6 +142,32 @@ def embed_contexts(embed: Callable[[list[str]], np.ndarray], contexts: Sequence[
     return out.reshape(len(contexts), -1)
 
 
+class EmbeddingMemo:
+    """`memo(texts) -> [N, D]` float32: `encode` run once per text. Vectors of texts seen before come from
+    a bounded memo (the least recently used leave first beyond `capacity` texts), the others from one
+    `encode` call on their distinct texts. A path tree embeds each question at every node and many
+    answers (echoes, agreeing experts) repeatedly: on the specialist world most look-ups hit."""
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], capacity: int = 65_536):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 text, got {capacity}.")
+        self._encode, self.capacity = encode, capacity
+        self._vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        self.misses, self.hits = self.misses + len(new), self.hits + len(texts) - len(new)
+        if new:
+            self._vectors.update(zip(new, np.asarray(self._encode(new), np.float32)))
+        for text in texts:
+            self._vectors.move_to_end(text)
+        out = np.stack([self._vectors[t] for t in texts]) if texts else np.asarray(self._encode([]), np.float32)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+        return out
+
+
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
@@ -254,8 +281,8 @@ class StepResult(NamedTuple):
 
 class RoutingEnv:
     """The MDP over a pool. `quality_fn(example, response_text) -> [0, 1]` scores final answers;
-    `encoder.encode(texts) -> [N, D]` embeds texts (the paper uses a sentence-transformer), which the
-    observations combine per the config's context view (`embed_contexts`)."""
+    `encoder.encode(texts) -> [N, D]` embeds texts (the paper uses a sentence-transformer), each text
+    once (`EmbeddingMemo`), which the observations combine per the config's context view (`embed_contexts`)."""
 
     def __init__(self, pool: Pool, encoder: Any, quality_fn: Callable[[Any, str], float],
                  config: EnvConfig = EnvConfig(), cache: Optional[ResponseCache] = None):
@@ -264,6 +291,7 @@ class RoutingEnv:
         self.cost_unit = cost_unit(pool.base_rates, config.reference_tokens)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, stop=config.stop)
         self.decoding = repr(self.sampling)
+        self.embed_texts = EmbeddingMemo(encoder.encode)
 
     @property
     def num_actions(self) -> int:
@@ -314,7 +342,7 @@ class RoutingEnv:
 
     def embed(self, contexts: Sequence[Context]) -> np.ndarray:
         """[B, E] the contexts' embeddings under the config's context view (`embed_contexts`)."""
-        return embed_contexts(self.encoder.encode, contexts, self.config.view)
+        return embed_contexts(self.embed_texts, contexts, self.config.view)
 
     def observe(self, state: State) -> Observation:
         embedding = self.embed(state.contexts)

@@ -6,7 +6,7 @@ everything and about 3.5x as costly per token. `build_pool` trains every member 
 yet, saves each as an ordinary HF checkpoint (config.json + safetensors + the shared character
 tokenizer) under `<cache_dir>/<recipe hash>/<name>`, atomically, and returns the pool's
 `ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. On a CPU host the members are split over one
-child process per core (`hrjax.specialists.worker`); in each process, members of one shape train
+child process per core (`hrjax.local_processes`); in each process, members of one shape train
 together, in one vmapped program (`hrjax.specialists.sft.train_together`). The hash covers the recipe, the world's
 alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code changes) and the
 JAX / Flax / optax versions, so a cached member is always what the recipe would train now.
@@ -119,19 +119,6 @@ def is_built(path: Path, digest: str) -> bool:
     return config.is_file() and json.loads(config.read_text()).get(METADATA_KEY, {}).get("recipe") == digest
 
 
-def build_processes() -> int:
-    """How many processes `build_pool` trains members in by default: one per core this process may run
-    on when JAX computes on the CPU (one SFT program gains little from a second core: on a 2-core
-    Intel host the stacked experts ran only 1.12x faster on both cores than pinned to one, while two
-    processes pinned to one core each train about 1.6x as fast as one on both), else 1 (an
-    accelerator is one device, not to be shared between processes)."""
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def member_cost(member: Member) -> int:
     """A member's relative training time: steps x hidden size (measured on 2-core hosts, a step of the
     128-wide generalist takes about 2.2x one of a 64-wide expert; models of one shape trained
@@ -152,14 +139,16 @@ def partition_members(members: list, groups: int) -> list[list]:
 
 
 def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.PathLike] = None,
-               progress: bool = True, processes: Optional[int] = None) -> list[ModelSpec]:
+               progress: bool = True, processes: int = 0) -> list[ModelSpec]:
     """Trains the members not cached yet (one tqdm bar over all their steps) and returns the pool's
     specs in recipe order. Each member is written atomically when its training ends, so an
     interrupted build leaves only complete members, which a later build reuses. With `processes`
-    above 1 (default `build_processes()`), the members are split by `partition_members` and each share
-    trains in a child process pinned to its own cores (`hrjax.specialists.worker`); a member's
+    above 1 (0: `hrjax.local_processes.default_processes`, one per core on a CPU host), the members
+    are split by `partition_members` and each share trains in a child process pinned to its own
+    cores (`hrjax.local_processes.run_pinned`); a member's
     weights then depend on which members share its program only by float32 rounding, and the
     split is fixed for a given recipe and core count."""
+    from hrjax.local_processes import default_processes
     from hrjax.locking import exclusive
 
     digest = recipe_hash(recipe)
@@ -172,7 +161,7 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
             if todo:
                 with atomic_file(root / "recipe.json", "w") as f:
                     json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
-                groups = partition_members(todo, build_processes() if processes is None else processes)
+                groups = partition_members(todo, default_processes(processes))
                 _build_groups(recipe, groups, root, digest, progress)
     return [ModelSpec(m.name, str(paths[m.name]), m.base_rate, use_chat_template=False) for m in recipe.members]
 
@@ -182,7 +171,7 @@ def _build_groups(recipe: Recipe, groups: list[list], root: Path, digest: str, p
     one tqdm bar over all their steps."""
     from tqdm.auto import tqdm
 
-    from hrjax.specialists.worker import train_in_processes
+    from hrjax.local_processes import run_pinned
 
     names = " | ".join("+".join(m.name for m in group) for group in groups)
     with tqdm(total=sum(m.sft.steps for group in groups for m in group), desc=f"specialists {names}",
@@ -194,7 +183,16 @@ def _build_groups(recipe: Recipe, groups: list[list], root: Path, digest: str, p
         if len(groups) == 1:
             train_members(recipe, groups[0], root, digest, report)
         else:
-            train_in_processes(recipe, groups, root, digest, report)
+            run_pinned("hrjax.specialists.build:train_group",
+                       [(recipe, [m.name for m in group], str(root), digest) for group in groups],
+                       lambda steps_done, postfix: report(steps_done, postfix["loss"]))
+
+
+def train_group(payload: tuple, report: Callable[[int, dict], None]) -> None:
+    """A child process's share of a build (`run_pinned`): payload = (recipe, member names, root, digest)."""
+    recipe, names, root, digest = payload
+    train_members(recipe, [m for m in recipe.members if m.name in names], Path(root), digest,
+                  lambda steps_done, loss: report(steps_done, {"loss": loss}))
 
 
 def train_members(recipe: Recipe, todo: list, root: Path, digest: str,

@@ -1,0 +1,45 @@
+"""`hrjax.local_processes.run_pinned`: children pinned to their share of the cores, their results in order,
+progress summed, and their failures raised here."""
+
+from pathlib import Path
+
+import pytest
+
+from hrjax.errors import HrjaxError, TrainingDivergedError
+from hrjax.local_processes import default_processes, run_pinned, usable_cores
+
+
+@pytest.fixture(autouse=True)
+def targets_importable(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+
+
+def test_children_run_pinned_and_report_in_order():
+    cores, reports = usable_cores(), []
+    results = run_pinned("local_process_targets:cores_of", [3, 5], lambda done, postfix: reports.append(done))
+    assert results == [cores[0::2] or cores, cores[1::2] or cores]
+    assert sorted(reports)[-1] == 8 and len(reports) == 2
+
+
+def test_a_childs_exception_is_raised_as_its_own_type():
+    with pytest.raises(TrainingDivergedError, match="loss became nan"):
+        run_pinned("local_process_targets:diverge", ["loss became nan"])
+
+
+def test_a_child_that_dies_is_named():
+    with pytest.raises(HrjaxError, match=r"local_process_targets:die on payload 0 died \(exit status 7\)"):
+        run_pinned("local_process_targets:die", [7])
+
+
+def test_default_processes():
+    from hrjax.config import ConfigError, base_config, run_config
+
+    config = base_config()
+    config.pool = [dict(name="a", checkpoint="x", base_rate=1.0)]
+    config.train.local_processes = -1
+    with pytest.raises(ConfigError, match=r"config.train.local_processes must be >= 0"):
+        run_config(config.to_dict())
+    assert default_processes(3) == 3
+    assert 1 <= default_processes() <= len(usable_cores())  # the suite computes on the CPU
+    with pytest.raises(HrjaxError, match=">= 0"):
+        default_processes(-1)
