@@ -179,6 +179,23 @@ def test_batches_beyond_the_largest_bucket_are_chunked(llama_sampler):
     assert [g.tokens.tolist() for g in chunked] == [g.tokens.tolist() for g in together]
 
 
+def test_a_batch_runs_in_a_compiled_program_of_up_to_four_times_its_rows(llama_sampler):
+    """Padding rows are masked, so a batch reuses a compiled larger bucket (same tokens) rather than compile
+    its own; one more than 4x its rows away is not reused."""
+    sampler = Sampler(llama_sampler.config, llama_sampler.params, eos_ids=[EOS], min_prompt_bucket=44)  # own programs
+    prompts, sampling = varied_prompts(seed=5, lengths=tuple(range(3, 23))), SamplingParams(max_new_tokens=6)
+    alone = sampler.generate_tokens(prompts[:13], sampling)  # bucket 16
+    before = generate_arrays._cache_size()
+    whole = sampler.generate_tokens(prompts, sampling)  # bucket 24
+    assert generate_arrays._cache_size() == before + 1
+    assert [g.tokens.tolist() for g in whole[:13]] == [g.tokens.tolist() for g in alone]
+    again = sampler.generate_tokens(prompts[:11], sampling)  # bucket 12: runs at 16, compiled
+    assert [g.tokens.tolist() for g in again] == [g.tokens.tolist() for g in alone[:11]]
+    sampler.generate_tokens(prompts[:3], sampling)  # bucket 3: 16 is more than 4x its rows
+    assert generate_arrays._cache_size() == before + 2
+    assert sorted(key[0][0] for key in sampler.compiled_shapes) == [3, 16, 24]
+
+
 def test_prompt_longer_than_context_is_refused(llama_sampler):
     limit = llama_sampler.config.max_position_embeddings
     with pytest.raises(PromptTooLongError, match=f"exceeds the model's context of {limit}.*Shorten the prompt"):

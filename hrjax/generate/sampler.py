@@ -9,6 +9,7 @@ reports its generated length, finish reason and the model's log-probability of e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -27,6 +28,15 @@ from hrjax.shapes import fine_bucket, pow2_bucket
 from hrjax.models.decoder import Decoder, DecoderConfig, KVCache
 from hrjax.models.sharding import cache_sharding, param_shardings, warn_replicated
 from hrjax.parallel import data_sharding
+
+# A static batch runs in a program already compiled for up to this many times its rows (the padding rows
+# are masked): static generation serves answer budgets under `hrjax.env.mdp.INFLIGHT_MIN_TOKENS`, where a
+# compile (seconds) costs more than decoding a few padded rows. Without it the default world's path tree
+# compiled 9 batch buckets per model shape (1 to 64 rows: the cache misses a chunk leaves vary).
+BATCH_REUSE_FACTOR = 4
+# batch sizes `generate_arrays` was compiled for, by everything else its program depends on
+# (`Sampler.program_key` without the batch); module-wide, as JAX's cache of the program is
+_COMPILED_BATCHES: dict[tuple, set[int]] = collections.defaultdict(set)
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -322,13 +332,14 @@ class Sampler:
         args, static = self._program_inputs(prompts[:self.max_batch], sampling, jax.random.PRNGKey(sampling.seed))
         return generate_arrays.lower(*args, **static)
 
-    def _program_inputs(self, prompts, sampling, key) -> tuple[tuple, dict]:
+    def _program_inputs(self, prompts, sampling, key, batch: Optional[int] = None) -> tuple[tuple, dict]:
         """The arguments of `generate_arrays` for one chunk: left-padded into its bucket (split over the
-        mesh's data axis), and the static ones."""
-        batch = fine_bucket(len(prompts), steps_per_octave=2)
-        if self.mesh is not None:  # every device of the data axis gets whole rows
-            data = self.mesh.shape["data"]
-            batch = -(-batch // data) * data
+        mesh's data axis) or `batch` rows, and the static ones."""
+        if batch is None:
+            batch = fine_bucket(len(prompts), steps_per_octave=2)
+            if self.mesh is not None:  # every device of the data axis gets whole rows
+                data = self.mesh.shape["data"]
+                batch = -(-batch // data) * data
         prompt_len = fine_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         budget = pow2_bucket(sampling.max_new_tokens, self.min_budget_bucket)
         tokens, valid = left_pad(prompts, batch, prompt_len)
@@ -353,7 +364,14 @@ class Sampler:
 
     def _generate_chunk(self, prompts, sampling, key) -> list[Generation]:
         args, static = self._program_inputs(prompts, sampling, key)
-        self.compiled_shapes.add(self.program_key(args, static))
+        program = self.program_key(args, static)
+        batch, rest = program[0][0], (program[0][1], *program[3:])  # tokens [B, T], valid [B, T], active [B]
+        compiled = [b for b in _COMPILED_BATCHES[rest] if batch < b <= BATCH_REUSE_FACTOR * len(prompts)]
+        if compiled:
+            args, static = self._program_inputs(prompts, sampling, key, batch=min(compiled))
+            program = self.program_key(args, static)
+        _COMPILED_BATCHES[rest].add(program[0][0])
+        self.compiled_shapes.add(program)
         out_tokens, out_logprobs, lengths, stopped = jax.device_get(generate_arrays(*args, **static))
         eos_ids = () if sampling.ignore_eos else self.eos_ids
         return [row_generation(out_tokens[i], out_logprobs[i], lengths[i], stopped[i], eos_ids)
