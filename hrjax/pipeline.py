@@ -68,18 +68,38 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
     sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
     jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once and
     split over this process's devices (`hrjax.agent.tree_mode.train_runs`). The same routers as one program
-    per lambda, up to float32 rounding."""
-    from hrjax.agent.tree_mode import make_train, train_runs
+    per lambda, up to float32 rounding. On a CPU host the runs are further split over child processes pinned
+    to a share of the cores each (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each
+    compiling the program for its runs: one run's small matmuls gain little from a second core."""
+    from hrjax.local_processes import default_processes, run_pinned
 
     if lambdas is None:
         lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
     if not lambdas:
         return {}
-    trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    keys = jax.numpy.stack([jax.random.PRNGKey(s) for lam in lambdas for s in seeds])
-    params = jax.device_get(train_runs(trainer, keys, [lam for lam in lambdas for s in seeds]))  # lambda-major
+    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for lam in lambdas for s in seeds])  # lambda-major
+    run_lambdas = np.array([lam for lam in lambdas for s in seeds], np.float32)
+    processes = min(default_processes(config.train.local_processes), len(keys))
+    if processes > 1:
+        shares = np.array_split(np.arange(len(keys)), processes)
+        parts = run_pinned("hrjax.pipeline:train_sweep_runs",
+                           [(config, tree, train_rows, keys[share], run_lambdas[share]) for share in shares])
+        params = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
+    else:
+        params = train_sweep_runs((config, tree, train_rows, keys, run_lambdas))
     return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * len(seeds):(i + 1) * len(seeds)], params)
             for i, lam in enumerate(lambdas)}
+
+
+def train_sweep_runs(payload: tuple, report=None):
+    """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R]) -> the R runs' final params as
+    numpy arrays [R, ...] (`hrjax.agent.tree_mode.train_runs`): `sweep_routers`' runs, or a child process's
+    share of them (`report` unused)."""
+    from hrjax.agent.tree_mode import make_train, train_runs
+
+    config, tree, train_rows, keys, run_lambdas = payload
+    trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
+    return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas))
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:

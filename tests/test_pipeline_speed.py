@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from runs import config_of, reduced_specialist_config
 
 from hrjax.agent.tree_mode import make_train
@@ -23,8 +24,10 @@ POOL = dict(pool=[dict(name=f"m{i}", checkpoint="/unused", base_rate=1.0 + i) fo
 TOLERANCE = 1e-4
 
 
-def test_sweep_is_one_program_equal_to_one_per_lambda():
-    config = config_of(POOL, iterations=6, **{"evaluate.cost_lambdas": (0.0, 0.5, 2.0), "env.stop_action": True})
+@pytest.mark.parametrize("processes", [1, 2])  # in this process; split over 2 pinned child processes
+def test_sweep_is_one_program_equal_to_one_per_lambda(processes):
+    config = config_of(POOL, iterations=6, **{"evaluate.cost_lambdas": (0.0, 0.5, 2.0), "env.stop_action": True,
+                                              "train.local_processes": processes})
     assert config.env.cost_lambda == 0.5
     tree = random_tree(16, 8, num_models=2, num_hops=2)
     rows, seeds = np.arange(12), [3, 4]
