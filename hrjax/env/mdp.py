@@ -145,8 +145,8 @@ def embed_contexts(embed: Callable[[list[str]], np.ndarray], contexts: Sequence[
 class EmbeddingMemo:
     """`memo(texts) -> [N, D]` float32: `encode` run once per text. Vectors of texts seen before come from
     a bounded memo (the least recently used leave first beyond `capacity` texts), the others from one
-    `encode` call on their distinct texts. A path tree embeds each question at every node and many
-    answers (echoes, agreeing experts) repeatedly: on the specialist world most look-ups hit."""
+    `encode` call on their distinct texts. A path tree embeds each question at every node, and an
+    answer text again wherever a later hop echoes it."""
 
     def __init__(self, encode: Callable[[list[str]], np.ndarray], capacity: int = 65_536):
         if capacity < 1:

@@ -7,9 +7,10 @@ yet, saves each as an ordinary HF checkpoint (config.json + safetensors + the sh
 tokenizer) under `<cache_dir>/<recipe hash>/<name>`, atomically, and returns the pool's
 `ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. On a CPU host the members are split over one
 child process per core (`hrjax.local_processes`); in each process, members of one shape train
-together, in one vmapped program (`hrjax.specialists.sft.train_together`). The hash covers the recipe, the world's
-alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code changes) and the
-JAX / Flax / optax versions, so a cached member is always what the recipe would train now.
+together, in one vmapped program (`hrjax.specialists.sft.train_together`). The hash covers the
+recipe, the world's alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code
+changes) and the JAX / Flax / optax versions, so a cached member is always what the recipe would
+train now.
 """
 
 from __future__ import annotations
@@ -145,9 +146,8 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
     interrupted build leaves only complete members, which a later build reuses. With `processes`
     above 1 (0: `hrjax.local_processes.default_processes`, one per core on a CPU host), the members
     are split by `partition_members` and each share trains in a child process pinned to its own
-    cores (`hrjax.local_processes.run_pinned`); a member's
-    weights then depend on which members share its program only by float32 rounding, and the
-    split is fixed for a given recipe and core count."""
+    cores (`hrjax.local_processes.run_pinned`); a member's weights then depend on which members share
+    its program only by float32 rounding, and the split is fixed for a given recipe and core count."""
     from hrjax.local_processes import default_processes
     from hrjax.locking import exclusive
 
