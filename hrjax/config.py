@@ -117,7 +117,7 @@ class LoopConfig:
     cache_dir: str = "~/.cache/hrjax"  # response cache and path trees, shared between runs
     # child processes of this host, each pinned to its share of the cores, that a specialist pool's
     # build and `hrjax evaluate`'s lambda sweep are split over (`hrjax.local_processes`): 0 = one per
-    # core (at most 8) when JAX computes on the CPU, else 1; 1 = all in this process
+    # core (at most 8) when JAX computes on the CPU in a one-process job, else 1; 1 = all in this process
     local_processes: int = 0
 
     def __post_init__(self):

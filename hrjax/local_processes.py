@@ -44,14 +44,17 @@ def usable_cores() -> list[int]:
 
 def default_processes(requested: int = 0) -> int:
     """`requested` when above 0; else one per usable core (at most `MAX_DEFAULT_PROCESSES`) when JAX
-    computes on the CPU, and 1 on an accelerator (one device, not to be shared between processes)."""
+    computes on the CPU in a one-process job, and 1 on an accelerator (one device, not to be shared
+    between processes) or in a multi-process job (its processes already share the host's cores)."""
     if requested < 0:
         raise HrjaxError(f"local processes must be >= 0 (0: one per core on a CPU host), got {requested}.")
     if requested:
         return requested
     import jax
 
-    return min(len(usable_cores()), MAX_DEFAULT_PROCESSES) if jax.default_backend() == "cpu" else 1
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return 1
+    return min(len(usable_cores()), MAX_DEFAULT_PROCESSES)
 
 
 def run_pinned(target: str, payloads: Sequence[Any],
