@@ -146,7 +146,8 @@ class EmbeddingMemo:
     """`memo(texts) -> [N, D]` float32: `encode` run once per text. Vectors of texts seen before come from
     a bounded memo (the least recently used leave first beyond `capacity` texts), the others from one
     `encode` call on their distinct texts. A path tree embeds each question at every node, and an
-    answer text again wherever a later hop echoes it."""
+    answer text again wherever a later hop echoes it. A memoised vector was computed in another batch,
+    so it may differ from a fresh one by float32 rounding (the encoder's padded shape)."""
 
     def __init__(self, encode: Callable[[list[str]], np.ndarray], capacity: int = 65_536):
         if capacity < 1:
@@ -281,8 +282,8 @@ class StepResult(NamedTuple):
 
 class RoutingEnv:
     """The MDP over a pool. `quality_fn(example, response_text) -> [0, 1]` scores final answers;
-    `encoder.encode(texts) -> [N, D]` embeds texts (the paper uses a sentence-transformer), each text
-    once (`EmbeddingMemo`), which the observations combine per the config's context view (`embed_contexts`)."""
+    `encoder.encode(texts) -> [N, D]` embeds texts (the paper uses a sentence-transformer), which the
+    observations combine per the config's context view (`embed_contexts`)."""
 
     def __init__(self, pool: Pool, encoder: Any, quality_fn: Callable[[Any, str], float],
                  config: EnvConfig = EnvConfig(), cache: Optional[ResponseCache] = None):
@@ -291,7 +292,6 @@ class RoutingEnv:
         self.cost_unit = cost_unit(pool.base_rates, config.reference_tokens)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, stop=config.stop)
         self.decoding = repr(self.sampling)
-        self.embed_texts = EmbeddingMemo(encoder.encode)
 
     @property
     def num_actions(self) -> int:
@@ -340,9 +340,11 @@ class RoutingEnv:
         """E of the observations' embeddings (`observation_width`)."""
         return observation_width(self.encoder.dim, self.config.view)
 
-    def embed(self, contexts: Sequence[Context]) -> np.ndarray:
-        """[B, E] the contexts' embeddings under the config's context view (`embed_contexts`)."""
-        return embed_contexts(self.embed_texts, contexts, self.config.view)
+    def embed(self, contexts: Sequence[Context], memo: Optional[EmbeddingMemo] = None) -> np.ndarray:
+        """[B, E] the contexts' embeddings under the config's context view (`embed_contexts`), each text
+        through `memo` when given. Without one, a context's embedding depends only on the batch it is
+        embedded with, so a resumed run embeds bit for bit as an unbroken one."""
+        return embed_contexts(memo if memo is not None else self.encoder.encode, contexts, self.config.view)
 
     def observe(self, state: State) -> Observation:
         embedding = self.embed(state.contexts)

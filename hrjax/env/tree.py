@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from hrjax.env.mdp import Context, RoutingEnv
+from hrjax.env.mdp import Context, EmbeddingMemo, RoutingEnv
 from hrjax.errors import HrjaxError
 from hrjax.fsutil import atomic_file
 
@@ -140,7 +140,8 @@ def build_scored_tree(env: RoutingEnv, examples: Sequence[Any], questions: Seque
     contexts: list[list[Context]] = [[None] * k for _ in range(n)]
     tokens_in, tokens_out = np.zeros((n, k), np.int32), np.zeros((n, k), np.int32)
     cost, quality = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
-    root_embedding = env.embed([Context(q) for q in questions])
+    memo = EmbeddingMemo(env.encoder.encode)  # each question is embedded at every node, once
+    root_embedding = env.embed([Context(q) for q in questions], memo)
     embedding = np.zeros((n, k, root_embedding.shape[-1]), np.float32)
     official_values = None if official is None else np.full((n, k, official.names.shape[1]), np.nan, np.float32)
     bar = tqdm(total=n * k, desc="path tree", unit="answer", disable=not progress)
@@ -155,7 +156,7 @@ def build_scored_tree(env: RoutingEnv, examples: Sequence[Any], questions: Seque
                 hop = env.respond(action, before)
                 env.cache.flush()
                 after = [c.then(a) for c, a in zip(before, hop.responses)]
-                new_embeddings = env.embed(after)
+                new_embeddings = env.embed(after, memo)
                 for j, (i, node) in enumerate(chunk):
                     contexts[i][node] = after[j]
                     tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
