@@ -16,6 +16,7 @@ train now.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from hrjax.specialists.sft import SFTConfig
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-FORMAT_VERSION = 2  # 2: members of one shape trained together (vmapped), hand-written schedule
+FORMAT_VERSION = 3  # 2: members of one shape trained together (vmapped); 3: init compiled unoptimised
 METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
 
 
@@ -101,10 +102,16 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=2)
+def _train_examples(per_task: int, seed: int) -> tuple:
+    """A recipe's train questions, drawn once per process for all of its members."""
+    return tuple(specialist_examples("train", per_task, seed, TASK_TYPES))
+
+
 def training_pairs(recipe: Recipe, member: Member) -> list[tuple[str, str]]:
     """The member's (prompt, response) pairs: the first hop of every train question whose route starts
     with one of its skills, and, with `echo`, the echo pair of `echo_per_task` questions per type."""
-    examples = specialist_examples("train", recipe.train_per_task, recipe.seed, TASK_TYPES)
+    examples = _train_examples(recipe.train_per_task, recipe.seed)
     pairs = [first_hop_pair(e) for e in examples]
     pairs = [(prompt, response) for skill, prompt, response in pairs if skill in member.skills]
     if ECHO in member.skills:

@@ -185,20 +185,28 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
         tokens[i, :x.shape[0], :x.shape[1]], mask[i, :m.shape[0], :m.shape[1]] = x, m
     rows = np.array([x.shape[0] for x, _ in data], np.int32)
     schedule = Schedule.of(configs)
-    one_token = jnp.zeros((1, 1), jnp.int32)
     optimizer = make_optimizer(schedule)  # for its state, whose structure does not depend on the settings
-    params, keys = [], []
+
+    def init_state(key):
+        one_token = jnp.zeros((1, 1), jnp.int32)
+        params = model.init(key, one_token, one_token, jnp.ones((1, 1), bool))
+        return params, optimizer.init(params)
+
+    init_keys, keys = [], []  # host arrays: slicing them compiles nothing
     for c in configs:
         init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
-        params.append(model.init(init_key, one_token, one_token, jnp.ones((1, 1), bool)))
-        keys.append(jax.random.split(data_key, c.steps))
-    state = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[(p, optimizer.init(p)) for p in params])
+        init_keys.append(init_key)
+        keys.append(np.asarray(jax.random.split(data_key, c.steps)))
+    # One program, not one per eager op, built without LLVM's optimisations: it runs once, and compiles in
+    # about a third of the time (1.9 s against 6.2 s on a 2-core host).
+    state = jax.jit(jax.vmap(init_state), compiler_options={"xla_backend_optimization_level": 0})(
+        jnp.stack(init_keys))
     update = jax.jit(jax.vmap(make_update(model, config.batch_size)), donate_argnums=0)
     active, losses, done, failures = list(range(len(configs))), [[] for _ in configs], 0, []
     stacked = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rows), Schedule(*map(jnp.asarray, schedule)))
     while active:
         count = min(STEPS_PER_CALL, min(configs[i].steps for i in active) - done)
-        chunk_keys = jnp.stack([keys[i][done:done + count] for i in active])
+        chunk_keys = np.stack([keys[i][done:done + count] for i in active])
         state, chunk = update(state, chunk_keys, *stacked)
         chunk, done = np.asarray(chunk), done + count
         keep = []
@@ -211,14 +219,14 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
                     f"learning_rate (now {configs[i].learning_rate}) or raise warmup_steps (now "
                     f"{configs[i].warmup_steps})."))
             elif done == configs[i].steps:
-                yield i, jax.device_get(jax.tree_util.tree_map(lambda x: x[position], state[0])), \
+                yield i, jax.tree_util.tree_map(lambda x: x[position], jax.device_get(state[0])), \
                     np.concatenate(losses[i])
             else:
                 keep.append(position)
         if on_progress is not None:
             on_progress(sum(min(done, c.steps) for c in configs), float(chunk[:, -1].mean()))
         if len(keep) < len(active):
-            state, stacked = jax.tree_util.tree_map(lambda x: x[np.array(keep, int)], (state, stacked))
+            state, stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)[keep]), (state, stacked))
             active = [active[p] for p in keep]
     if failures:
         raise failures[0]
