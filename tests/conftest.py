@@ -40,6 +40,47 @@ def release_compiled_programs():
     gc.collect()
 
 
+QUICKSTART_FIXTURE = "reduced_quickstart"
+# The test files that use it (a check below keeps this list whole): under pytest-xdist they run on one worker
+QUICKSTART_FILES = ("test_evaluate.py", "test_export.py", "test_pipeline_speed.py", "test_quickstart.py",
+                    "test_serve.py", "test_trade_offs.py")
+
+
+# Under pytest-xdist these start right after QUICKSTART_FILES (their tests were the longest on a 2-core host),
+# so that no long file starts last while the other worker idles
+LONG_FILES = ("test_parallel.py", "test_multihost.py", "test_train.py", "test_sharded_sampler.py", "test_inflight.py",
+              "test_gguf.py", "test_real_pool.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Checks QUICKSTART_FILES; orders the files QUICKSTART_FILES, LONG_FILES, then the rest (each file's tests
+    in their order): the order in which pytest-xdist hands them out."""
+    order = {name: rank for rank, name in enumerate((*QUICKSTART_FILES, *LONG_FILES))}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
+    strays = sorted({item.path.name for item in items if QUICKSTART_FIXTURE in getattr(item, "fixturenames", ())
+                     and item.path.name not in QUICKSTART_FILES})
+    if strays:
+        raise pytest.UsageError(f"{strays} use the {QUICKSTART_FIXTURE} fixture: add them to QUICKSTART_FILES in "
+                                "tests/conftest.py, so that pytest-xdist runs them on the worker that makes it.")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The README's test command runs the suite on pytest-xdist workers, one test file at a time per worker
+    (its module fixtures made once), the QUICKSTART_FILES together as one unit (the reduced main job, minutes
+    to make, made once), in collection order (`pytest_collection_modifyitems`: the longest first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # else the units go out by their number of tests
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "quickstart" if path.rsplit("/", 1)[-1] in QUICKSTART_FILES else path
+
+    return FileScheduling(config, log)
+
+
 def pytest_generate_tests(metafunc):
     if "decoder_arch" in metafunc.fixturenames:
         metafunc.parametrize("decoder_arch", DECODER_ARCHS)
