@@ -123,7 +123,7 @@ def test_sft_lowers_the_masked_loss():
 
 
 def test_models_of_one_shape_train_together_as_if_alone():
-    """One vmapped program over models with their own data sizes, seeds and schedules gives each what
+    """One program over models with their own data sizes, seeds and schedules gives each what
     it gets alone (float32 rounding of the batched program aside)."""
     tok = char_tokenizer(ALPHABET)
 

@@ -7,7 +7,7 @@ yet, saves each as an ordinary HF checkpoint (config.json + safetensors + the sh
 tokenizer) under `<cache_dir>/<recipe hash>/<name>`, atomically, and returns the pool's
 `ModelSpec`s, ready for `hrjax.pool.Pool.from_specs`. On a CPU host the members are split over one
 child process per core (`hrjax.local_processes`); in each process, members of one shape train
-together, in one vmapped program (`hrjax.specialists.sft.train_together`). The hash covers the
+together, in one program (`hrjax.specialists.sft.train_together`). The hash covers the
 recipe, the world's alphabet and hop template, `FORMAT_VERSION` (bump it when training or task code
 changes) and the JAX / Flax / optax versions, so a cached member is always what the recipe would
 train now.
@@ -30,7 +30,7 @@ from hrjax.specialists.sft import SFTConfig
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-FORMAT_VERSION = 3  # 2: members of one shape trained together (vmapped); 3: init compiled unoptimised
+FORMAT_VERSION = 4  # 2: members of one shape trained together; 3: init compiled unoptimised; 4: lax.map, not vmap
 METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
 
 
@@ -205,7 +205,7 @@ def train_group(payload: tuple, report: Callable[[int, dict], None]) -> None:
 def train_members(recipe: Recipe, todo: list, root: Path, digest: str,
                   report: Callable[[int, float], None]) -> None:
     """Trains the `todo` members of `recipe` in this process, those of one shape (`SFTConfig.shape`)
-    together in one vmapped program (`train_together`), each saved atomically under `root` when its
+    together in one program (`train_together`), each saved atomically under `root` when its
     training ends; `report(steps done over todo, latest mean loss)` after every jitted call. A
     member whose loss diverges is dropped and the others finish; then the first such error is raised."""
     from hrjax.models.hf import save_hf
