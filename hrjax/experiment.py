@@ -80,12 +80,13 @@ def _main(job, argv: Sequence[str]) -> None:
     from hrjax.errors import HrjaxError
     from hrjax.parallel import initialize
     from hrjax.rundir import local_dir, run_dir
-    from hrjax.runtime import use_compilation_cache
+    from hrjax.runtime import use_compilation_cache, use_quick_compiles
 
     try:
         config = run_config(_CONFIG.value.to_dict())
         workdir = run_dir(_WORKDIR.value, "--workdir")
         cache_dir = local_dir(config.train.cache_dir, "config.train.cache_dir")
+        use_quick_compiles()
         use_compilation_cache(cache_dir / "xla")
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR_TIMEOUT.value)
         job(config, workdir, _PROGRESS.value)

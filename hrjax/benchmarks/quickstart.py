@@ -45,11 +45,12 @@ def sequential_sweep_seconds(config, seeds: list[int]) -> float:
 
 def run(recipe: str = "default") -> dict:
     from hrjax.pipeline import evaluate_run
-    from hrjax.runtime import use_compilation_cache
+    from hrjax.runtime import use_compilation_cache, use_quick_compiles
 
     with tempfile.TemporaryDirectory(prefix="hrjax-bench-quickstart-") as root:
         config = main_job_config(Path(root), recipe)
-        use_compilation_cache(Path(root) / "cache" / "xla")  # as `hrjax evaluate` does
+        use_quick_compiles()  # as `hrjax evaluate` does
+        use_compilation_cache(Path(root) / "cache" / "xla")
         job = evaluate_run(config, Path(root) / "run", progress=False)
         sequential = sequential_sweep_seconds(config, [config.seed + s for s in range(config.evaluate.seeds)])
     seconds = {name: round(value, 1) for name, value in job.seconds.items()}
