@@ -62,11 +62,10 @@ def timing_line(seconds: dict) -> str:
     return "phase seconds: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
 
 
-# The work of `seed_and_sweep_runs` in units of one run of a sweep program, measured on the default world
-# pinned to one core of a 2-core Intel host: a seed run takes about 8 s (it writes checkpoints, metrics and
-# evaluations as it trains), a sweep run 2.6 s (9 runs in one program); a process's first seed run compiles
-# its programs for about 24 s more, its sweep program about 8 s.
-SEED_RUN_WEIGHT, SEED_COMPILE_WEIGHT, SWEEP_COMPILE_WEIGHT = 3.0, 9.0, 3.0
+# What a seed run costs in units of one sweep run when the two are shared out over child processes
+# (`seed_and_sweep_runs`): a seed run writes checkpoints, metrics and evaluations as it trains (default
+# world, 2-core Intel host: about 10 s per seed run against 2.6 s per run of a 9-run sweep program).
+SEED_RUN_WEIGHT = 3.5
 
 
 def sweep_runs(seeds: list[int], lambdas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -76,20 +75,17 @@ def sweep_runs(seeds: list[int], lambdas: Sequence[float]) -> tuple[np.ndarray, 
 
 
 def share_runs(num_seeds: int, num_runs: int, processes: int) -> list[tuple[list[int], slice]]:
-    """Per process, (indices of its seed runs, its slice of the sweep runs): every seed run in the first
-    process (they share its compiled programs), then the sweep runs, each counted to the process whose
-    work grows least by it (a process's first sweep run brings its compile); the slices are contiguous, in
-    order, and processes without work get none. Work is weighed in sweep runs (`SEED_RUN_WEIGHT`...)."""
-    loads = [SEED_COMPILE_WEIGHT + num_seeds * SEED_RUN_WEIGHT if num_seeds else 0.0] + [0.0] * (processes - 1)
-    counts = [0] * processes
+    """Per process, (indices of its seed runs, its slice of the sweep runs): seed runs dealt round-robin,
+    then the sweep runs handed out in order, each to the process with the least work so far (a seed run
+    weighing `SEED_RUN_WEIGHT`), so every slice is contiguous and processes without work get none."""
+    seeds = [list(range(i, num_seeds, processes)) for i in range(processes)]
+    loads, counts = [len(s) * SEED_RUN_WEIGHT for s in seeds], [0] * processes
     for _ in range(num_runs):
-        grown = [load + 1 + (0 if count else SWEEP_COMPILE_WEIGHT) for load, count in zip(loads, counts)]
-        least = grown.index(min(grown))
-        loads[least], counts[least] = grown[least], counts[least] + 1
+        least = loads.index(min(loads))
+        loads[least], counts[least] = loads[least] + 1, counts[least] + 1
     starts = np.cumsum([0, *counts])
-    shares = [(list(range(num_seeds)) if i == 0 else [], slice(int(starts[i]), int(starts[i + 1])))
-              for i in range(processes)]
-    return [(seeds, runs) for seeds, runs in shares if seeds or runs.stop > runs.start]
+    shares = [(seeds[i], slice(int(starts[i]), int(starts[i + 1]))) for i in range(processes)]
+    return [(s, runs) for s, runs in shares if s or runs.stop > runs.start]
 
 
 def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int],
@@ -111,8 +107,8 @@ def seed_and_sweep_runs(config: RunConfig, tree, train_rows: np.ndarray, seeds: 
     rounding. -> (each seed run's final params, {cost_lambda: params stacked over seeds}). On a CPU host
     with a sweep to train, both are shared out over child processes pinned to a share of the cores each
     (`config.train.local_processes`, `hrjax.local_processes.run_pinned`; one run's small matmuls gain
-    little from a second core): the first trains the seed runs, and each its slice of the sweep runs as
-    one program (`share_runs` balances the work)."""
+    little from a second core): each trains its seed runs, then its slice of the sweep runs as one
+    program (`share_runs` balances the two kinds of work)."""
     from hrjax.local_processes import default_processes, run_pinned
 
     keys, run_lambdas = sweep_runs(seeds, lambdas)
