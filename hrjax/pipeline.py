@@ -35,7 +35,7 @@ class EvaluationRun(NamedTuple):
     summary: dict
     table: str  # Markdown
     report: RunPath  # report.md
-    seconds: dict  # wall seconds per phase (pool, tree, seed runs and sweep, evaluation, report), then 'total'
+    seconds: dict  # wall seconds per phase (pool, tree, seed runs, sweep, evaluation, report), then 'total'
 
 
 class PhaseClock:
@@ -62,90 +62,44 @@ def timing_line(seconds: dict) -> str:
     return "phase seconds: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
 
 
-# What a seed run costs in units of one sweep run when the two are shared out over child processes
-# (`seed_and_sweep_runs`): a seed run writes checkpoints, metrics and evaluations as it trains (default
-# world, 2-core Intel host: about 10 s per seed run against 2.6 s per run of a 9-run sweep program).
-SEED_RUN_WEIGHT = 3.5
-
-
-def sweep_runs(seeds: list[int], lambdas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The sweep's fixed-lambda runs, lambda-major: (PRNG keys [R, 2] from the seeds, cost lambdas [R])."""
-    keys = [np.asarray(jax.random.PRNGKey(s)) for lam in lambdas for s in seeds]
-    return np.array(keys, np.uint32).reshape(-1, 2), np.array([lam for lam in lambdas for s in seeds], np.float32)
-
-
-def share_runs(num_seeds: int, num_runs: int, processes: int) -> list[tuple[list[int], slice]]:
-    """Per process, (indices of its seed runs, its slice of the sweep runs): seed runs dealt round-robin,
-    then the sweep runs handed out in order, each to the process with the least work so far (a seed run
-    weighing `SEED_RUN_WEIGHT`), so every slice is contiguous and processes without work get none."""
-    seeds = [list(range(i, num_seeds, processes)) for i in range(processes)]
-    loads, counts = [len(s) * SEED_RUN_WEIGHT for s in seeds], [0] * processes
-    for _ in range(num_runs):
-        least = loads.index(min(loads))
-        loads[least], counts[least] = loads[least] + 1, counts[least] + 1
-    starts = np.cumsum([0, *counts])
-    shares = [(seeds[i], slice(int(starts[i]), int(starts[i + 1]))) for i in range(processes)]
-    return [(s, runs) for s, runs in shares if s or runs.stop > runs.start]
-
-
 def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int],
                   lambdas: Optional[Sequence[float]] = None) -> dict:
-    """`seed_and_sweep_runs`' sweep alone: {cost_lambda: params stacked over seeds} for each of `lambdas`
-    (default: every lambda of the evaluation sweep but the run's own)."""
-    if lambdas is None:
-        lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
-    return seed_and_sweep_runs(config, tree, train_rows, seeds, lambdas)[1]
-
-
-def seed_and_sweep_runs(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[int], lambdas: Sequence[float],
-                        workdir: Optional[RunPath] = None, progress: bool = True) -> tuple[list, dict]:
-    """With a `workdir`, the seed runs (`hrjax.train.train` into `workdir/seed_<s>`: checkpoints, metrics,
-    resumable); and the sweep: fixed-lambda routers at each of `lambdas`, one per seed, trained like the
-    seed runs (same keys), in memory, as one jitted program vmapped over lambda x seed (`make_train`'s
-    `train(rng, cost_lambda)`), compiled once and split over this process's devices
-    (`hrjax.agent.tree_mode.train_runs`); the same routers as one program per lambda, up to float32
-    rounding. -> (each seed run's final params, {cost_lambda: params stacked over seeds}). On a CPU host
-    with a sweep to train, both are shared out over child processes pinned to a share of the cores each
-    (`config.train.local_processes`, `hrjax.local_processes.run_pinned`; one run's small matmuls gain
-    little from a second core): each trains its seed runs, then its slice of the sweep runs as one
-    program (`share_runs` balances the two kinds of work)."""
+    """{cost_lambda: params stacked over seeds} for each of `lambdas` (default: every lambda of the evaluation
+    sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
+    jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once and
+    split over this process's devices (`hrjax.agent.tree_mode.train_runs`). The same routers as one program
+    per lambda, up to float32 rounding. On a CPU host the runs are further split over child processes pinned
+    to a share of the cores each (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each
+    compiling the program for its runs: one run's small matmuls gain little from a second core."""
     from hrjax.local_processes import default_processes, run_pinned
 
-    keys, run_lambdas = sweep_runs(seeds, lambdas)
-    seed_runs = seeds if workdir is not None else []
-    processes = min(default_processes(config.train.local_processes), len(seed_runs) + len(keys)) if len(keys) else 1
+    if lambdas is None:
+        lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+    if not lambdas:
+        return {}
+    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for lam in lambdas for s in seeds])  # lambda-major
+    run_lambdas = np.array([lam for lam in lambdas for s in seeds], np.float32)
+    processes = min(default_processes(config.train.local_processes), len(keys))
     if processes > 1:
-        shares = share_runs(len(seed_runs), len(keys), processes)
-        parts = run_pinned("hrjax.pipeline:train_seed_and_sweep_share",
-                           [(config, None if workdir is None else str(workdir), [seed_runs[i] for i in share_seeds],
-                             tree, train_rows, keys[runs], run_lambdas[runs]) for share_seeds, runs in shares])
-        by_seed = {seed: p for (share_seeds, _), (seed_params, _) in zip(shares, parts)
-                   for seed, p in zip([seed_runs[i] for i in share_seeds], seed_params)}
-        seed_params = [by_seed[s] for s in seed_runs]
-        sweep_parts = [sweep for _, sweep in parts if sweep is not None]
-        params = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *sweep_parts) if sweep_parts else None
+        shares = np.array_split(np.arange(len(keys)), processes)
+        parts = run_pinned("hrjax.pipeline:train_sweep_runs",
+                           [(config, tree, train_rows, keys[share], run_lambdas[share]) for share in shares])
+        params = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
     else:
-        seed_params, params = train_seed_and_sweep_share(
-            (config, None if workdir is None else str(workdir), seed_runs, tree, train_rows, keys, run_lambdas),
-            progress=progress)
-    return seed_params, {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * len(seeds):(i + 1) * len(seeds)], params)
-                         for i, lam in enumerate(lambdas)}
+        params = train_sweep_runs((config, tree, train_rows, keys, run_lambdas))
+    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * len(seeds):(i + 1) * len(seeds)], params)
+            for i, lam in enumerate(lambdas)}
 
 
-def train_seed_and_sweep_share(payload: tuple, report=None, progress: bool = False) -> tuple[list, Optional[dict]]:
-    """payload = (config, workdir or None, seeds, tree, train rows, sweep keys [R, 2], cost lambdas [R]) -> (the seed
-    runs' final params as numpy arrays, in `seeds` order; the R sweep runs' final params as numpy arrays
-    [R, ...], None when R is 0): `seed_and_sweep_runs`' work in this process, or a child's share of it
-    (`report` unused)."""
+def train_sweep_runs(payload: tuple, report=None):
+    """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R]) -> the R runs' final params as
+    numpy arrays [R, ...] (`hrjax.agent.tree_mode.train_runs`): `sweep_routers`' runs, or a child process's
+    share of them (`report` unused)."""
     from hrjax.agent.tree_mode import make_train, train_runs
 
-    config, workdir, seeds, tree, train_rows, keys, run_lambdas = payload
-    seed_params = [jax.device_get(train(dataclasses.replace(config, seed=s), as_path(workdir) / f"seed_{s}",
-                                        progress).params) for s in seeds]
-    if not len(keys):
-        return seed_params, None
+    config, tree, train_rows, keys, run_lambdas = payload
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    return seed_params, jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas))
+    return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas))
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:
@@ -221,23 +175,22 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
         data = load_data(config)
         tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
     seeds = [config.seed + s for s in range(config.evaluate.seeds)]
+    with clock.phase("seed runs"):
+        params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
+
     train_rows = data.rows("train")
     learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
                          config.train.num_iterations).learner
-    # a rerun reuses the finished seed runs (each resumes or returns its result) and the saved sweep of the
-    # same config; a lambda-conditioned router has no sweep (one router serves every lambda)
-    key = sweep_key(config, seeds)
-    saved = not config.ppo.conditioned and saved_sweep_key(workdir / SWEEP_FILE) == key
-    lambdas = [] if config.ppo.conditioned or saved else [x for x in config.evaluate.cost_lambdas
-                                                           if x != config.env.cost_lambda]
-    with clock.phase("seed runs and sweep"):
-        params, sweep = seed_and_sweep_runs(config, tree, train_rows, seeds, lambdas, workdir, progress)
-        if saved:
-            sweep = load_sweep(workdir / SWEEP_FILE)[1]
-        elif lambdas and is_chief():
-            save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
-    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
     if not config.ppo.conditioned:
+        with clock.phase("sweep"):  # a rerun reuses the saved sweep of the same config, as it does the seed runs
+            key = sweep_key(config, seeds)
+            if saved_sweep_key(workdir / SWEEP_FILE) == key:
+                sweep = load_sweep(workdir / SWEEP_FILE)[1]
+            else:
+                sweep = sweep_routers(config, tree, train_rows, seeds)
+                if is_chief():
+                    save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
         stacked = {config.env.cost_lambda: stacked, **sweep}
     with clock.phase("evaluation"):
         result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),

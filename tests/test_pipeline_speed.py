@@ -15,7 +15,7 @@ from runs import config_of, reduced_specialist_config
 
 from hrjax.agent.tree_mode import make_train
 from hrjax.benchmarks.common import random_tree
-from hrjax.pipeline import SEED_RUN_WEIGHT, SWEEP_FILE, evaluate_run, share_runs, sweep_routers, timing_line
+from hrjax.pipeline import SWEEP_FILE, evaluate_run, sweep_routers, timing_line
 
 POOL = dict(pool=[dict(name=f"m{i}", checkpoint="/unused", base_rate=1.0 + i) for i in range(2)],
             data_dir="/unused", cache_dir="/unused")
@@ -43,19 +43,6 @@ def test_sweep_is_one_program_equal_to_one_per_lambda(processes):
         np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
     first, last = (jax.tree_util.tree_leaves(sweep[lam]) for lam in (0.0, 2.0))
     assert max(float(np.abs(a - b).max()) for a, b in zip(first, last)) > 10 * TOLERANCE  # lambda reaches the run
-
-
-def test_seed_and_sweep_runs_are_shared_out_by_their_work():
-    assert SEED_RUN_WEIGHT == 3.5
-    # the main job: 3 seed runs and 18 sweep runs over 2 processes; the one with 2 seed runs gets fewer sweep runs
-    assert share_runs(3, 18, 2) == [([0, 2], slice(0, 7)), ([1], slice(7, 18))]
-    for seeds, runs, processes in ((3, 18, 2), (1, 5, 4), (4, 0, 3), (0, 7, 3), (2, 1, 8)):
-        shares = share_runs(seeds, runs, processes)
-        assert sorted(i for share, _ in shares for i in share) == list(range(seeds))
-        assert [r for _, part in shares for r in range(part.start, part.stop)] == list(range(runs))  # in order
-        assert all(share or part.stop > part.start for share, part in shares) and len(shares) <= processes
-        loads = [len(share) * SEED_RUN_WEIGHT + part.stop - part.start for share, part in shares]
-        assert max(loads) - min(loads) <= SEED_RUN_WEIGHT or not runs or len(shares) < processes
 
 
 SPLIT_RUNS = """
@@ -90,7 +77,7 @@ def test_runs_split_over_host_devices_train_as_they_would_alone():
 
 def test_main_job_prints_its_phase_seconds_and_a_rerun_reuses_the_sweep(reduced_quickstart, capsys):
     root, run = reduced_quickstart
-    phases = ["pool", "tree", "seed runs and sweep", "evaluation", "report"]
+    phases = ["pool", "tree", "seed runs", "sweep", "evaluation", "report"]
     assert list(run.seconds) == [*phases, "total"]
     assert all(run.seconds[p] >= 0 for p in phases) and run.seconds["total"] >= sum(run.seconds[p] for p in phases)
     saved = (root / "run" / SWEEP_FILE).stat()
