@@ -11,9 +11,9 @@ PRECISE_CPU_MATMUL_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 # LLVM's -O2 instead of XLA's default -O3 for the code it generates. On a 2-core Intel host the main job's
-# programs compiled in about two thirds of the time with the same run time: the 9-run tree-mode sweep
-# program 7.0-7.9 s against 11.5-11.9 s (runs 22.9-23.6 s either way), the path tree's 8 sampler programs
-# 9.7 s against 11.1 s (the same tree). The main job compiles about 40 programs and runs most only briefly.
+# programs compiled faster with the same run time: the 9-run tree-mode sweep program in 7.0 s against
+# 11.5-11.9 s (runs 22.9-23.6 s either way), the path tree's 8 sampler programs in 9.7 s against 11.1 s
+# (the tree bit-identical). The main job compiles dozens of programs and runs most of them briefly.
 QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=2"
 
 
