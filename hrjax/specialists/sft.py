@@ -5,8 +5,8 @@ right-padded. The loss is the mean negative log-likelihood of the response token
 (prompt and padding are masked out), so the model learns to answer and then stop. Batches are drawn
 uniformly with replacement inside the jitted update, `STEPS_PER_CALL` updates per call under
 `lax.scan`. Models of one shape train together (`train_together`): one program whose update runs over
-them in turn (`lax.map`), each with its own data, initialisation, batches and schedule. Shapes: N pairs, T sequence length, B batch,
-V vocabulary.
+them in turn (`lax.map`), each with its own data, initialisation, batches and schedule. Shapes: N
+pairs, T sequence length, B batch, V vocabulary.
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
                    labels: Optional[Sequence[str]] = None) -> Iterator[tuple[int, Any, np.ndarray]]:
     """Trains one fresh decoder per config, each on its encoded pairs `data[i]` = (tokens [N_i, T_i],
     mask [N_i, T_i]), all in one jitted program that updates the models in turn (`lax.map`; the configs
-    must share `SFTConfig.shape`), each with its own initialisation, batches and schedule from its own seed and
-    settings, as if alone. The pairs are padded to a common [N, T]; `STEPS_PER_CALL` updates per call,
+    must share `SFTConfig.shape`), each with its own initialisation, batches and schedule from its own
+    seed and settings, as if alone. The pairs are padded to a common [N, T]; `STEPS_PER_CALL` updates per call,
     and a model leaves the stack when its steps are done. Yields (index, params, per-step losses [steps]
     float32) as each model finishes, shortest first. `on_progress(steps_done, mean last loss)` (steps
     summed over the models) after every call. A model whose loss turns non-finite is dropped at once;
