@@ -40,7 +40,8 @@ def use_precise_cpu_matmuls() -> None:
 def use_quick_compiles() -> None:
     """XLA's code generation at LLVM -O2 (`QUICK_COMPILE_FLAG`) for this process and the children it
     starts, unless XLA_FLAGS already sets the level: for jobs that compile many programs and run most of
-    them briefly (the main job). Must run before JAX creates its backend; raises RuntimeError otherwise."""
+    them briefly (the main job). Measured on CPU hosts only; on a GPU the level also applies to the
+    kernels XLA generates. Must run before JAX creates its backend; raises RuntimeError otherwise."""
     _add_xla_flag(QUICK_COMPILE_FLAG, "use_quick_compiles")
 
 
