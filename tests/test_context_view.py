@@ -97,7 +97,7 @@ def test_an_L3_tree_of_tiny_models_carries_the_observations(pool, encoder, view)
     tree = build_tree(env, [0, 1], questions, progress=False)
     width = 2 if view == "question_and_latest" else 3
     assert tree.root_embedding.shape == (2, width * encoder.dim)
-    assert tree.embedding.shape == (2, 14, width * encoder.dim)  # K = 2 + 4 + 8 nodes
+    assert tree.embedding.shape == (2, 6, width * encoder.dim)  # D = 2 + 4 of the K = 2 + 4 + 8 nodes
     m = len(pool)
     for first in range(m):
         for second in range(m):

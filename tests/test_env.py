@@ -179,9 +179,14 @@ def test_tree_generates_every_path_once_and_matches_rollouts(pool, encoder, monk
     rollout_generations = sum(counter.rows)
     assert rollout_generations == 2 * n
 
+    embedded = []  # every context the build embeds: none after the last hop, where no decision is taken
+    monkeypatch.setattr(env, "embed", lambda contexts, memo=None: embedded.extend(contexts) or
+                        RoutingEnv.embed(env, contexts, memo))
     tree = build_tree(env, list(range(n)), QUESTIONS[:n], progress=False)
+    monkeypatch.undo()
     k = m + m * m
-    assert tree.quality.shape == (n, k) and tree.embedding.shape == (n, k, env.observation_dim)
+    assert tree.quality.shape == (n, k) and tree.embedding.shape == (n, m, env.observation_dim)
+    assert sorted({len(c.responses) for c in embedded}) == [0, 1]
     # every (prompt, node) answered exactly once overall: the rollout's answers came from the cache
     assert sum(counter.rows) == n * k
     assert env.cache.stats.hits == rollout_generations  # the rollout's nodes were not generated again
@@ -194,6 +199,8 @@ def test_tree_generates_every_path_once_and_matches_rollouts(pool, encoder, monk
         assert tree.path_cost()[i, node] == pytest.approx(episode.total_cost[i], rel=1e-6)
         assert tree.tokens_out[i, node] == episode.tokens_out[1, i]
     np.testing.assert_allclose(tree.root_embedding, episode.embedding[0], atol=1e-6)
+    first_hop = [tree.node_of_path([int(a)]) for a in hop_actions[0]]
+    np.testing.assert_allclose(tree.embedding[np.arange(n), first_hop], episode.embedding[1], atol=1e-5)
 
     best = oracle_nodes(tree, np.arange(n), [0.3], stop_action=False)[0]  # the oracle bounds the rollout
     fixed = episode.quality - 0.3 * episode.total_cost

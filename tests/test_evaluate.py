@@ -18,7 +18,7 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import PPOConfig
 from hrjax.agent.tree_mode import make_train
 from hrjax.env.mdp import EnvConfig
-from hrjax.env.tree import OfficialScores, PathTree, tree_structure
+from hrjax.env.tree import OfficialScores, PathTree, decision_nodes, tree_structure
 from hrjax.evaluate import (EvaluationError, Split, action_table, evaluate, fmt, fmt_interval, hull_area,
                             knn_one_shot_models, markdown_table, method_eval, nodes_of_actions, pareto_hull,
                             ppo_policy, summarize, t_interval, uniform_random_nodes, write_summary)
@@ -36,7 +36,8 @@ def explicit_tree(quality, hop_cost, num_models=2, num_hops=2, root=None):
     root = np.ones((n, 2), np.float32) if root is None else np.asarray(root, np.float32)
     cost = np.tile(np.asarray(hop_cost, np.float32)[model], (n, 1))
     zeros = np.zeros((n, k), np.int32)
-    return PathTree(root, np.repeat(root[:, None], k, axis=1), zeros, zeros, cost, quality, model, parent, depth)
+    return PathTree(root, np.repeat(root[:, None], decision_nodes(num_models, num_hops), axis=1), zeros, zeros, cost,
+                    quality, model, parent, depth)
 
 
 # nodes (M = 2, L = 2): 0 [m0], 1 [m1], 2 [m0 m0], 3 [m0 m1], 4 [m1 m0], 5 [m1 m1]; path costs .1 .3 .2 .4 .4 .6
@@ -275,7 +276,8 @@ def random_tree(rng, num_models, num_hops, n):
     cost = rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32)
     root = rng.normal(size=(n, 3)).astype(np.float32)
     zeros = np.zeros((n, k), np.int32)
-    return PathTree(root, np.repeat(root[:, None], k, axis=1), zeros, zeros, cost, quality, model, parent, depth)
+    return PathTree(root, np.repeat(root[:, None], decision_nodes(num_models, num_hops), axis=1), zeros, zeros, cost,
+                    quality, model, parent, depth)
 
 
 def test_the_oracle_bounds_every_method_on_random_trees():

@@ -10,7 +10,7 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import Learner, PPOConfig, Trajectory
 from hrjax.agent.tree_mode import TreeEnv, greedy_paths, make_train
 from hrjax.env.mdp import EnvConfig
-from hrjax.env.tree import PathTree, tree_structure
+from hrjax.env.tree import PathTree, decision_nodes, tree_structure
 
 N, E = 64, 8
 
@@ -33,7 +33,8 @@ def synthetic_tree(quality_of, cost_of_model, num_models=3, num_hops=1, seed=0):
         paths.append(path)
     quality = np.array([[quality_of(c, p) for p in paths] for c in cluster], np.float32)
     cost = np.tile(np.array([cost_of_model[p[-1]] for p in paths], np.float32), (N, 1))
-    embedding = np.repeat(root[:, None], k, axis=1) + rng.normal(scale=0.05, size=(N, k, E)).astype(np.float32)
+    d = decision_nodes(num_models, num_hops)
+    embedding = np.repeat(root[:, None], d, axis=1) + rng.normal(scale=0.05, size=(N, d, E)).astype(np.float32)
     zeros = np.zeros((N, k), np.int32)
     return PathTree(root, embedding, zeros, zeros, cost, quality, model, parent, depth)
 

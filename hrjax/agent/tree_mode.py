@@ -6,7 +6,8 @@ update run together in one jit-compiled `lax.scan` over iterations.
 seeds and, for a fixed-lambda router, over the cost lambda (a traced scalar; None: the env config's).
 The environment follows `EnvConfig`: L hops, STOP when enabled (action M, not at hop 0: stopping at a
 node scores that node's answer), the cost charged at the end or per hop.
-Shapes: N prompts, K tree nodes, E embedding width, B episodes per iteration, L hops, M models.
+Shapes: N prompts, K tree nodes (D of them decided at: `hrjax.env.tree.decision_nodes`), E embedding width,
+B episodes per iteration, L hops, M models.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from hrjax.agent.networks import NetworkConfig
 from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, models_called,
                              sample_cost_lambda)
 from hrjax.env.mdp import EnvConfig, routing_reward
-from hrjax.env.tree import PathTree, level_offset
+from hrjax.env.tree import PathTree, decision_nodes, level_offset
 from hrjax.parallel import Mesh, constrain_batch, constrain_replicated
 
 
 class TreeArrays(NamedTuple):
     """The parts of a `PathTree` the jitted environment reads, as device arrays."""
 
-    root_embedding: chex.Array  # [N, E]
-    embedding: chex.Array  # [N, K, E]
+    observation: chex.Array  # [N, 1 + D, E] embedding at the root (column 0) and after node k < D (column k + 1)
     cost: chex.Array  # [N, K]
     quality: chex.Array  # [N, K]
     level_start: chex.Array  # [L + 1] first node index of each depth
@@ -39,8 +39,15 @@ class TreeArrays(NamedTuple):
     @classmethod
     def from_tree(cls, tree: PathTree) -> "TreeArrays":
         m, hops = tree.num_models, tree_hops(tree)
-        return cls(jnp.asarray(tree.root_embedding), jnp.asarray(tree.embedding), jnp.asarray(tree.cost),
-                   jnp.asarray(tree.quality), jnp.array([level_offset(m, d) for d in range(hops + 1)]))
+        n, decided = tree.quality.shape[0], decision_nodes(m, hops)
+        if tree.embedding.shape[:2] != (n, decided) or tree.root_embedding.shape[0] != n:
+            raise ValueError(f"A path tree of {n} prompts, {m} models and {hops} hops embeds the root and the "
+                             f"{decided} nodes decided at (`decision_nodes`): embedding [{n}, {decided}, E], got "
+                             f"{tree.embedding.shape} (and root_embedding {tree.root_embedding.shape}): build the tree "
+                             "with `hrjax.env.tree.build_tree`, or rebuild one saved by an older version.")
+        observation = np.concatenate([tree.root_embedding[:, None], tree.embedding], axis=1)
+        return cls(jnp.asarray(observation), jnp.asarray(tree.cost), jnp.asarray(tree.quality),
+                   jnp.array([level_offset(m, d) for d in range(hops + 1)]))
 
 
 def tree_hops(tree: PathTree) -> int:
@@ -86,9 +93,7 @@ class TreeEnv(NamedTuple):
 
     def observe(self, state: EnvState):
         """-> (embedding [B, E], hop [B], cost features [B, 2], action mask [B, A])."""
-        a = self.arrays
-        node_embedding = a.embedding[state.prompt, jnp.maximum(state.node, 0)]
-        embedding = jnp.where((state.node < 0)[:, None], a.root_embedding[state.prompt], node_embedding)
+        embedding = self.arrays.observation[state.prompt, state.node + 1]  # a node decided at: node < D
         mask = jnp.ones((state.hop.shape[0], self.num_actions), bool)
         if self.stop_action:
             mask = mask.at[:, self.num_models].set(state.hop > 0)

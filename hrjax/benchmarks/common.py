@@ -83,12 +83,12 @@ def host_info() -> dict:
 
 def random_tree(num_prompts: int, embedding_dim: int, num_models: int, num_hops: int):
     """A path tree of random arrays (throughput does not depend on the values)."""
-    from hrjax.env.tree import PathTree, tree_structure
+    from hrjax.env.tree import PathTree, decision_nodes, tree_structure
 
     model, parent, depth = tree_structure(num_models, num_hops)
-    k, rng = len(model), np.random.default_rng(0)
+    k, d, rng = len(model), decision_nodes(num_models, num_hops), np.random.default_rng(0)
     zeros = np.zeros((num_prompts, k), np.int32)
     return PathTree(rng.normal(size=(num_prompts, embedding_dim)).astype(np.float32),
-                    rng.normal(size=(num_prompts, k, embedding_dim)).astype(np.float32), zeros, zeros,
+                    rng.normal(size=(num_prompts, d, embedding_dim)).astype(np.float32), zeros, zeros,
                     rng.uniform(size=(num_prompts, k)).astype(np.float32),
                     rng.uniform(size=(num_prompts, k)).astype(np.float32), model, parent, depth)

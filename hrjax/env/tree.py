@@ -30,8 +30,8 @@ from hrjax.fsutil import atomic_file
 # part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
 # (3: the embeddings follow the env's context view, `hrjax.env.mdp.embed_contexts`; 4: the official metrics,
 # `OfficialScores`, saved with it; a change to what a metric gives bumps its family's
-# `hrjax.tasks.official.OFFICIAL_VERSIONS` instead, which the key also holds)
-FORMAT_VERSION = 4
+# `hrjax.tasks.official.OFFICIAL_VERSIONS` instead, which the key also holds; 5: no embeddings after the last hop)
+FORMAT_VERSION = 5
 DEFAULT_CHUNK_SIZE = 256  # answers generated between two flushes of the response cache
 
 
@@ -40,10 +40,10 @@ class TreeError(HrjaxError, ValueError):
 
 
 class PathTree(NamedTuple):
-    """N prompts, K nodes each, E embedding width, M models."""
+    """N prompts, K nodes each, D of them decided at (`decision_nodes`), E embedding width, M models."""
 
     root_embedding: np.ndarray  # [N, E] observation embedding (the env's context view) of each question (s_0)
-    embedding: np.ndarray  # [N, K, E] observation embedding of the context after the node's response
+    embedding: np.ndarray  # [N, D, E] observation embedding of the context after the response of node k < D
     tokens_in: np.ndarray  # [N, K] int32
     tokens_out: np.ndarray  # [N, K] int32
     cost: np.ndarray  # [N, K] float32, this hop's normalised cost
@@ -103,6 +103,12 @@ def level_offset(num_models: int, depth: int) -> int:
     return sum(num_models ** (d + 1) for d in range(depth))
 
 
+def decision_nodes(num_models: int, num_hops: int) -> int:
+    """D: how many nodes, the first in breadth-first order (every depth but the last), a policy decides at
+    and so observes; after a node of the last depth the episode has ended, so no one embeds its context."""
+    return level_offset(num_models, num_hops - 1)
+
+
 def tree_structure(num_models: int, num_hops: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(model [K], parent [K], depth [K]) of the breadth-first node order."""
     model, parent, depth = [], [], []
@@ -142,7 +148,7 @@ def build_scored_tree(env: RoutingEnv, examples: Sequence[Any], questions: Seque
     cost, quality = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
     memo = EmbeddingMemo(env.encoder.encode)  # each question is embedded at every node, once
     root_embedding = env.embed([Context(q) for q in questions], memo)
-    embedding = np.zeros((n, k, root_embedding.shape[-1]), np.float32)
+    embedding = np.zeros((n, decision_nodes(m, hops), root_embedding.shape[-1]), np.float32)
     official_values = None if official is None else np.full((n, k, official.names.shape[1]), np.nan, np.float32)
     bar = tqdm(total=n * k, desc="path tree", unit="answer", disable=not progress)
     for d in range(hops):
@@ -156,11 +162,12 @@ def build_scored_tree(env: RoutingEnv, examples: Sequence[Any], questions: Seque
                 hop = env.respond(action, before)
                 env.cache.flush()
                 after = [c.then(a) for c, a in zip(before, hop.responses)]
-                new_embeddings = env.embed(after, memo)
+                if d + 1 < hops:  # a policy decides after this node's response
+                    embedding[[i for i, _ in chunk], [node for _, node in chunk]] = env.embed(after, memo)
                 for j, (i, node) in enumerate(chunk):
                     contexts[i][node] = after[j]
                     tokens_in[i, node], tokens_out[i, node] = hop.tokens_in[j], hop.tokens_out[j]
-                    cost[i, node], embedding[i, node] = hop.cost[j], new_embeddings[j]
+                    cost[i, node] = hop.cost[j]
                     quality[i, node] = env.quality_fn(examples[i], after[j].responses[-1].text)
                 if official is not None:
                     _score_official(official, official_values, examples, chunk, [c.responses[-1].text for c in after])
