@@ -44,25 +44,36 @@ class MetricsWriter:
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
+        self.write_rows([(step, metrics)])
+
+    def write_rows(self, rows: Sequence[tuple[int, Mapping[str, object]]]) -> None:
+        """Logs (step, metrics) rows: one JSONL line and one TensorBoard event (every finite scalar of the row)
+        per row, flushed once at the end."""
         if not self.enabled:
             return
-        row = {"step": int(step)}
-        for name, value in metrics.items():
-            value = np.asarray(value)
-            if name == "action_histogram":
-                row[name] = value.tolist()
-                for hop, shares in enumerate(value):
-                    for action, share in zip(self.action_names, shares):
-                        self.tensorboard.add_scalar(f"actions/hop{hop}/{action}", float(share), step)
-            else:
-                row[name] = float(value)
-                if math.isfinite(row[name]):
-                    self.tensorboard.add_scalar(name, row[name], step)
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        lines = []
+        for step, metrics in rows:
+            row, scalars = {"step": int(step)}, []
+            for name, value in metrics.items():
+                value = np.asarray(value)
+                if name == "action_histogram":
+                    row[name] = value.tolist()
+                    scalars += [(f"actions/hop{hop}/{action}", float(share)) for hop, shares in enumerate(value)
+                                for action, share in zip(self.action_names, shares)]
+                else:
+                    row[name] = float(value)
+                    if math.isfinite(row[name]):
+                        scalars.append((name, row[name]))
+            self.tensorboard.file_writer.add_summary(
+                Summary(value=[Summary.Value(tag=tag, simple_value=x) for tag, x in scalars]), int(step))
+            lines.append(json.dumps(row) + "\n")
         if self.local:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write("".join(lines))
         else:
-            self.rows.append(row)
+            self.rows += [json.loads(line) for line in lines]
             self._rewrite(self.rows)
         self.tensorboard.flush()
 

@@ -229,7 +229,8 @@ def build_tree_share(config: RunConfig, examples: list, meta: dict, path: Path, 
 
 class _TreeRun:
     """Tree mode: the path tree of every prompt (train, select, eval: the one tree `hrjax evaluate`
-    reads too); one jitted scan per Python step; evaluation on the selection prompts."""
+    reads too); one jitted scan per Python step; evaluation on the selection prompts. Nothing here depends
+    on the run's seed, so the runs of one config in a process share one (`_tree_run`)."""
 
     def __init__(self, config: RunConfig, data: RunData, mesh, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
@@ -238,6 +239,7 @@ class _TreeRun:
         tree = load_or_build_tree(config, data.examples, progress)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
                                   config.train.num_iterations, mesh)
+        self._init = jax.jit(self.trainer.init)
         self._run = jax.jit(self.trainer.run, static_argnums=1)
         select_rows, lam = data.rows("select"), config.env.cost_lambda
 
@@ -248,7 +250,7 @@ class _TreeRun:
         self._greedy = jax.jit(greedy, out_shardings=None if mesh is None else replicated(mesh))
 
     def init(self, rng):
-        return self.trainer.init(rng)
+        return self._init(rng)
 
     def steps(self, carry, n: int):
         """n iterations -> (carry, one metrics dict per iteration, the step's learner and rollout seconds)."""
@@ -263,6 +265,19 @@ class _TreeRun:
     def evaluate(self, params):
         quality, cost = self._greedy(params)
         return float(quality), float(cost)
+
+
+_TREE_RUNS: dict = {}  # the latest `_TreeRun` by its config less the seed: the next seed's run reuses its programs
+
+
+def _tree_run(config: RunConfig, data: RunData, mesh, progress: bool) -> _TreeRun:
+    """The `_TreeRun` of `config`: the one made for the last run in this process when that run's config
+    differs at most in its seed (its tree loaded and its programs compiled once), else a new one."""
+    key = (json.dumps({**config.to_dict(), "seed": None}, sort_keys=True), mesh)
+    if key not in _TREE_RUNS:
+        _TREE_RUNS.clear()
+        _TREE_RUNS[key] = _TreeRun(config, data, mesh, progress)
+    return _TREE_RUNS[key]
 
 
 class _OnlineRun:
@@ -307,9 +322,15 @@ def _first_non_finite(rows: list[dict], first_iteration: int, params) -> Optiona
         for name, value in metrics.items():
             if not np.all(np.isfinite(np.asarray(value))):
                 return f"metric '{name}' is {np.asarray(value).tolist()} at iteration {iteration}"
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
+    if not bool(_all_finite(params)):
         return "the parameters hold NaN or inf"
     return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """[] bool: no NaN or inf in any leaf of `tree` (one program, not one per leaf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
@@ -339,7 +360,7 @@ def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
             write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
         data = load_data(config)
         mesh = training_mesh(config.mesh)
-        run = (_TreeRun if config.mode == "tree" else _OnlineRun)(config, data, mesh, progress)
+        run = (_tree_run if config.mode == "tree" else _OnlineRun)(config, data, mesh, progress)
         # the carry counts its iterations; over a mesh of several processes, one array spanning them all
         fresh = {"carry": global_replicated(run.init(jax.random.PRNGKey(config.seed)), mesh)}
         resumed_from, state = checkpoints.restore(fresh)
@@ -393,10 +414,10 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
                 evaluation = _evaluation(config, run, carry.params)
                 metrics.update(evaluation)
                 checkpoints.save_best(iteration + n, state, evaluation)
-            for row in rows:  # one row per iteration, so the curves start at iteration 1
-                iteration += 1
-                writer.write(iteration, row)
-                history.append({"step": iteration, **{k: np.asarray(v).tolist() for k, v in row.items()}})
+            logged = list(zip(range(iteration + 1, iteration + n + 1), rows))  # the curves start at iteration 1
+            writer.write_rows(logged)
+            history += [{"step": step, **{k: np.asarray(v).tolist() for k, v in row.items()}} for step, row in logged]
+            iteration += n
             if python_step % loop.checkpoint_every == 0 or last:
                 checkpoints.save(iteration, state)
             bar.update(n)

@@ -223,3 +223,28 @@ def test_bad_command_line_overrides_exit_with_a_clear_message(override, message,
     out, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and message in out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_seeds_of_one_config_share_its_tree_run_and_train_as_if_alone(tiny_pool, tmp_path, monkeypatch):
+    """A second seed of the same config in one process reuses the first's tree and compiled programs (no new
+    `_TreeRun`), and ends with the parameters a fresh one gives it, bit for bit; another config gets its own."""
+    import dataclasses
+
+    import jax
+
+    from hrjax import train as train_module
+
+    made = []
+    original = train_module._TreeRun
+    monkeypatch.setattr(train_module, "_TreeRun", lambda *args: made.append(args[0].seed) or original(*args))
+    config = config_of(tiny_pool, iterations=4)
+    train(config, tmp_path / "seed0", progress=False)
+    shared = train(dataclasses.replace(config, seed=1), tmp_path / "seed1", progress=False).params
+    assert made == [config.seed]
+    train_module._TREE_RUNS.clear()
+    alone = train(dataclasses.replace(config, seed=1), tmp_path / "seed1-alone", progress=False).params
+    assert made == [config.seed, 1]
+    for a, b in zip(jax.tree_util.tree_leaves(shared), jax.tree_util.tree_leaves(alone)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    train(config_of(tiny_pool, iterations=4, **{"ppo.learning_rate": 3e-3}), tmp_path / "other", progress=False)
+    assert made == [config.seed, 1, config.seed]
