@@ -32,6 +32,7 @@ A actions (M, + STOP when enabled), B points of the oracle's curve.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -262,6 +263,13 @@ def ppo_policy(learner, params, env_config: EnvConfig) -> Policy:
 
     from hrjax.agent.tree_mode import TreeEnv, greedy_paths
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def greedy_actions(settings: tuple, arrays, seeds, rows, cost_lambda):
+        """-> [S, L, P] the greedy actions of every seed, one program per tree shape (`TreeEnv` less its arrays:
+        `settings`)."""
+        env = TreeEnv(arrays, *settings)
+        return jax.vmap(lambda p: greedy_paths(learner, p, env, rows, cost_lambda)[2])(seeds)
+
     def policy(tree: PathTree, rows: np.ndarray, cost_lambda: float) -> np.ndarray:
         seeds = params
         if isinstance(params, Mapping) and all(isinstance(k, (int, float)) for k in params):
@@ -270,7 +278,7 @@ def ppo_policy(learner, params, env_config: EnvConfig) -> Policy:
                                       f"{sorted(params)}): train one there or drop it from the sweep.")
             seeds = params[cost_lambda]
         env = TreeEnv.create(tree, env_config)
-        actions = jax.vmap(lambda p: greedy_paths(learner, p, env, rows, cost_lambda)[2])(seeds)  # [S, L, P]
+        actions = greedy_actions(tuple(env[1:]), env.arrays, seeds, np.asarray(rows), np.float32(cost_lambda))
         return nodes_of_actions(np.asarray(actions), tree.num_models)
 
     return policy
