@@ -26,7 +26,7 @@ import numpy as np
 from hrjax.config import RunConfig
 from hrjax.pool import resolve_pool
 from hrjax.rundir import RunPath, as_path, open_for_writing
-from hrjax.train import load_data, load_or_build_scored_tree, train
+from hrjax.train import load_data, load_or_build_scored_tree, sharing_tree_runs, train
 
 SWEEP_FILE = "sweep_routers.npz"
 
@@ -175,7 +175,7 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
         data = load_data(config)
         tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
     seeds = [config.seed + s for s in range(config.evaluate.seeds)]
-    with clock.phase("seed runs"):
+    with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once, for every seed
         params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
 

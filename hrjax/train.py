@@ -10,6 +10,7 @@ Data flows one way: task examples -> pool + encoder -> env (or its path tree) ->
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -230,7 +231,7 @@ def build_tree_share(config: RunConfig, examples: list, meta: dict, path: Path, 
 class _TreeRun:
     """Tree mode: the path tree of every prompt (train, select, eval: the one tree `hrjax evaluate`
     reads too); one jitted scan per Python step; evaluation on the selection prompts. Nothing here depends
-    on the run's seed, so the runs of one config in a process share one (`_tree_run`)."""
+    on the run's seed, so the runs of one config can share one (`sharing_tree_runs`)."""
 
     def __init__(self, config: RunConfig, data: RunData, mesh, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
@@ -267,17 +268,32 @@ class _TreeRun:
         return float(quality), float(cost)
 
 
-_TREE_RUNS: dict = {}  # the latest `_TreeRun` by its config less the seed: the next seed's run reuses its programs
+_SHARED_TREE_RUNS: list[dict] = []  # while `sharing_tree_runs` is active: {config less the seed: its `_TreeRun`}
+
+
+@contextlib.contextmanager
+def sharing_tree_runs():
+    """Within it, the tree-mode runs of one config that differ only in their seed share one `_TreeRun`
+    (the tree loaded and its programs compiled once, for the first); on exit it is dropped, with the tree's
+    device arrays. `hrjax evaluate` trains its seeds so."""
+    _SHARED_TREE_RUNS.append({})
+    try:
+        yield
+    finally:
+        _SHARED_TREE_RUNS.pop()
 
 
 def _tree_run(config: RunConfig, data: RunData, mesh, progress: bool) -> _TreeRun:
-    """The `_TreeRun` of `config`: the one made for the last run in this process when that run's config
-    differs at most in its seed (its tree loaded and its programs compiled once), else a new one."""
+    """A new `_TreeRun` for `config`, or within `sharing_tree_runs` the one of the last run whose config
+    differed at most in its seed."""
+    if not _SHARED_TREE_RUNS:
+        return _TreeRun(config, data, mesh, progress)
+    shared = _SHARED_TREE_RUNS[-1]
     key = (json.dumps({**config.to_dict(), "seed": None}, sort_keys=True), mesh)
-    if key not in _TREE_RUNS:
-        _TREE_RUNS.clear()
-        _TREE_RUNS[key] = _TreeRun(config, data, mesh, progress)
-    return _TREE_RUNS[key]
+    if key not in shared:
+        shared.clear()
+        shared[key] = _TreeRun(config, data, mesh, progress)
+    return shared[key]
 
 
 class _OnlineRun:

@@ -226,8 +226,9 @@ def test_bad_command_line_overrides_exit_with_a_clear_message(override, message,
 
 
 def test_the_seeds_of_one_config_share_its_tree_run_and_train_as_if_alone(tiny_pool, tmp_path, monkeypatch):
-    """A second seed of the same config in one process reuses the first's tree and compiled programs (no new
-    `_TreeRun`), and ends with the parameters a fresh one gives it, bit for bit; another config gets its own."""
+    """Within `sharing_tree_runs`, a second seed of the same config reuses the first's tree and compiled programs
+    (no new `_TreeRun`) and ends with the parameters a fresh one gives it, bit for bit; another config gets its
+    own, and outside it every run makes its own."""
     import dataclasses
 
     import jax
@@ -238,13 +239,14 @@ def test_the_seeds_of_one_config_share_its_tree_run_and_train_as_if_alone(tiny_p
     original = train_module._TreeRun
     monkeypatch.setattr(train_module, "_TreeRun", lambda *args: made.append(args[0].seed) or original(*args))
     config = config_of(tiny_pool, iterations=4)
-    train(config, tmp_path / "seed0", progress=False)
-    shared = train(dataclasses.replace(config, seed=1), tmp_path / "seed1", progress=False).params
-    assert made == [config.seed]
-    train_module._TREE_RUNS.clear()
+    with train_module.sharing_tree_runs():
+        train(config, tmp_path / "seed0", progress=False)
+        shared = train(dataclasses.replace(config, seed=1), tmp_path / "seed1", progress=False).params
+        assert made == [config.seed]
+        train(config_of(tiny_pool, iterations=4, **{"ppo.learning_rate": 3e-3}), tmp_path / "other", progress=False)
+        assert made == [config.seed, config.seed]
     alone = train(dataclasses.replace(config, seed=1), tmp_path / "seed1-alone", progress=False).params
-    assert made == [config.seed, 1]
+    train(dataclasses.replace(config, seed=1), tmp_path / "seed1-again", progress=False)
+    assert made == [config.seed, config.seed, 1, 1]
     for a, b in zip(jax.tree_util.tree_leaves(shared), jax.tree_util.tree_leaves(alone)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    train(config_of(tiny_pool, iterations=4, **{"ppo.learning_rate": 3e-3}), tmp_path / "other", progress=False)
-    assert made == [config.seed, 1, config.seed]
