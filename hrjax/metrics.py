@@ -53,7 +53,7 @@ class MetricsWriter:
             return
         from tensorboardX.proto.summary_pb2 import Summary
 
-        lines = []
+        logged = []
         for step, metrics in rows:
             row, scalars = {"step": int(step)}, []
             for name, value in metrics.items():
@@ -68,12 +68,12 @@ class MetricsWriter:
                         scalars.append((name, row[name]))
             self.tensorboard.file_writer.add_summary(
                 Summary(value=[Summary.Value(tag=tag, simple_value=x) for tag, x in scalars]), int(step))
-            lines.append(json.dumps(row) + "\n")
+            logged.append(row)
         if self.local:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(lines))
+                f.write("".join(json.dumps(row) + "\n" for row in logged))
         else:
-            self.rows += [json.loads(line) for line in lines]
+            self.rows += logged
             self._rewrite(self.rows)
         self.tensorboard.flush()
 
