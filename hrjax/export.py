@@ -164,12 +164,13 @@ def export_policy(learner, flat_params: dict, embedding_dim: int) -> bytes:
 
 
 def export_encoder(encoder, flat_params: dict) -> bytes:
-    """The serialised `jax.export` of the sentence encoder: (flat params, input_ids [b, t], attention
-    mask [b, t]) -> [b, E] unit vectors (t symbolic: any length up to the encoder's positions)."""
-    from hrjax.models.encoder import sentence_embeddings
+    """The serialised `jax.export` of the packed sentence encoder: (flat params, input_ids [b, t],
+    segment_ids [b, t]) -> [b, (t + 1) // 2, E] unit vectors, one per packed text
+    (`hrjax.models.sentence_batches.pack`; b and t symbolic: t any row length up to the encoder's positions)."""
+    from hrjax.models.encoder import packed_sentence_embeddings
 
-    def embed(params, input_ids, attention_mask):
-        return sentence_embeddings(encoder.config, _unflat(params), input_ids, attention_mask)
+    def embed(params, input_ids, segment_ids):
+        return packed_sentence_embeddings(encoder.config, _unflat(params), input_ids, segment_ids)
 
     b, t = jax.export.symbolic_shape("b, t")
     args = (_specs(flat_params), jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32))

@@ -18,6 +18,7 @@ from hrjax.models import encoder as enc_mod
 from hrjax.models.encoder import (BertEncoder, EncoderConfig, load_encoder,
                                   params_from_hf_tensors, save_encoder)
 from hrjax.models.hf import read_safetensors
+from hrjax.models.sentence_batches import pack, packed_shapes
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
@@ -190,7 +191,7 @@ def test_missing_asset_package_names_the_install(monkeypatch):
         assets.minilm_path()  # the README's line: without --no-deps pip pulls a CUDA torch
 
 
-def test_bucketing_bounds_compilations(tiny):
+def test_packing_bounds_compilations(tiny):
     encoder = load_encoder(tiny[0])
     assert encoder.max_seq_length == TINY_BERT["max_position_embeddings"]
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -202,19 +203,44 @@ def test_bucketing_bounds_compilations(tiny):
         ids = encoder.tokenize(texts)
         order = sorted(ids, key=len, reverse=True)
         raw_shapes |= {(len(order[s:s + 4]), len(order[s])) for s in range(0, len(order), 4)}
-    before = encoder.embed._cache_size()
+    before = encoder.embed_packed._cache_size()
     first = [encoder.encode(texts, batch_size=4) for texts in stream]
-    compiled = encoder.embed._cache_size() - before
-    assert compiled <= 9 < len(raw_shapes), (compiled, len(raw_shapes))  # B in {1,2,4} x T in {16,32,64}
+    compiled = encoder.embed_packed._cache_size() - before
+    shapes = packed_shapes(4, encoder.max_seq_length)
+    assert compiled <= len(shapes) == 10 < len(raw_shapes), (compiled, len(raw_shapes))
     second = [encoder.encode(texts, batch_size=4) for texts in stream]
-    assert encoder.embed._cache_size() - before == compiled  # the same stream compiles nothing new
+    assert encoder.embed_packed._cache_size() - before == compiled  # the same stream compiles nothing new
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
-    # A text's embedding does not depend on its batch-mates or bucket padding.
-    alone = encoder.encode([stream[0][0]])
-    np.testing.assert_allclose(first[0][0], alone[0], atol=1e-5)
     # `embed` is a pure function of params, usable inside other jitted code.
+    alone = encoder.encode([stream[0][0]])
     ids = np.array(encoder.tokenize([stream[0][0]]), np.int32)
     inside = jax.jit(lambda p, i, m: enc_mod.jitted_embed(encoder.config)(p, i, m) * 2.0)(
         encoder.params, ids, np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(inside)[0] / 2.0, alone[0], atol=1e-5)
+
+
+def test_packed_texts_embed_as_if_each_were_alone(tiny):
+    """Texts packed into shared rows (own attention, positions from 0, own pooling slot) give the embedding
+    each gets alone in a row of its own length; every text lands once, in a shape `packed_shapes` lists."""
+    encoder = load_encoder(tiny[0])
+    rnd = random.Random(1)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = [" ".join(rnd.choices(words, k=rnd.choice([0, 1, 2, 3, 7, 20, 70]))) for _ in range(60)]
+    ids = encoder.tokenize(texts)
+    calls = pack(ids, 4, 0, encoder.max_seq_length)
+    assert sorted(int(j) for call in calls for j in call.texts) == list(range(len(texts)))
+    shapes = set(packed_shapes(4, encoder.max_seq_length))
+    assert all(call.input_ids.shape in shapes for call in calls)
+    assert max(int(np.max(call.segment_ids)) for call in calls) >= 5  # rows really hold several texts
+    packed = encoder.encode(texts, batch_size=4)
+    for j, t in enumerate(ids):
+        row = np.array([t], np.int32)
+        alone = np.asarray(encoder.embed(encoder.params, row, np.ones_like(row)))[0]
+        np.testing.assert_allclose(packed[j], alone, atol=1e-5, err_msg=f"text {j} ({len(t)} tokens)")
+    # A serving-size batch of short texts takes one row of its own tokens, not rows x its longest text.
+    short = encoder.tokenize(["alpha beta", "gamma", "delta epsilon zeta"] * 3)
+    (call,) = pack(short, 32, 0, encoder.max_seq_length)
+    assert sum(map(len, short)) == 36 and call.input_ids.shape == (1, 48)
+    with pytest.raises(ValueError, match="tokenize them with truncation"):
+        pack([[101] * 65], 4, 0, encoder.max_seq_length)

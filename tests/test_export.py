@@ -137,7 +137,7 @@ def test_routes_equal_the_trained_routers_paths_in_the_tree(exported, router):
 
 
 def test_after_warm_up_no_text_or_batch_compiles_the_encoder_or_policy_again(router):
-    from hrjax.models.sentence_batches import bucket_shapes
+    from hrjax.models.sentence_batches import packed_shapes
 
     rng = np.random.default_rng(0)
     words = [str(w) for w in rng.integers(0, 10 ** 6, size=400)]
@@ -146,7 +146,7 @@ def test_after_warm_up_no_text_or_batch_compiles_the_encoder_or_policy_again(rou
     shapes = router.warm_up(max_decisions=64)
     compiled = (router._encoder._cache_size(), router._policy._cache_size())
     settings = router.encoder_settings
-    assert compiled[0] == len(bucket_shapes(settings["batch_size"], settings["max_seq_length"]))
+    assert compiled[0] == len(packed_shapes(settings["batch_size"], settings["max_seq_length"]))
     assert shapes == compiled[0] + 7  # and the policy at batches 1, 2, 4, ..., 64
     assert all("token_table" in vars(model.sampler) for model in router.pool.models)
     for count in (1, 3, 17, 33, 64):  # texts from 1 word to past the encoder's token limit

@@ -2,9 +2,9 @@
 
 `BertEncoder` reproduces transformers' `BertModel` last hidden states (absolute positions, post-LN
 layers, exact erf GELU); `mean_pool_normalize` is sentence-transformers' mean pooling followed by
-L2 normalisation. `SentenceEncoder` tokenises in Python and runs one jitted function on batches
-padded to power-of-two shape buckets. `load_encoder` / `save_encoder` read and write HF directories
-through the declarative `encoder_key_map`.
+L2 normalisation. `SentenceEncoder` tokenises in Python and runs one jitted function on texts packed
+into a few row shapes (`hrjax.models.sentence_batches`). `load_encoder` / `save_encoder` read and
+write HF directories through the declarative `encoder_key_map`.
 
 Shapes: B batch, T tokens, E hidden, H heads, D head dim.
 """
@@ -133,13 +133,13 @@ def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional attention over the valid keys, then output dense, residual and LayerNorm."""
+    """Bidirectional attention within each segment, then output dense, residual and LayerNorm."""
 
     config: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, attention_mask):
-        """x [B, T, E], attention_mask [B, T] (1 = token, 0 = padding) -> [B, T, E]."""
+    def __call__(self, x, segment_ids):
+        """x [B, T, E], segment_ids [B, T] (k >= 1: the row's k-th text, 0: padding) -> [B, T, E]."""
         cfg = self.config
         b, t, _ = x.shape
         split = lambda a: a.reshape(b, t, cfg.num_heads, cfg.head_dim)  # noqa: E731
@@ -148,8 +148,8 @@ class SelfAttention(nn.Module):
         v = split(_dense(cfg, cfg.hidden_size, "value")(x))
         logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         logits = logits * cfg.head_dim ** -0.5
-        visible = attention_mask.astype(bool)[:, None, None, :]
-        logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+        visible = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, None, :]
+        logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
         out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, cfg.hidden_size)
         return _layer_norm(cfg, "attention_norm")(_dense(cfg, cfg.hidden_size, "output")(out) + x)
@@ -161,63 +161,89 @@ class EncoderLayer(nn.Module):
     config: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, attention_mask):
-        """x [B, T, E], attention_mask [B, T] -> [B, T, E]."""
+    def __call__(self, x, segment_ids):
+        """x [B, T, E], segment_ids [B, T] -> [B, T, E]."""
         cfg = self.config
-        x = SelfAttention(cfg, name="attention")(x, attention_mask)
+        x = SelfAttention(cfg, name="attention")(x, segment_ids)
         h = jax.nn.gelu(_dense(cfg, cfg.intermediate_size, "intermediate")(x), approximate=False)
         return _layer_norm(cfg, "output_norm")(_dense(cfg, cfg.hidden_size, "output")(h) + x)
 
 
-class BertEncoder(nn.Module):
-    """BERT encoder: input_ids [B, T] int, attention_mask [B, T] (1 = token) -> last hidden [B, T, E].
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] -> [B, T] int32: each token's index within its run of equal segment ids (0 at a run's
+    start), so positions restart with every packed text."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
-    `token_type_ids` [B, T] defaults to zeros (single-segment input). Positions are 0..T-1, so
-    padding must be on the right, as BERT tokenizers put it.
+
+class BertEncoder(nn.Module):
+    """BERT encoder: input_ids [B, T] int, segment_ids [B, T] -> last hidden [B, T, E].
+
+    `segment_ids` generalises the attention mask: a row holds one text (ids 1 then 0 for padding, the
+    usual mask) or several packed one after another (ids 1, 2, ...): a token attends to its own text
+    only, and positions restart at 0 with each text, so a packed text's states equal its states alone.
+    `token_type_ids` [B, T] defaults to zeros (single-segment input). Padding goes on the right.
     """
 
     config: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None):
+    def __call__(self, input_ids, segment_ids, token_type_ids=None):
         cfg = self.config
         dtype = cfg.jnp_dtype
         embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=dtype,  # noqa: E731
                                          name=name)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
         x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
-             + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(segment_positions(segment_ids))
              + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = _layer_norm(cfg, "embeddings_norm")(x)
         for i in range(cfg.num_layers):
-            x = EncoderLayer(cfg, name=f"layer_{i}")(x, attention_mask)
+            x = EncoderLayer(cfg, name=f"layer_{i}")(x, segment_ids)
         return x
 
 
-def mean_pool_normalize(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """hidden [B, T, E], attention_mask [B, T] -> [B, E] float32 unit vectors.
+def mean_pool_normalize(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """hidden [B, T, E], segment_ids [B, T] -> [B, num_segments, E] float32 unit vectors, slot k - 1
+    holding segment k's.
 
-    sentence-transformers' mean over the unmasked tokens, then L2 normalisation (an all-padding row
-    gives the zero vector).
+    sentence-transformers' mean over a text's tokens, then L2 normalisation (an empty slot gives the
+    zero vector).
     """
-    mask = attention_mask.astype(jnp.float32)[..., None]
-    summed = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
-    mean = summed / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
+    members = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.float32)  # segment 0 (padding): none
+    summed = jnp.einsum("btk,bte->bke", members, hidden.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    mean = summed / jnp.maximum(jnp.sum(members, axis=1)[..., None], 1e-9)
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
+def packed_sentence_embeddings(config: EncoderConfig, params, input_ids, segment_ids) -> jax.Array:
+    """Pure: params, input_ids [B, T], segment_ids [B, T] (`hrjax.models.sentence_batches.pack`) ->
+    [B, max_segments(T), E] float32 unit vectors, one per packed text."""
+    hidden = BertEncoder(config).apply(params, input_ids, segment_ids)
+    return mean_pool_normalize(hidden, segment_ids, sentence_batches.max_segments(input_ids.shape[1]))
+
+
 def sentence_embeddings(config: EncoderConfig, params, input_ids, attention_mask) -> jax.Array:
-    """Pure: params, input_ids [B, T], attention_mask [B, T] -> [B, E] float32 unit vectors."""
+    """Pure: params, input_ids [B, T], attention_mask [B, T] (one text per row) -> [B, E] float32 unit
+    vectors."""
     hidden = BertEncoder(config).apply(params, input_ids, attention_mask)
-    return mean_pool_normalize(hidden, attention_mask)
+    return mean_pool_normalize(hidden, attention_mask, 1)[:, 0]
 
 
 @functools.lru_cache(maxsize=None)
 def jitted_embed(config: EncoderConfig):
     """`embed(params, input_ids, attention_mask) -> [B, E]`, jitted once per config."""
     return jax.jit(functools.partial(sentence_embeddings, config))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_packed_embed(config: EncoderConfig):
+    """`embed(params, input_ids, segment_ids) -> [B, max_segments(T), E]`, jitted once per config."""
+    return jax.jit(functools.partial(packed_sentence_embeddings, config))
 
 
 def encoder_key_map(config: EncoderConfig) -> list[Rule]:
@@ -282,9 +308,10 @@ def params_from_hf_tensors(config: EncoderConfig, tensors: Mapping[str, np.ndarr
 class SentenceEncoder:
     """A sentence encoder ready to run: config, params, tokenizer and sentence-transformers settings.
 
-    `encode` pads every batch to a (power-of-two batch, power-of-two length) bucket so a stream of
-    varied inputs compiles `embed` only a few times. `embed(params, input_ids, attention_mask)` is
-    the jitted pure function, callable inside other jitted code.
+    `encode` packs texts into the encoder's rows (`hrjax.models.sentence_batches.pack`: no padding
+    between texts, a few [B, T] shapes) and runs `embed_packed` once per call. `embed(params,
+    input_ids, attention_mask) -> [B, E]` is the jitted pure function of one text per row, callable
+    inside other jitted code.
     """
 
     def __init__(self, config: EncoderConfig, params, tokenizer, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
@@ -296,6 +323,7 @@ class SentenceEncoder:
         self.do_lower_case = do_lower_case
         self.source = source
         self.embed = jitted_embed(config)
+        self.embed_packed = jitted_packed_embed(config)
 
     @property
     def dim(self) -> int:
@@ -311,9 +339,9 @@ class SentenceEncoder:
             raise TypeError("encode takes a list of strings; wrap a single text as [text].")
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return sentence_batches.embed_in_buckets(
-            self.tokenize(texts), lambda ids, mask: self.embed(self.params, ids, mask), self.dim, batch_size,
-            self.tokenizer.pad_token_id or 0, self.max_seq_length)
+        return sentence_batches.embed_packed(
+            self.tokenize(texts), lambda ids, segments: self.embed_packed(self.params, ids, segments), self.dim,
+            batch_size, self.tokenizer.pad_token_id or 0, self.max_seq_length)
 
 
 def check_pooling(path: Path) -> None:

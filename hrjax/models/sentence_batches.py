@@ -2,19 +2,31 @@
 the exported one a serving bundle runs (`hrjax.serving.router`); no Flax here, so serving can import it.
 
 Texts are tokenised as sentence-transformers does (stripped, lower-cased when the model is, truncated),
-sorted by length so similar lengths share a batch, and each batch padded to a (power-of-two rows,
-power-of-two length) bucket so a stream of varied inputs compiles the embedding only a few times.
+then packed without padding between them: several texts share a row of the encoder's input, each a
+segment (segment ids 1, 2, ... in that row, 0 for the row's padding) that attends only to itself, with
+positions restarting at 0 and one mean-pooled output slot per segment. Longest texts first, each into the
+first row with room (first-fit decreasing). A call's rows are padded to one of a few [B, R] shapes
+(`packed_shapes`), so a stream of varied inputs compiles the encoder only a few times:
+
+- everything fits one row of `max_seq_length` tokens: [1, R], R the row's tokens rounded up to the
+  `fine_bucket` ladder 8, 12, 16, 24, 32, 48, ... (a batch of short contexts costs its own tokens, not
+  rows x its longest text);
+- else rows of `SHORT_ROW` tokens when every text of the call fits one (less attention over keys of
+  other segments), or of `max_seq_length`, up to `batch_size` rows a call, B on the ladder 1, 2, 3, 4, 6,
+  8, 12, ... (at most a third of the rows are padding).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
-from hrjax.shapes import pow2_bucket
+from hrjax.shapes import fine_bucket
 
-MIN_SEQ_BUCKET = 8
+MIN_ROW_TOKENS = 8
+SHORT_ROW = 64  # row length of a many-row call whose texts are all this short or shorter
 
 
 def tokenize(tokenizer, texts: Sequence[str], do_lower_case: bool, max_seq_length: int) -> list[list[int]]:
@@ -25,31 +37,93 @@ def tokenize(tokenizer, texts: Sequence[str], do_lower_case: bool, max_seq_lengt
     return tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
 
 
-def bucket_shape(batch: int, length: int, batch_size: int, max_seq_length: int) -> tuple[int, int]:
-    """The padded [B, T] a batch of `batch` rows up to `length` tokens runs at."""
-    return min(pow2_bucket(batch), pow2_bucket(batch_size)), min(pow2_bucket(length, MIN_SEQ_BUCKET), max_seq_length)
+def _ladder(n: int, minimum: int = 1) -> int:
+    return fine_bucket(n, minimum, steps_per_octave=2)
 
 
-def bucket_shapes(batch_size: int, max_seq_length: int) -> list[tuple[int, int]]:
-    """Every padded [B, T] `embed_in_buckets` can run at (what a server compiles before its first request)."""
-    rows = sorted({bucket_shape(b, MIN_SEQ_BUCKET, batch_size, max_seq_length)[0] for b in range(1, batch_size + 1)})
-    lengths = sorted({bucket_shape(1, t, batch_size, max_seq_length)[1] for t in range(1, max_seq_length + 1)})
-    return [(b, t) for t in lengths for b in rows]
+def max_segments(row_tokens: int) -> int:
+    """Output slots of a row of `row_tokens` tokens (the packer puts at most this many texts in it; a text
+    has at least 2 tokens, [CLS] and [SEP], when the tokenizer adds them)."""
+    return (row_tokens + 1) // 2
 
 
-def embed_in_buckets(ids: Sequence[Sequence[int]], embed: Callable[[np.ndarray, np.ndarray], np.ndarray], dim: int,
-                     batch_size: int, pad_id: int, max_seq_length: int) -> np.ndarray:
-    """Token ids per text -> [N, dim] float32 embeddings in input order; `embed(input_ids [B, T] int32,
-    attention_mask [B, T] int32) -> [B, dim]` runs once per padded batch."""
+def packed_shapes(batch_size: int, max_seq_length: int) -> list[tuple[int, int]]:
+    """Every [B, R] `pack` can give (what a server compiles before its first request)."""
+    single = sorted({min(_ladder(t, MIN_ROW_TOKENS), max_seq_length) for t in range(1, max_seq_length + 1)})
+    rows = sorted({min(_ladder(b), batch_size) for b in range(2, batch_size + 1)})
+    lengths = sorted({min(SHORT_ROW, max_seq_length), max_seq_length})
+    return [(1, r) for r in single] + [(b, r) for r in lengths for b in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """One encoder call: input_ids and segment_ids [B, R] int32 (segment k >= 1 is the row's k-th text,
+    0 padding); text j of the input is at (row[j], slot[j]) of the call's [B, max_segments(R), dim] output."""
+
+    input_ids: np.ndarray
+    segment_ids: np.ndarray
+    texts: np.ndarray  # [n] indices into the packed `ids`
+    row: np.ndarray  # [n]
+    slot: np.ndarray  # [n]
+
+
+def pack(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, max_seq_length: int) -> list[PackedBatch]:
+    """Token ids per text (each at most `max_seq_length` long) -> the encoder calls that embed them all."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 row, got {batch_size}.")
+    lengths = [len(t) for t in ids]
+    if lengths and (max(lengths) > max_seq_length or min(lengths) < 1):
+        raise ValueError(f"Texts must have 1 to max_seq_length={max_seq_length} tokens; got {min(lengths)} to "
+                         f"{max(lengths)}: tokenize them with truncation (`tokenize`).")
+    order = sorted(range(len(ids)), key=lambda j: -lengths[j])
+    calls = []
+    while order:
+        if sum(lengths[j] for j in order) <= max_seq_length and len(order) <= max_segments(max_seq_length):
+            capacity, rows_allowed = max_seq_length, 1
+        else:
+            capacity = min(SHORT_ROW, max_seq_length) if lengths[order[0]] <= SHORT_ROW else max_seq_length
+            rows_allowed = batch_size
+        free, count, placed = [], [], []  # per row: tokens left, texts in it; per text: (j, row, slot)
+        for j in order:
+            row = next((r for r, left in enumerate(free)
+                        if left >= lengths[j] and count[r] < max_segments(capacity)), None)
+            if row is None:
+                if len(free) == rows_allowed:
+                    continue  # the next call takes it
+                free.append(capacity)
+                count.append(0)
+                row = len(free) - 1
+            placed.append((j, row, count[row]))
+            free[row] -= lengths[j]
+            count[row] += 1
+        if rows_allowed == 1:
+            shape = (1, min(_ladder(capacity - free[0], MIN_ROW_TOKENS), max_seq_length))
+        else:
+            shape = (min(_ladder(len(free)), batch_size), capacity)
+        calls.append(_fill(ids, placed, shape, pad_id))
+        taken = {j for j, _, _ in placed}
+        order = [j for j in order if j not in taken]
+    return calls
+
+
+def _fill(ids, placed: list[tuple[int, int, int]], shape: tuple[int, int], pad_id: int) -> PackedBatch:
+    input_ids = np.full(shape, pad_id, np.int32)
+    segment_ids = np.zeros(shape, np.int32)
+    used = np.zeros(shape[0], np.int64)
+    for j, row, slot in placed:
+        n = len(ids[j])
+        input_ids[row, used[row]:used[row] + n] = ids[j]
+        segment_ids[row, used[row]:used[row] + n] = slot + 1
+        used[row] += n
+    texts, rows, slots = (np.array(column, np.int64) for column in zip(*placed))
+    return PackedBatch(input_ids, segment_ids, texts, rows, slots)
+
+
+def embed_packed(ids: Sequence[Sequence[int]], embed: Callable[[np.ndarray, np.ndarray], np.ndarray], dim: int,
+                 batch_size: int, pad_id: int, max_seq_length: int) -> np.ndarray:
+    """Token ids per text -> [N, dim] float32 embeddings in input order; `embed(input_ids [B, R] int32,
+    segment_ids [B, R] int32) -> [B, max_segments(R), dim]` runs once per packed call."""
     out = np.zeros((len(ids), dim), np.float32)
-    order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        b, t = bucket_shape(len(rows), max(len(ids[j]) for j in rows), batch_size, max_seq_length)
-        input_ids = np.full((b, t), pad_id, np.int32)
-        mask = np.zeros((b, t), np.int32)
-        for r, j in enumerate(rows):
-            input_ids[r, :len(ids[j])] = ids[j]
-            mask[r, :len(ids[j])] = 1
-        out[rows] = np.asarray(embed(input_ids, mask))[:len(rows)]
+    for call in pack(ids, batch_size, pad_id, max_seq_length):
+        out[call.texts] = np.asarray(embed(call.input_ids, call.segment_ids))[call.row, call.slot]
     return out

@@ -10,8 +10,9 @@ A bundle (written by `hrjax export`, atomically) is one directory:
                                  cost_lambda [b], action mask [b, A]) -> log-probabilities [b, A] (masked)
   policy/params_<i>.safetensors  its parameters: one set per trained lambda (fixed-lambda routers: the run's
                                  own and the evaluation sweep's), or one set for a lambda-conditioned router
-  encoder/exported.bin           `jax.export` context encoder: (params, input_ids [b, t], mask [b, t]) -> [b, D]
-                                 (E = D times the parts of the env's context view)
+  encoder/exported.bin           `jax.export` context encoder over packed texts: (params, input_ids [b, t],
+                                 segment_ids [b, t]) -> [b, (t + 1) // 2, D], a slot per text
+                                 (`hrjax.models.sentence_batches`; E = D times the parts of the context view)
   encoder/params.safetensors     its parameters;  encoder/tokenizer/: its HF tokenizer
   pool/<name>/                   a pool member's HF files (small local checkpoints), or in the manifest a
                                  reference to a checkpoint outside the bundle with its content fingerprint
@@ -38,7 +39,9 @@ from typing import Optional
 from hrjax.errors import HrjaxError
 
 FORMAT = "hrjax-bundle"
-FORMAT_VERSION = 2  # 2: env.context_view, how observations embed the context (`hrjax.env.mdp.CONTEXT_VIEWS`)
+# 2: env.context_view, how observations embed the context (`hrjax.env.mdp.CONTEXT_VIEWS`);
+# 3: the encoder embeds texts packed into rows (segment ids, not an attention mask)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 STOP = "STOP"
 

@@ -15,7 +15,7 @@ API (the server codes against exactly this)::
     router.lambda_for(model_name, budget=None) -> float # UnknownModelError / BudgetError (both BundleError)
     router.start(question) -> RouteState                # immutable; hop 0, cost 0
     router.warm_up(max_decisions) -> int                # compiles every encoder / policy batch shape first
-    router.decide(states, lams) -> list[int]            # one batched encoder pass (32-row chunks), one policy
+    router.decide(states, lams) -> list[int]            # one packed encoder pass (`sentence_batches`), one policy
                                                         # call per parameter set the lambdas need; argmax
     router.probabilities(states, lams) -> [B, A]        # what decide takes the argmax of
     router.prompt(state, action) -> list[int]           # the pool model's prompt ids for this hop
@@ -174,15 +174,15 @@ class BundleRouter:
     # ------------------------------------------------------------------------ observations and decisions
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """texts -> [N, D] float32 unit vectors through the exported encoder, tokenised and batched as the
+        """texts -> [N, D] float32 unit vectors through the exported encoder, tokenised and packed as the
         training encoder does (`hrjax.models.sentence_batches`)."""
         cfg = self.encoder_settings
         if not texts:
             return np.zeros((0, cfg["dim"]), np.float32)
         ids = sentence_batches.tokenize(self.tokenizer, texts, cfg["do_lower_case"], cfg["max_seq_length"])
-        return sentence_batches.embed_in_buckets(
-            ids, lambda input_ids, mask: self._encoder(self._encoder_params, input_ids, mask), cfg["dim"],
-            cfg["batch_size"], cfg["pad_token_id"], cfg["max_seq_length"])
+        return sentence_batches.embed_packed(
+            ids, lambda input_ids, segment_ids: self._encoder(self._encoder_params, input_ids, segment_ids),
+            cfg["dim"], cfg["batch_size"], cfg["pad_token_id"], cfg["max_seq_length"])
 
     def log_probs(self, embedding, hop, cost_feats, mask, lams) -> np.ndarray:
         """[B, A] the policy's log-probabilities (invalid actions excluded) for observations [B, ...]:
@@ -201,17 +201,17 @@ class BundleRouter:
         return out
 
     def warm_up(self, max_decisions: int) -> int:
-        """Compiles, by running each once on padding, the exported encoder at every shape `embed` pads to
+        """Compiles, by running each once on padding, the exported encoder at every shape `embed` packs to
         and the policy at every power-of-two batch up to `max_decisions` rows, so that no request waits for
         a compilation; -> the number of shapes run. Each pool model's token table (its stop strings' bytes,
         about 1 s for 50k tokens) is read too; the pool models' programs compile on first use."""
         for model in self.pool.models:
             model.sampler.token_table  # noqa: B018 - a cached property: read here, not at the first request
         cfg = self.encoder_settings
-        shapes = sentence_batches.bucket_shapes(cfg["batch_size"], cfg["max_seq_length"])
+        shapes = sentence_batches.packed_shapes(cfg["batch_size"], cfg["max_seq_length"])
         for rows, length in shapes:
-            ids, mask = np.full((rows, length), cfg["pad_token_id"], np.int32), np.ones((rows, length), np.int32)
-            jax.block_until_ready(self._encoder(self._encoder_params, ids, mask))
+            ids, segments = np.full((rows, length), cfg["pad_token_id"], np.int32), np.ones((rows, length), np.int32)
+            jax.block_until_ready(self._encoder(self._encoder_params, ids, segments))
         batches = [2 ** i for i in range(pow2_bucket(max_decisions).bit_length())]
         width = observation_width(cfg["dim"], self.env.view)
         for rows in batches:
