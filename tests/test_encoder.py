@@ -18,7 +18,7 @@ from hrjax.models import encoder as enc_mod
 from hrjax.models.encoder import (BertEncoder, EncoderConfig, load_encoder,
                                   params_from_hf_tensors, save_encoder)
 from hrjax.models.hf import read_safetensors
-from hrjax.models.sentence_batches import pack, packed_shapes
+from hrjax.models.sentence_batches import max_segments, pack, packed_shapes
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
@@ -207,7 +207,7 @@ def test_packing_bounds_compilations(tiny):
     first = [encoder.encode(texts, batch_size=4) for texts in stream]
     compiled = encoder.embed_packed._cache_size() - before
     shapes = packed_shapes(4, encoder.max_seq_length)
-    assert compiled <= len(shapes) == 10 < len(raw_shapes), (compiled, len(raw_shapes))
+    assert compiled <= len(shapes) == 9 < len(raw_shapes), (compiled, len(raw_shapes))
     second = [encoder.encode(texts, batch_size=4) for texts in stream]
     assert encoder.embed_packed._cache_size() - before == compiled  # the same stream compiles nothing new
     for a, b in zip(first, second):
@@ -218,6 +218,24 @@ def test_packing_bounds_compilations(tiny):
     inside = jax.jit(lambda p, i, m: enc_mod.jitted_embed(encoder.config)(p, i, m) * 2.0)(
         encoder.params, ids, np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(inside)[0] / 2.0, alone[0], atol=1e-5)
+
+
+def test_pack_places_every_text_once_in_a_listed_shape():
+    rnd = random.Random(2)
+    for batch_size, max_seq_length in ((1, 8), (4, 64), (20, 200), (32, 256), (7, 512)):
+        shapes = set(packed_shapes(batch_size, max_seq_length))
+        for n in (1, 2, 5, 40, 300):
+            ids = [[7] * rnd.choice([1, 2, 3, rnd.randint(1, max_seq_length)]) for _ in range(n)]
+            calls = pack(ids, batch_size, 0, max_seq_length)
+            assert sorted(int(j) for c in calls for j in c.texts) == list(range(n))
+            for c in calls:
+                assert c.input_ids.shape in shapes, (batch_size, max_seq_length, c.input_ids.shape)
+                for j, row, slot in zip(c.texts, c.row, c.slot):  # each text's tokens, whole, in its segment
+                    assert np.sum(c.segment_ids[row] == slot + 1) == len(ids[j])
+                assert c.segment_ids.max() <= max_segments(c.input_ids.shape[1])
+            padded, real = sum(c.input_ids.size for c in calls), sum(map(len, ids))
+            if n >= 40 and max_seq_length >= 64:
+                assert padded <= 2 * real, (batch_size, max_seq_length, n, padded, real)
 
 
 def test_packed_texts_embed_as_if_each_were_alone(tiny):

@@ -30,8 +30,9 @@ from hrjax.fsutil import atomic_file
 # part of a saved tree's key: bump it when what the arrays hold or how they are computed changes
 # (3: the embeddings follow the env's context view, `hrjax.env.mdp.embed_contexts`; 4: the official metrics,
 # `OfficialScores`, saved with it; a change to what a metric gives bumps its family's
-# `hrjax.tasks.official.OFFICIAL_VERSIONS` instead, which the key also holds; 5: no embeddings after the last hop)
-FORMAT_VERSION = 5
+# `hrjax.tasks.official.OFFICIAL_VERSIONS` instead, which the key also holds; 5: no embeddings after the last hop;
+# 6: texts embedded packed into the encoder's rows, `hrjax.models.sentence_batches`)
+FORMAT_VERSION = 6
 DEFAULT_CHUNK_SIZE = 256  # answers generated between two flushes of the response cache
 
 

@@ -12,8 +12,8 @@ first row with room (first-fit decreasing). A call's rows are padded to one of a
   `fine_bucket` ladder 8, 12, 16, 24, 32, 48, ... (a batch of short contexts costs its own tokens, not
   rows x its longest text);
 - else rows of `SHORT_ROW` tokens when every text of the call fits one (less attention over keys of
-  other segments), or of `max_seq_length`, up to `batch_size` rows a call, B on the ladder 1, 2, 3, 4, 6,
-  8, 12, ... (at most a third of the rows are padding).
+  other segments), or of `max_seq_length`, up to `batch_size` rows a call, B a power of two (the
+  finer ladder saved padding but compiled more programs than it saved time in a path tree's build).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hrjax.shapes import fine_bucket
+from hrjax.shapes import fine_bucket, pow2_bucket
 
 MIN_ROW_TOKENS = 8
 SHORT_ROW = 64  # row length of a many-row call whose texts are all this short or shorter
@@ -37,8 +37,8 @@ def tokenize(tokenizer, texts: Sequence[str], do_lower_case: bool, max_seq_lengt
     return tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
 
 
-def _ladder(n: int, minimum: int = 1) -> int:
-    return fine_bucket(n, minimum, steps_per_octave=2)
+def _row_tokens(n: int) -> int:
+    return fine_bucket(n, MIN_ROW_TOKENS, steps_per_octave=2)
 
 
 def max_segments(row_tokens: int) -> int:
@@ -49,8 +49,8 @@ def max_segments(row_tokens: int) -> int:
 
 def packed_shapes(batch_size: int, max_seq_length: int) -> list[tuple[int, int]]:
     """Every [B, R] `pack` can give (what a server compiles before its first request)."""
-    single = sorted({min(_ladder(t, MIN_ROW_TOKENS), max_seq_length) for t in range(1, max_seq_length + 1)})
-    rows = sorted({min(_ladder(b), batch_size) for b in range(2, batch_size + 1)})
+    single = sorted({min(_row_tokens(t), max_seq_length) for t in range(1, max_seq_length + 1)})
+    rows = sorted({min(pow2_bucket(b), batch_size) for b in range(2, batch_size + 1)})
     lengths = sorted({min(SHORT_ROW, max_seq_length), max_seq_length})
     return [(1, r) for r in single] + [(b, r) for r in lengths for b in rows]
 
@@ -97,9 +97,9 @@ def pack(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, max_seq_len
             free[row] -= lengths[j]
             count[row] += 1
         if rows_allowed == 1:
-            shape = (1, min(_ladder(capacity - free[0], MIN_ROW_TOKENS), max_seq_length))
+            shape = (1, min(_row_tokens(capacity - free[0]), max_seq_length))
         else:
-            shape = (min(_ladder(len(free)), batch_size), capacity)
+            shape = (min(pow2_bucket(len(free)), batch_size), capacity)
         calls.append(_fill(ids, placed, shape, pad_id))
         taken = {j for j, _, _ in placed}
         order = [j for j in order if j not in taken]
