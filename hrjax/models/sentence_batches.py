@@ -84,18 +84,22 @@ def pack(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, max_seq_len
             capacity = min(SHORT_ROW, max_seq_length) if lengths[order[0]] <= SHORT_ROW else max_seq_length
             rows_allowed = batch_size
         free, count, placed = [], [], []  # per row: tokens left, texts in it; per text: (j, row, slot)
+        room, shortest, most = capacity, lengths[order[-1]], max_segments(capacity)  # room: the most a row takes
         for j in order:
-            row = next((r for r, left in enumerate(free)
-                        if left >= lengths[j] and count[r] < max_segments(capacity)), None)
+            if lengths[j] > room:
+                continue  # the next call takes it
+            row = next((r for r, left in enumerate(free) if left >= lengths[j] and count[r] < most), None)
             if row is None:
-                if len(free) == rows_allowed:
-                    continue  # the next call takes it
                 free.append(capacity)
                 count.append(0)
                 row = len(free) - 1
             placed.append((j, row, count[row]))
             free[row] -= lengths[j]
             count[row] += 1
+            if len(free) == rows_allowed:
+                room = max((left for left, n in zip(free, count) if n < most), default=0)
+                if room < shortest:
+                    break
         if rows_allowed == 1:
             shape = (1, min(_row_tokens(capacity - free[0]), max_seq_length))
         else:
