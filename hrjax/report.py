@@ -283,10 +283,12 @@ def write_paper_table(run_dir: str | os.PathLike, summary: dict) -> tuple[RunPat
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> RunPath:
-    """Renders `fig` with Agg to a PNG at a local or gs:// path (`open_for_writing`) -> the path."""
+    """Renders `fig` with Agg to a PNG at a local or gs:// path (`open_for_writing`) -> the path. The
+    figures use the constrained layout, which already fits titles, labels and the outside legend:
+    `bbox_inches="tight"` would draw each twice (the 3 report figures 3.3-4.1 s against 2.6-3.3 s)."""
     path = as_path(path)
     with open_for_writing(path) as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=120)
     return path
 
 
