@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,12 +13,14 @@ from hrjax.env.cache import ResponseCache
 from hrjax.env.mdp import Context, EnvConfig, RoutingEnv, hop_prompt
 from hrjax.env.tree import build_tree
 from hrjax.errors import HrjaxError, TrainingDivergedError
+from hrjax.models.decoder import Decoder, KVCache
 from hrjax.models.encoder import load_encoder
 from hrjax.pool import Pool
 from hrjax.specialists.build import (
     DEFAULT_RECIPE, Member, Recipe, build_pool, is_built, member_cost, partition_members, recipe_hash, training_pairs)
-from hrjax.specialists.sft import SFTConfig, encode_pairs, train, train_together
-from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, UNK_ID, char_tokenizer
+from hrjax.specialists.sft import (
+    Placement, SFTConfig, encode_pairs, pack_rows, place_in_rows, sequence_loss, train, train_together)
+from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, char_tokenizer
 from hrjax.tasks.base import SPLITS
 from hrjax.tasks.datasets import load_task
 from hrjax.tasks.scorers import score_example
@@ -246,3 +249,40 @@ def test_members_are_split_by_cost_in_recipe_order():
     loads = [sum(map(member_cost, g)) for g in groups]
     assert max(loads) - min(loads) <= min(map(member_cost, members))  # no move of one member evens them more
     assert [[m.name for m in g] for g in partition_members(members[:2], 4)] == [["mul"], ["add"]]
+
+
+def test_packed_rows_give_every_pair_the_loss_it_gets_alone():
+    """Pairs packed several to a row, each attending only to itself, score as if each were alone."""
+    tok = char_tokenizer(ALPHABET)
+    pairs = [p[1:] for p in map(first_hop_pair, specialist_examples("train", 40, task_types=("rev", "add")))]
+    tokens, mask = encode_pairs(tok, pairs, max_length=64)
+    lengths = (tokens != PAD_ID).sum(axis=1).astype(np.int32)
+    draws = np.random.default_rng(0).integers(0, len(pairs), (3, 16))
+    placement, num_rows = place_in_rows(lengths, draws, 2 * tokens.shape[1])
+    assert num_rows < 16 / 2  # several pairs a row
+    config = dataclasses.replace(TINY, hidden_size=32, num_heads=4).decoder_config(len(tok))
+    model = Decoder(config)
+    params = model.init(jax.random.PRNGKey(0), tokens[:1], np.zeros((1, tokens.shape[1]), np.int32),
+                        np.ones((1, tokens.shape[1]), bool))
+    for step in range(draws.shape[0]):
+        one = Placement(*(np.asarray(field[step]) for field in placement))
+        packed = pack_rows(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), one, (num_rows, 2 * tokens.shape[1] + 3))
+        rows, targets, segments, _ = map(np.asarray, packed)
+        assert sorted(one.pairs.tolist()) == sorted(draws[step].tolist())
+        for b, pair in enumerate(one.pairs):  # every pair whole, once, in its segment
+            assert rows[segments == b + 1].tolist() == tokens[pair, :lengths[pair]].tolist()
+            assert targets[segments == b + 1].tolist() == mask[pair, :lengths[pair]].tolist()
+        assert np.all(rows[segments == 0] == PAD_ID) and (segments > 0).sum() == lengths[draws[step]].sum()
+        # the packed loss against each drawn pair alone, in its own unpadded row
+        nll, count = 0.0, 0.0
+        for pair in draws[step]:
+            alone = tokens[pair:pair + 1, :lengths[pair]]
+            logits, _ = model.apply(params, alone[:, :-1], np.arange(lengths[pair] - 1)[None],
+                                    np.ones((1, lengths[pair] - 1), bool))
+            logp = jax.nn.log_softmax(logits)[0, np.arange(lengths[pair] - 1), alone[0, 1:]]
+            nll -= float(np.sum(np.asarray(logp) * mask[pair, 1:lengths[pair]]))
+            count += float(mask[pair, 1:lengths[pair]].sum())
+        np.testing.assert_allclose(float(sequence_loss(model, params, *packed)), nll / count, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache"):
+        model.apply(params, tokens[:1], np.zeros((1, tokens.shape[1]), np.int32), np.ones((1, tokens.shape[1]), bool),
+                    KVCache.zeros(config, 1, tokens.shape[1]), segment_ids=np.ones((1, tokens.shape[1]), np.int32))

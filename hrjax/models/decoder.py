@@ -161,6 +161,14 @@ def attention_mask(kv_valid: jax.Array, query_slots: jax.Array, window: Optional
     return (visible[None] & kv_valid[:, None, :])[:, None]
 
 
+def segment_mask(segment_ids: jax.Array, positions: jax.Array, window: Optional[int]) -> jax.Array:
+    """[B, 1, T, T] bool for packed rows without a cache: token s is visible to token t when both belong to
+    the same sequence (segment id >= 1; 0 is padding) and s is at a position <= t's (positions restart
+    with each sequence) and, for sliding layers, less than `window` positions back."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return position_mask(jnp.where(segment_ids != 0, positions, -1), positions, window) & same[:, None]
+
+
 def position_mask(key_positions: jax.Array, positions: jax.Array, window: Optional[int]) -> jax.Array:
     """[B, 1, T, S] bool for a cache whose slot order is not time order (a ring buffer): key slot s is
     visible to query t when it holds a token (key_positions[b, s] >= 0, -1 = empty) at a position <=
@@ -177,7 +185,8 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None):
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None,
+                 segment_ids=None):
         cfg = self.config
         dtype = cfg.jnp_dtype
         dense = lambda n, bias, name: nn.Dense(  # noqa: E731
@@ -214,7 +223,9 @@ class Attention(nn.Module):
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
         logits = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) * scale
         window = cfg.sliding_window if sliding else None
-        if key_positions is None:
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, positions, window)
+        elif key_positions is None:
             mask = attention_mask(kv_valid[:, :k.shape[-1]], query_slots, window)
         else:
             mask = position_mask(key_positions, positions, window)
@@ -246,11 +257,13 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None):
+    def __call__(self, x, positions, kv_valid, query_slots, cache_kv, cache_index, key_positions=None,
+                 segment_ids=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.jnp_dtype, name=name)  # noqa: E731
         h, new_kv = Attention(cfg, self.layer, name="attn")(
-            norm("input_layernorm")(x), positions, kv_valid, query_slots, cache_kv, cache_index, key_positions)
+            norm("input_layernorm")(x), positions, kv_valid, query_slots, cache_kv, cache_index, key_positions,
+            segment_ids)
         if cfg.sandwich_norm:
             h = norm("post_attention_layernorm")(h)
         x = x + h
@@ -276,6 +289,9 @@ class Decoder(nn.Module):
       key_positions: [B, S] int32 or None; the rotary position of the token in each cache slot (-1:
         empty). Given, it replaces `kv_valid` and slot-order causality (`position_mask`): for caches
         whose slots are not in time order (in-flight batching's ring buffer).
+      segment_ids: [B, T] int32 or None; without a cache, several sequences packed into each row: a
+        token attends only to earlier tokens of its own sequence (`segment_mask`; ids >= 1, 0 padding),
+        `positions` restarting with each sequence. Given, it replaces `kv_valid`.
     Returns (logits float32, new cache or None).
     """
 
@@ -283,8 +299,10 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, kv_valid, cache: Optional[KVCache] = None,
-                 cache_index=0, last_only: bool = False, key_positions=None):
+                 cache_index=0, last_only: bool = False, key_positions=None, segment_ids=None):
         cfg = self.config
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) apply to a plain forward pass, not to one with a KV cache.")
         dtype = cfg.jnp_dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                          name="embed_tokens")
@@ -296,7 +314,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, (k, v) = DecoderLayer(cfg, i, name=f"layers_{i}")(
-                x, positions, kv_valid, query_slots, layer_kv, cache_index, key_positions)
+                x, positions, kv_valid, query_slots, layer_kv, cache_index, key_positions, segment_ids)
             new_keys.append(k)
             new_values.append(v)
         if last_only:

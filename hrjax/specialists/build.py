@@ -30,7 +30,8 @@ from hrjax.specialists.sft import SFTConfig
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-FORMAT_VERSION = 4  # 2: members of one shape trained together; 3: init compiled unoptimised; 4: lax.map, not vmap
+FORMAT_VERSION = 5  # 2: members of one shape trained together; 3: init compiled unoptimised; 4: lax.map, not vmap;
+# 5: packed rows
 METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
 
 
