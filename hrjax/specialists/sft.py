@@ -86,10 +86,11 @@ def llama_hf_config(config: DecoderConfig, **extra) -> dict:
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt, response) pairs -> (tokens [N, T] int32, target mask [N, T] float32), T the longest
     sequence. `mask[i, t]` is 1 where token t is a response token or the EOS (a target)."""
-    rows = []
-    for prompt, response in pairs:
-        prompt_ids = tokenizer.encode(prompt)  # <s> prompt
-        rows.append((prompt_ids, tokenizer.encode(response, add_special_tokens=False) + [EOS_ID]))
+    if not pairs:
+        raise HrjaxError("encode_pairs got no (prompt, response) pairs: give it at least one.")
+    prompts, responses = zip(*pairs)  # one batched tokenizer call each: <s> prompt, response
+    rows = list(zip(tokenizer(list(prompts))["input_ids"],
+                    [ids + [EOS_ID] for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]))
     length = max(len(p) + len(r) for p, r in rows)
     if length > max_length:
         raise HrjaxError(f"A training sequence has {length} tokens, more than the model's "
