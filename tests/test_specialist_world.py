@@ -115,6 +115,8 @@ def test_sft_lowers_the_masked_loss():
     tokens, mask = encode_pairs(tok, [("12+3=", "15"), ("rev(ab)=", "ba")], max_length=64)
     assert tokens.shape == (2, 12) and tokens[0, :9].tolist() == tok.encode("12+3=15") + [EOS_ID]
     assert mask[0].tolist() == [0] * 6 + [1, 1, 1] + [0] * 3  # the answer and EOS only
+    with pytest.raises(HrjaxError, match="no .prompt, response. pairs"):
+        encode_pairs(tok, [], max_length=64)
     pairs = [p[1:] for p in map(first_hop_pair, specialist_examples("train", 200, task_types=("rev",)))]
     tokens, mask = encode_pairs(tok, pairs, max_length=64)
     config = dataclasses.replace(TINY, hidden_size=32, intermediate_size=64, steps=150, batch_size=32,
