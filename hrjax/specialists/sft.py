@@ -268,9 +268,9 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
     stacked = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), Schedule(*map(jnp.asarray, schedule)))
     while active:
         count = min(STEPS_PER_CALL, min(configs[i].steps for i in active) - done)
-        chunk = Placement(*(np.stack([field[done:done + count] for field in fields])
-                            for fields in zip(*(placements[i] for i in active))))
-        state, chunk = update(state, chunk, *stacked)
+        planned = Placement(*(np.stack([field[done:done + count] for field in fields])
+                              for fields in zip(*(placements[i] for i in active))))
+        state, chunk = update(state, planned, *stacked)
         chunk, done = np.asarray(chunk), done + count
         keep = []
         for position, i in enumerate(active):
