@@ -16,7 +16,6 @@ from hrjax.config import ConfigError, base_config, run_config
 from hrjax.parallel import MeshConfig, MeshError, initialize, mesh_shape
 
 TESTS = Path(__file__).parent
-CACHE_COUNTERS = ("cache_hits", "cache_misses", "generated_tokens")  # online: the first run fills the cache
 
 
 @pytest.mark.parametrize("config, devices, shape", [
@@ -89,14 +88,16 @@ def test_tree_mode_on_8_devices_matches_one_device_on_every_mesh():
     assert result["refused"].startswith("config.ppo.num_envs = 252 does not split over the mesh's data axis of 8")
 
 
-# (iterations at the segment's end, mesh data x model; None: one device). Tree mode's program is checked
-# on each mesh above, and `hrjax train` in tree mode across process and device counts in test_multihost.
-ONLINE_SEGMENTS = [(2, (8, 1)), (4, (4, 2)), (6, (2, 4)), (8, None)]
+# (iterations at the segment's end, mesh data x model; None: one device): all data, then a model axis that
+# splits the samplers' heads and MLPs. Tree mode's program is checked on every mesh above (4 x 2 too), the
+# sampler on model axes 2 and 4 in test_sharded_sampler, `hrjax train` in tree mode across process and device
+# counts in test_multihost. Each segment is a process of its own (about 45 s on a 2-core host).
+ONLINE_SEGMENTS = [(2, (8, 1)), (4, (2, 4)), (6, None)]
 
 
-def test_hrjax_train_online_through_every_mesh_then_one_device_matches_one_device(tiny_pool, tmp_path):
+def test_hrjax_train_online_through_data_and_model_meshes_then_one_device_matches_one_device(tiny_pool, tmp_path):
     from runs import config_file, finish, launch
-    from test_train import TIMING, final_state
+    from test_train import CACHE_COUNTERS, TIMING, final_state
 
     eight = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
     total = ONLINE_SEGMENTS[-1][0]
