@@ -27,7 +27,20 @@ from hrjax.errors import CheckpointError
 def _manager(directory, **options) -> ocp.CheckpointManager:
     directory = directory.absolute() if isinstance(directory, Path) else directory  # gs:// stays as it is
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=False, **options))
+        **{"create": True, "enable_async_checkpointing": False, **options}))
+
+
+def latest_saved_step(workdir) -> Optional[int]:
+    """The latest step checkpointed in run directory `workdir` (None when there is none), read without
+    opening the run (no config check, nothing created)."""
+    workdir = workdir if isinstance(workdir, PurePath) else Path(workdir)
+    if not (workdir / "checkpoints").exists():
+        return None
+    manager = _manager(workdir / "checkpoints", create=False, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 class RunCheckpoints:

@@ -26,7 +26,8 @@ import numpy as np
 from hrjax.config import RunConfig
 from hrjax.pool import resolve_pool
 from hrjax.rundir import RunPath, as_path, open_for_writing
-from hrjax.train import load_data, load_or_build_scored_tree, sharing_tree_runs, train
+from hrjax.train import (ComputedRun, computable_ahead, load_data, load_or_build_scored_tree, sharing_tree_runs,
+                         train)
 
 SWEEP_FILE = "sweep_routers.npz"
 
@@ -35,7 +36,7 @@ class EvaluationRun(NamedTuple):
     summary: dict
     table: str  # Markdown
     report: RunPath  # report.md
-    seconds: dict  # wall seconds per phase (pool, tree, seed runs, sweep, evaluation, report), then 'total'
+    seconds: dict  # wall seconds per phase that ran (pool, tree, routers, seed runs, evaluation, report), then 'total'
 
 
 class PhaseClock:
@@ -66,40 +67,57 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
                   lambdas: Optional[Sequence[float]] = None) -> dict:
     """{cost_lambda: params stacked over seeds} for each of `lambdas` (default: every lambda of the evaluation
     sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
-    jitted program vmapped over lambda x seed (`make_train`'s `train(rng, cost_lambda)`), compiled once and
-    split over this process's devices (`hrjax.agent.tree_mode.train_runs`). The same routers as one program
-    per lambda, up to float32 rounding. On a CPU host the runs are further split over child processes pinned
-    to a share of the cores each (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each
-    compiling the program for its runs: one run's small matmuls gain little from a second core."""
-    from hrjax.local_processes import default_processes, run_pinned
-
+    program (`fixed_lambda_runs`)."""
     if lambdas is None:
         lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
     if not lambdas:
         return {}
-    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for lam in lambdas for s in seeds])  # lambda-major
-    run_lambdas = np.array([lam for lam in lambdas for s in seeds], np.float32)
-    processes = min(default_processes(config.train.local_processes), len(keys))
-    if processes > 1:
-        shares = np.array_split(np.arange(len(keys)), processes)
-        parts = run_pinned("hrjax.pipeline:train_sweep_runs",
-                           [(config, tree, train_rows, keys[share], run_lambdas[share]) for share in shares])
-        params = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
-    else:
-        params = train_sweep_runs((config, tree, train_rows, keys, run_lambdas))
-    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * len(seeds):(i + 1) * len(seeds)], params)
+    return routers_by_lambda(fixed_lambda_runs(config, tree, train_rows, [(s, lam) for lam in lambdas for s in seeds]),
+                             lambdas, len(seeds))
+
+
+def routers_by_lambda(steps, lambdas: Sequence[float], num_seeds: int) -> dict:
+    """{cost_lambda: final params [seeds, ...]} of lambda-major runs' `RunSteps` (leaves [R, S + 1, ...])."""
+    final = jax.tree_util.tree_map(lambda x: x[:, -1], steps.carries.params)
+    return {lam: jax.tree_util.tree_map(lambda x, i=i: x[i * num_seeds:(i + 1) * num_seeds], final)
             for i, lam in enumerate(lambdas)}
 
 
-def train_sweep_runs(payload: tuple, report=None):
-    """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R]) -> the R runs' final params as
-    numpy arrays [R, ...] (`hrjax.agent.tree_mode.train_runs`): `sweep_routers`' runs, or a child process's
-    share of them (`report` unused)."""
-    from hrjax.agent.tree_mode import make_train, train_runs
+def fixed_lambda_runs(config: RunConfig, tree, train_rows: np.ndarray, runs: Sequence[tuple[int, float]],
+                      iterations_per_step: Optional[int] = None):
+    """The tree-mode runs `runs` ((seed, cost_lambda) each: the key of `hrjax train`'s run of that seed) as
+    one jitted program vmapped over the runs (in chunks on a CPU), compiled once and split over this process's
+    devices (`hrjax.agent.tree_mode.train_runs`) -> their `RunSteps` as numpy arrays, leaves [R, S + 1, ...], in steps
+    of `iterations_per_step` (None: one step). Each run equals its own program's up to float32 rounding. On a
+    CPU host the runs are further split over child processes pinned to a share of the cores each
+    (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each compiling the program for its
+    runs: one run's small matmuls gain little from a second core."""
+    from hrjax.local_processes import default_processes, run_pinned
 
-    config, tree, train_rows, keys, run_lambdas = payload
+    keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed, _ in runs])
+    run_lambdas = np.array([lam for _, lam in runs], np.float32)
+    processes = min(default_processes(config.train.local_processes), len(keys))
+    payload = (config, tree, train_rows, keys, run_lambdas, iterations_per_step)
+    if processes <= 1:
+        return train_fixed_lambda_runs(payload)
+    shares = np.array_split(np.arange(len(keys)), processes)
+    parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs",
+                       [(config, tree, train_rows, keys[share], run_lambdas[share], iterations_per_step)
+                        for share in shares])
+    return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
+
+
+def train_fixed_lambda_runs(payload: tuple, report=None):
+    """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R], iterations per step) -> the R runs'
+    `RunSteps` as numpy arrays (`hrjax.agent.tree_mode.train_runs`): `fixed_lambda_runs`' runs, or a child
+    process's share of them (`report` unused)."""
+    from hrjax.agent.tree_mode import CPU_RUNS_PER_CALL, make_train, train_runs
+
+    config, tree, train_rows, keys, run_lambdas, iterations_per_step = payload
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas))
+    per_call = CPU_RUNS_PER_CALL if jax.default_backend() == "cpu" else None
+    return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas, iterations_per_step,
+                                     max_runs_per_call=per_call))
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:
@@ -161,6 +179,34 @@ def evaluate_run(config: RunConfig, workdir: str | os.PathLike, progress: bool =
         return _evaluate_in(config, workdir, progress)
 
 
+def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: np.ndarray, seeds: list[int],
+                         lambdas: list[float], clock: PhaseClock, progress: bool, sweep: Optional[dict]):
+    """Tree mode on one device (`hrjax.train.computable_ahead`): the seed runs not yet finished in `workdir`
+    (at `config.env.cost_lambda`) and the sweep's runs at each of `lambdas` (every seed) as one program
+    (`fixed_lambda_runs`, in the seed runs' steps: phase 'routers'); then each seed run's metrics,
+    evaluations and checkpoints written by `train` from the computed steps, as it would have computed them
+    (phase 'seed runs'). -> (each seed's final params, {lambda: params [seeds, ...]} of `lambdas`, or
+    `sweep` when there are none)."""
+    from hrjax.checkpoint import latest_saved_step
+
+    pending = [s for s in seeds if latest_saved_step(workdir / f"seed_{s}") != config.train.num_iterations]
+    runs = [(s, config.env.cost_lambda) for s in pending] + [(s, lam) for lam in lambdas for s in seeds]
+    computed = {}
+    if runs:
+        with clock.phase("routers"):
+            start = time.perf_counter()
+            steps = fixed_lambda_runs(config, tree, train_rows, runs, config.train.iterations_per_step)
+            seconds = time.perf_counter() - start
+        computed = {s: ComputedRun(jax.tree_util.tree_map(lambda x, i=i: x[i], steps), seconds, len(runs))
+                    for i, s in enumerate(pending)}
+        if lambdas:
+            sweep = routers_by_lambda(jax.tree_util.tree_map(lambda x: x[len(pending):], steps), lambdas, len(seeds))
+    with clock.phase("seed runs"), sharing_tree_runs():  # the seeds' evaluations compiled once
+        params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress, computed.get(s)).params
+                  for s in seeds]
+    return params, sweep
+
+
 def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> EvaluationRun:
     from hrjax.agent.tree_mode import make_train
     from hrjax.evaluate import Split, evaluate, markdown_table, ppo_policy, summarize
@@ -174,24 +220,28 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
     with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
         data = load_data(config)
         tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
-    seeds = [config.seed + s for s in range(config.evaluate.seeds)]
-    with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once, for every seed
-        params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
+    seeds, train_rows = [config.seed + s for s in range(config.evaluate.seeds)], data.rows("train")
+    # a router that is not lambda-conditioned is trained again per seed at every other lambda of the sweep
+    lambdas = [] if config.ppo.conditioned else [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+    key = sweep_key(config, seeds)  # a rerun reuses the saved sweep of the same config, as it does the seed runs
+    sweep = load_sweep(workdir / SWEEP_FILE)[1] if lambdas and saved_sweep_key(workdir / SWEEP_FILE) == key else None
+    trained_sweep = bool(lambdas) and sweep is None
+    if computable_ahead(config):
+        params, sweep = _seed_runs_and_sweep(config, workdir, tree, train_rows, seeds, lambdas if trained_sweep else [],
+                                             clock, progress, sweep)
+    else:  # online mode, a training mesh or several processes: the seed runs one by one, then the sweep
+        with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once, for every seed
+            params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
+        if trained_sweep:
+            with clock.phase("sweep"):
+                sweep = sweep_routers(config, tree, train_rows, seeds, lambdas)
+    if trained_sweep and is_chief():
+        save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)
-
-    train_rows = data.rows("train")
+    if lambdas:
+        stacked = {config.env.cost_lambda: stacked, **sweep}
     learner = make_train(config.ppo, config.network, config.env, tree, train_rows,
                          config.train.num_iterations).learner
-    if not config.ppo.conditioned:
-        with clock.phase("sweep"):  # a rerun reuses the saved sweep of the same config, as it does the seed runs
-            key = sweep_key(config, seeds)
-            if saved_sweep_key(workdir / SWEEP_FILE) == key:
-                sweep = load_sweep(workdir / SWEEP_FILE)[1]
-            else:
-                sweep = sweep_routers(config, tree, train_rows, seeds)
-                if is_chief():
-                    save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
-        stacked = {config.env.cost_lambda: stacked, **sweep}
     with clock.phase("evaluation"):
         result = evaluate(Split(tree, train_rows, [e.task for e in data.train]),
                           Split(tree, data.rows("eval"), [e.task for e in data.eval], official),

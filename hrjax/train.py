@@ -236,11 +236,12 @@ class _TreeRun:
     def __init__(self, config: RunConfig, data: RunData, mesh, progress: bool):
         from hrjax.agent.tree_mode import greedy_paths, make_train
         from hrjax.parallel import replicated
+        from hrjax.runtime import RUN_ONCE_COMPILER_OPTIONS
 
         tree = load_or_build_tree(config, data.examples, progress)
         self.trainer = make_train(config.ppo, config.network, config.env, tree, data.rows("train"),
                                   config.train.num_iterations, mesh)
-        self._init = jax.jit(self.trainer.init)
+        self._init = jax.jit(self.trainer.init, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
         self._run = jax.jit(self.trainer.run, static_argnums=1)
         select_rows, lam = data.rows("select"), config.env.cost_lambda
 
@@ -266,6 +267,56 @@ class _TreeRun:
     def evaluate(self, params):
         quality, cost = self._greedy(params)
         return float(quality), float(cost)
+
+
+class ComputedRun(NamedTuple):
+    """A tree run computed ahead, in one program with other runs (`hrjax evaluate`'s seed runs and sweep:
+    `hrjax.agent.tree_mode.train_runs`), for `train` to log, evaluate and checkpoint."""
+
+    steps: Any  # the run's `hrjax.agent.tree_mode.RunSteps`, leaves [S + 1, ...] and [num_iterations, ...]
+    program_seconds: float  # wall seconds of the program that computed it
+    program_runs: int  # how many runs that program computed
+
+
+def computable_ahead(config: RunConfig) -> bool:
+    """Whether a run of `config` can be a `ComputedRun`: tree mode on one device of a one-process job."""
+    from hrjax.parallel import training_mesh
+
+    return config.mode == "tree" and jax.process_count() == 1 and training_mesh(config.mesh) is None
+
+
+class _ComputedTreeRun:
+    """A `ComputedRun`'s steps, which the loop logs, evaluates and checkpoints as it does steps it computes.
+    A carry that is not the computed one at its iteration (a checkpoint written by another program) is
+    continued by `run`, the run's own programs. Each step's learner seconds are its share of the program's."""
+
+    def __init__(self, run: _TreeRun, computed: ComputedRun):
+        self.run, self.computed = run, jax.tree_util.tree_map(np.asarray, computed.steps)
+        self.ends = self.computed.carries.iteration  # [S + 1] the iteration each carry is at
+        iterations = computed.program_runs * len(self.computed.metrics["return"])
+        self.seconds_per_iteration = computed.program_seconds / iterations
+
+    def init(self, rng):
+        return self._carry(0)
+
+    def _carry(self, iteration: int):
+        """The computed carry at `iteration` (device arrays, as `_TreeRun`'s), or None when no step ends there."""
+        index = np.flatnonzero(self.ends == iteration)
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x[index[0]]), self.computed.carries) if index.size else None
+
+    def steps(self, carry, n: int):
+        """As `_TreeRun.steps`, read from the computed steps when `carry` is the computed carry at its iteration."""
+        start = int(carry.iteration)
+        computed, ahead = self._carry(start), self._carry(start + n)
+        same = computed is not None and all(np.array_equal(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(jax.device_get(computed)), jax.tree_util.tree_leaves(jax.device_get(carry))))
+        if not same or ahead is None:
+            return self.run.steps(carry, n)
+        rows = [{k: v[i] for k, v in self.computed.metrics.items()} for i in range(start, start + n)]
+        return ahead, rows, dict(learner_seconds=n * self.seconds_per_iteration, rollout_seconds=0.0)
+
+    def evaluate(self, params):
+        return self.run.evaluate(params)
 
 
 _SHARED_TREE_RUNS: list[dict] = []  # while `sharing_tree_runs` is active: {config less the seed: its `_TreeRun`}
@@ -349,18 +400,24 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def train(config: RunConfig, workdir: str | Path, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, workdir: str | Path, progress: bool = True, computed: Optional[ComputedRun] = None
+          ) -> TrainResult:
     """Trains (or resumes) the router of `config` in `workdir` (a local path or gs://); -> final params
     and the logged rows. The workdir is held exclusively while the run lasts (by the chief of a
-    multi-process job: every process of the job runs this)."""
+    multi-process job: every process of the job runs this). With `computed` (a run computed ahead with
+    others) its steps are logged, evaluated and checkpointed, not recomputed."""
     from hrjax.rundir import local_dir, locked_run_dir
 
+    if computed is not None and not computable_ahead(config):
+        raise ValueError(f"Only a tree-mode run on one device of a one-process job can be computed ahead; this one "
+                         f"is a {config.mode}-mode run over {jax.device_count()} device(s) in {jax.process_count()} "
+                         "process(es): train it without `computed`.")
     local_dir(config.train.cache_dir, "config.train.cache_dir")
     with locked_run_dir(workdir) as workdir:
-        return _train_in(config, workdir, progress)
+        return _train_in(config, workdir, progress, computed)
 
 
-def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
+def _train_in(config: RunConfig, workdir: Path, progress: bool, computed: Optional[ComputedRun]) -> TrainResult:
     """Every process of a multi-process job runs this: Orbax checkpoints from all of them, config.json,
     metrics and TensorBoard from the chief only."""
     from hrjax.metrics import MetricsWriter
@@ -377,6 +434,8 @@ def _train_in(config: RunConfig, workdir: Path, progress: bool) -> TrainResult:
         data = load_data(config)
         mesh = training_mesh(config.mesh)
         run = (_tree_run if config.mode == "tree" else _OnlineRun)(config, data, mesh, progress)
+        if computed is not None:
+            run = _ComputedTreeRun(run, computed)
         # the carry counts its iterations; over a mesh of several processes, one array spanning them all
         fresh = {"carry": global_replicated(run.init(jax.random.PRNGKey(config.seed)), mesh)}
         resumed_from, state = checkpoints.restore(fresh)
@@ -412,7 +471,8 @@ def _loop(config: RunConfig, run, state: dict, checkpoints: RunCheckpoints, writ
             n = min(loop.iterations_per_step, loop.num_iterations - iteration)
             start = time.perf_counter()
             carry, rows, seconds_by_part = run.steps(carry, n)
-            seconds = time.perf_counter() - start
+            # at least its parts: a step computed ahead (`ComputedRun`) is read here in no time
+            seconds = max(time.perf_counter() - start, sum(seconds_by_part.values()))
             bad = _first_non_finite(rows, iteration + 1, carry.params)
             if bad:
                 raise TrainingDivergedError(

@@ -251,3 +251,63 @@ def test_the_seeds_of_one_config_share_its_tree_run_and_train_as_if_alone(tiny_p
     assert made == [config.seed, config.seed, 1, 1]
     for a, b in zip(jax.tree_util.tree_leaves(shared), jax.tree_util.tree_leaves(alone)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_seed_run_computed_with_the_sweep_logs_and_checkpoints_as_its_own_run(tiny_pool, tmp_path, monkeypatch):
+    """`hrjax evaluate`'s seed runs are computed in one program with the sweep, then written by `train` from the
+    computed steps: the same metrics, evaluations, checkpoints and params as the run computed step by step (up
+    to float32 rounding between the batched and unbatched programs), with none of its steps recomputed. A run
+    resumed from a checkpoint of the computed steps goes on reading them (bit for bit); one resumed from a
+    checkpoint they do not hold computes its steps itself, bit for bit as the run it came from."""
+    import dataclasses
+
+    import jax
+
+    from hrjax import train as train_module
+    from hrjax.pipeline import fixed_lambda_runs
+    from hrjax.train import ComputedRun, load_or_build_tree
+
+    config = config_of(tiny_pool, iterations=6, **{"train.iterations_per_step": 2, "train.eval_every": 1,
+                                                   "train.local_processes": 1})
+    own = train(config, tmp_path / "own", progress=False)
+    computed_steps = []
+    original = train_module._TreeRun.steps
+    monkeypatch.setattr(train_module._TreeRun, "steps",
+                        lambda self, carry, n: computed_steps.append(n) or original(self, carry, n))
+    data = load_data(config)
+    tree = load_or_build_tree(config, data.examples, progress=False)
+    lam = config.env.cost_lambda
+    runs = [(config.seed, lam), (config.seed + 1, lam), (config.seed, 2.0)]  # (seed, cost lambda)
+    steps = fixed_lambda_runs(config, tree, data.rows("train"), runs, 2)
+    assert steps.carries.iteration.tolist() == [[0, 2, 4, 6]] * 3 and steps.metrics["return"].shape == (3, 6)
+    run = lambda r: ComputedRun(jax.tree_util.tree_map(lambda x: x[r], steps), 1.5, 3)  # noqa: E731
+    ahead = train(config, tmp_path / "ahead", progress=False, computed=run(0))
+    assert computed_steps == []
+    assert saved_steps(tmp_path / "ahead") == saved_steps(tmp_path / "own") == [2, 4, 6]
+    got, want = metric_rows(tmp_path / "ahead"), metric_rows(tmp_path / "own")
+    assert [sorted(r) for r in got] == [sorted(r) for r in want] and any("eval/quality" in r for r in got)
+    for g, w in zip(got, want):
+        for k in g:
+            np.testing.assert_allclose(g[k], w[k], atol=1e-4, err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(ahead.params), jax.tree_util.tree_leaves(own.params)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    learner = [json.loads(line)["learner_seconds"] for line in (tmp_path / "ahead" / "metrics.jsonl").read_text()
+               .splitlines() if "learner_seconds" in line]
+    assert learner == pytest.approx([1.5 * 2 / (3 * 6)] * 3)  # each step's share of the program's 1.5 s
+
+    def cut_back_to_step_2(source, name):
+        shutil.copytree(tmp_path / source, tmp_path / name)
+        for step in (4, 6):
+            shutil.rmtree(tmp_path / name / "checkpoints" / str(step))
+        return tmp_path / name
+
+    resumed = train(config, cut_back_to_step_2("ahead", "resumed"), progress=False, computed=run(0))
+    assert computed_steps == []
+    foreign = train(config, cut_back_to_step_2("own", "foreign"), progress=False, computed=run(1))  # another seed's
+    assert computed_steps == [2, 2]
+    for got, want in ((resumed, ahead), (foreign, own)):
+        for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want.params)):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert final_state(tmp_path / "resumed").keys() == final_state(tmp_path / "ahead").keys()
+    with pytest.raises(ValueError, match="Only a tree-mode run on one device"):
+        train(dataclasses.replace(config, mode="online"), tmp_path / "online", progress=False, computed=run(0))

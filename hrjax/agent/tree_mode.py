@@ -4,6 +4,7 @@ update run together in one jit-compiled `lax.scan` over iterations.
 `make_train(...)` returns pure functions: `init(rng) -> TrainCarry`, `run(carry, n, cost_lambda=None)
 -> (carry, metrics [n])` (n static) and `train(rng, cost_lambda=None)`, all jittable and vmappable over
 seeds and, for a fixed-lambda router, over the cost lambda (a traced scalar; None: the env config's).
+`train_runs` trains many runs at once, step by step, as one program.
 The environment follows `EnvConfig`: L hops, STOP when enabled (action M, not at hop 0: stopping at a
 node scores that node's answer), the cost charged at the end or per hop.
 Shapes: N prompts, K tree nodes (D of them decided at: `hrjax.env.tree.decision_nodes`), E embedding width,
@@ -26,6 +27,7 @@ from hrjax.agent.ppo import (Learner, PPOConfig, Trajectory, action_histogram, m
 from hrjax.env.mdp import EnvConfig, routing_reward
 from hrjax.env.tree import PathTree, decision_nodes, level_offset
 from hrjax.parallel import Mesh, constrain_batch, constrain_replicated
+from hrjax.runtime import RUN_ONCE_COMPILER_OPTIONS
 
 
 class TreeArrays(NamedTuple):
@@ -128,12 +130,21 @@ class TrainCarry(NamedTuple):
     iteration: chex.Array  # [] int32: updates done so far (the learning-rate schedule reads it)
 
 
+class RunSteps(NamedTuple):
+    """A whole run, step by step: what `hrjax.train`'s loop would have computed, for it to log, evaluate and
+    checkpoint. Leaves [S + 1, ...] for one run, [R, S + 1, ...] for R runs (`train_runs`)."""
+
+    carries: TrainCarry  # the fresh carry, then the carry after each of the S steps
+    metrics: dict  # each iteration's metrics, [num_iterations, ...] per run
+
+
 class TreeTrainer(NamedTuple):
     learner: Learner
     env: TreeEnv
     init: callable  # (rng) -> TrainCarry
     run: callable  # (carry, n, cost_lambda=None) -> (carry, metrics with leading axis n); n static
     train: callable  # (rng, cost_lambda=None) -> (params, metrics [num_iterations])
+    num_iterations: int  # of a whole run
 
 
 def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tree: PathTree,
@@ -193,26 +204,59 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
         carry, metrics = run(init(rng), num_iterations, cost_lambda)
         return carry.params, metrics
 
-    return TreeTrainer(learner, env, init, run, train)
+    return TreeTrainer(learner, env, init, run, train, num_iterations)
+
+
+# On XLA:CPU a program over many runs is slower per run once their working set outgrows the caches: on a
+# 2-core AVX2 host (32 MiB L3), one core each, 2.1-2.4 s a run over 1-6 runs against 3.0 s over 12.
+CPU_RUNS_PER_CALL = 4
 
 
 def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
-               devices: Optional[Sequence[jax.Device]] = None):
-    """The final parameters of R independent fixed-lambda runs (run r from `keys[r]` at `cost_lambdas[r]`,
-    [R] each) as one jitted program vmapped over the runs and split over `devices` (default: this
-    process's own), the runs padded to a multiple of them with copies of the last. A run's arithmetic
-    never crosses devices, so each device trains its share alone: on a CPU split into host devices
-    (`--xla_force_host_platform_device_count`) the cores train runs side by side, which the small
-    matmuls of one run cannot do. -> params, each leaf [R, ...], split over the devices."""
+               iterations_per_step: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
+               max_runs_per_call: Optional[int] = None) -> RunSteps:
+    """R independent fixed-lambda runs (run r from `keys[r]` at `cost_lambdas[r]`, [R] each) as one jitted
+    program vmapped over the runs (`run`), called once per step of `iterations_per_step` iterations (None: one
+    step; a shorter last step compiles a second program) and split over `devices` (default: this process's
+    own). With `max_runs_per_call`, the runs go through the same program in equal chunks of at most that many
+    per device (`CPU_RUNS_PER_CALL` on a CPU), one chunk after another. The runs are padded to fill the chunks
+    with copies of the last. A run's arithmetic never crosses devices, so each device trains its share alone:
+    on a CPU split into host devices (`--xla_force_host_platform_device_count`) the cores train runs side by
+    side, which the small matmuls of one run cannot do. (The steps as a scan inside the program instead took
+    1.14-1.40x the time per run on XLA:CPU.) -> `RunSteps` as numpy arrays, leaves [R, S + 1, ...] and
+    [R, num_iterations, ...]; the final params are `carries.params[:, -1]`."""
     devices = list(jax.local_devices() if devices is None else devices)
     runs = keys.shape[0]
-    padding = -runs % len(devices)
-    keys, cost_lambdas = (jnp.concatenate([x, jnp.repeat(x[-1:], padding, axis=0)]) for x in
-                          (keys, jnp.asarray(cost_lambdas, jnp.float32)))
+    per_device = -(-runs // len(devices))
+    calls = 1 if max_runs_per_call is None else -(-per_device // max_runs_per_call)
+    chunk = -(-per_device // calls) * len(devices)  # runs per call, over all the devices
+    keys, cost_lambdas = (np.concatenate([x, np.repeat(x[-1:], chunk * calls - runs, axis=0)]) for x in
+                          (np.asarray(keys), np.asarray(cost_lambdas, np.float32)))
     split = NamedSharding(Mesh(np.asarray(devices), ("runs",)), PartitionSpec("runs"))
-    params = jax.jit(jax.vmap(lambda key, lam: trainer.train(key, lam)[0]), out_shardings=split)(
-        jax.device_put(keys, split), jax.device_put(cost_lambdas, split))
-    return jax.tree_util.tree_map(lambda x: x[:runs], params)
+    total = trainer.num_iterations
+    per_step = total if iterations_per_step is None else min(iterations_per_step, total)
+    sizes = [per_step] * (total // per_step) + [total % per_step] * bool(total % per_step)
+    init = jax.jit(jax.vmap(trainer.init), out_shardings=split, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+    programs = {n: jax.jit(jax.vmap(lambda carry, lam, n=n: trainer.run(carry, n, lam)), out_shardings=split)
+                for n in set(sizes)}
+    carries, metrics = [], []  # per call: [S + 1] carries, [S] steps' metrics
+    for start in range(0, chunk * calls, chunk):
+        lambdas = jax.device_put(cost_lambdas[start:start + chunk], split)
+        carries.append([init(jax.device_put(keys[start:start + chunk], split))])
+        metrics.append([])
+        for n in sizes:
+            carry, step_metrics = programs[n](carries[-1][-1], lambdas)
+            carries[-1].append(carry)
+            metrics[-1].append(step_metrics)
+    # joined on the host: as a program, its hundreds of inputs took 7.3 s to compile (AVX2 host)
+    carries, metrics = jax.device_get((carries, metrics))
+
+    def joined(per_call: list, over_steps) -> chex.ArrayTree:
+        """Each call's steps joined by `over_steps` (np.stack or np.concatenate) along axis 1, then the calls."""
+        calls = [jax.tree_util.tree_map(lambda *x: over_steps(x, axis=1), *steps) for steps in per_call]
+        return jax.tree_util.tree_map(lambda *x: np.concatenate(x)[:runs], *calls)
+
+    return RunSteps(joined(carries, np.stack), joined(metrics, np.concatenate))
 
 
 def greedy_paths(learner: Learner, params, env: TreeEnv, prompts: chex.Array, cost_lambda: float = 0.0):

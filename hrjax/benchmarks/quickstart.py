@@ -1,9 +1,10 @@
 """The main job end to end: `hrjax evaluate --config=experiments/configs/specialist_world.py` in a fresh
-cache directory (nothing cached: pool build, path tree, 3 seed runs, lambda sweep, evaluation, report),
-as the command runs it (JAX's compilation cache in the cache directory). Figures: total and per-phase
-wall seconds, and `speedup_vs_sequential_sweep`: the sweep as one program vmapped over lambda x seed
-(the job's phase) against one program per lambda vmapped over seeds (what the job ran before), timed
-afterwards in the same process on the same path tree, compilation included in both.
+cache directory (nothing cached: pool build, path tree, the routers of the 3 seed runs and the lambda sweep,
+the seed runs' logs and checkpoints, evaluation, report), as the command runs it (JAX's compilation cache in
+the cache directory). Figures: total and per-phase wall seconds, and `speedup_vs_sequential_sweep`: the seed
+runs and the sweep as one program vmapped over lambda x seed (the job's 'routers' phase) against one program
+per lambda vmapped over the seeds (as the job's sweep ran before), timed afterwards in the same process on the
+same path tree, compilation included in both.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def main_job_config(root: Path, recipe: str = "default"):
 
 
 def sequential_sweep_seconds(config, seeds: list[int]) -> float:
-    """Wall seconds of the sweep as one jitted program per lambda (each vmapped over seeds, the lambda a
-    constant of its program), over the run's cached pool and tree."""
+    """Wall seconds of the seed runs and the sweep as one jitted program per lambda of the sweep (each vmapped
+    over the seeds, the lambda a constant of its program), over the run's cached pool and tree, in this process."""
     from hrjax.agent.tree_mode import make_train
     from hrjax.pool import resolve_pool
     from hrjax.train import load_data, load_or_build_tree
@@ -36,7 +37,7 @@ def sequential_sweep_seconds(config, seeds: list[int]) -> float:
     tree, rows = load_or_build_tree(config, data.examples, progress=False), data.rows("train")
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
     start = time.perf_counter()
-    for lam in (x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda):
+    for lam in dict.fromkeys([config.env.cost_lambda, *config.evaluate.cost_lambdas]):  # the seed runs' first
         env = dataclasses.replace(config.env, cost_lambda=lam)
         trainer = make_train(config.ppo, config.network, env, tree, rows, config.train.num_iterations)
         jax.block_until_ready(jax.jit(jax.vmap(trainer.train))(keys)[0])
@@ -56,6 +57,6 @@ def run(recipe: str = "default") -> dict:
     seconds = {name: round(value, 1) for name, value in job.seconds.items()}
     return {**host_info(), "recipe": recipe, "total_seconds": seconds.pop("total"),
             "phase_seconds": seconds, "sequential_sweep_seconds": round(sequential, 1),
-            "speedup_vs_sequential_sweep": round(sequential / job.seconds["sweep"], 2),
+            "speedup_vs_sequential_sweep": round(sequential / job.seconds["routers"], 2),
             "router_quality": round(job.summary["router_quality"], 3),
             "best_single_quality": round(job.summary["best_single_quality"], 3)}
