@@ -69,11 +69,19 @@ def sweep_routers(config: RunConfig, tree, train_rows: np.ndarray, seeds: list[i
     sweep but the run's own): fixed-lambda routers trained like the seed runs (same keys), in memory, as one
     program (`fixed_lambda_runs`)."""
     if lambdas is None:
-        lambdas = [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+        lambdas = sweep_lambdas(config)
     if not lambdas:
         return {}
     return routers_by_lambda(fixed_lambda_runs(config, tree, train_rows, [(s, lam) for lam in lambdas for s in seeds]),
                              lambdas, len(seeds))
+
+
+def sweep_lambdas(config: RunConfig) -> list[float]:
+    """The lambdas at which a router that is not lambda-conditioned is trained again per seed for the AIQ sweep:
+    every lambda of `config.evaluate.cost_lambdas` but the run's own (none for a conditioned router)."""
+    if config.ppo.conditioned:
+        return []
+    return [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
 
 
 def routers_by_lambda(steps, lambdas: Sequence[float], num_seeds: int) -> dict:
@@ -97,13 +105,11 @@ def fixed_lambda_runs(config: RunConfig, tree, train_rows: np.ndarray, runs: Seq
     keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed, _ in runs])
     run_lambdas = np.array([lam for _, lam in runs], np.float32)
     processes = min(default_processes(config.train.local_processes), len(keys))
-    payload = (config, tree, train_rows, keys, run_lambdas, iterations_per_step)
-    if processes <= 1:
-        return train_fixed_lambda_runs(payload)
-    shares = np.array_split(np.arange(len(keys)), processes)
-    parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs",
-                       [(config, tree, train_rows, keys[share], run_lambdas[share], iterations_per_step)
-                        for share in shares])
+    payloads = [(config, tree, train_rows, keys[share], run_lambdas[share], iterations_per_step)
+                for share in np.array_split(np.arange(len(keys)), max(processes, 1))]
+    if len(payloads) == 1:
+        return train_fixed_lambda_runs(payloads[0])
+    parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs", payloads)
     return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
 
 
@@ -194,9 +200,8 @@ def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: 
     computed = {}
     if runs:
         with clock.phase("routers"):
-            start = time.perf_counter()
             steps = fixed_lambda_runs(config, tree, train_rows, runs, config.train.iterations_per_step)
-            seconds = time.perf_counter() - start
+        seconds = clock.seconds["routers"]
         computed = {s: ComputedRun(jax.tree_util.tree_map(lambda x, i=i: x[i], steps), seconds, len(runs))
                     for i, s in enumerate(pending)}
         if lambdas:
@@ -221,8 +226,7 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
         data = load_data(config)
         tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
     seeds, train_rows = [config.seed + s for s in range(config.evaluate.seeds)], data.rows("train")
-    # a router that is not lambda-conditioned is trained again per seed at every other lambda of the sweep
-    lambdas = [] if config.ppo.conditioned else [x for x in config.evaluate.cost_lambdas if x != config.env.cost_lambda]
+    lambdas = sweep_lambdas(config)
     key = sweep_key(config, seeds)  # a rerun reuses the saved sweep of the same config, as it does the seed runs
     sweep = load_sweep(workdir / SWEEP_FILE)[1] if lambdas and saved_sweep_key(workdir / SWEEP_FILE) == key else None
     trained_sweep = bool(lambdas) and sweep is None
