@@ -19,7 +19,7 @@ from hrjax.pool import Pool
 from hrjax.specialists.build import (
     DEFAULT_RECIPE, Member, Recipe, build_pool, is_built, member_cost, partition_members, recipe_hash, training_pairs)
 from hrjax.specialists.sft import (
-    Placement, SFTConfig, encode_pairs, pack_rows, place_in_rows, sequence_loss, train, train_together)
+    STEPS_PER_CALL, Placement, SFTConfig, encode_pairs, pack_rows, place_in_rows, sequence_loss, train, train_together)
 from hrjax.specialists.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, char_tokenizer
 from hrjax.tasks.base import SPLITS
 from hrjax.tasks.datasets import load_task
@@ -138,15 +138,30 @@ def test_models_of_one_shape_train_together_as_if_alone():
 
     data = [encoded("add", 24), encoded("rev", 40)]
     assert data[0][0].shape[1] < data[1][0].shape[1]  # the first is padded to the second's length and rows
-    configs = [dataclasses.replace(TINY, seed=1), dataclasses.replace(TINY, learning_rate=1e-2, seed=2)]
-    together = list(train_together(configs, data, len(tok)))
+    # the second trains a call longer: the first, done, is skipped in the same program, which compiles nothing more
+    configs = [dataclasses.replace(TINY, seed=1),
+               dataclasses.replace(TINY, learning_rate=1e-2, seed=2, steps=2 * STEPS_PER_CALL)]
+    assert TINY.steps == STEPS_PER_CALL
+    compiles, after_call = [], []
+    def count_compiles(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(count_compiles)
+    try:
+        together = list(train_together(configs, data, len(tok), lambda steps, loss: after_call.append(len(compiles))))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_compiles)
+    assert len(after_call) == 2 and after_call[0] > 0 and after_call[1] == after_call[0]
     assert [i for i, _, _ in together] == [0, 1]
-    (_, params, losses), (_, other, _) = together
-    alone_params, alone_losses = train(configs[0], *data[0], len(tok))
-    assert losses.shape == (TINY.steps,)
-    np.testing.assert_allclose(losses, alone_losses, atol=1e-5, rtol=0)
-    for got, want, of_other in zip(*map(jax.tree_util.tree_leaves, (params, alone_params, other))):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    (_, params, losses), (_, other, other_losses) = together
+    assert losses.shape == (TINY.steps,) and other_losses.shape == (2 * STEPS_PER_CALL,)
+    for config, (x, m), got_params, got_losses in zip(configs, data, (params, other), (losses, other_losses)):
+        alone_params, alone_losses = train(config, x, m, len(tok))
+        np.testing.assert_allclose(got_losses, alone_losses, atol=1e-5, rtol=0)
+        for got, want in zip(*map(jax.tree_util.tree_leaves, (got_params, alone_params))):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for got, of_other in zip(*map(jax.tree_util.tree_leaves, (params, other))):
         assert not np.allclose(got, of_other, atol=1e-3)  # each model its own
     with pytest.raises(HrjaxError, match="share their shape"):
         next(train_together([TINY, dataclasses.replace(TINY, batch_size=4)], data, len(tok)))

@@ -222,8 +222,8 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
     """Trains one fresh decoder per config, each on its encoded pairs `data[i]` = (tokens [N_i, T_i],
     mask [N_i, T_i]), all in one jitted program that updates the models in turn (`lax.map`; the configs
     must share `SFTConfig.shape`), each with its own initialisation, batches and schedule from its own
-    seed and settings, as if alone. The pairs are padded to a common [N, T]; `STEPS_PER_CALL` updates per call,
-    and a model leaves the stack when its steps are done. Yields (index, params, per-step losses [steps]
+    seed and settings, as if alone. The pairs are padded to a common [N, T]; `STEPS_PER_CALL` updates per call;
+    a model whose steps are done stays in the stack, skipped. Yields (index, params, per-step losses [steps]
     float32) as each model finishes, shortest first. `on_progress(steps_done, mean last loss)` (steps
     summed over the models) after every call. A model whose loss turns non-finite is dropped at once;
     `TrainingDivergedError` is raised when the others are done."""
@@ -262,35 +262,40 @@ def train_together(configs: Sequence[SFTConfig], data: Sequence[tuple[np.ndarray
     placements, num_rows = [p for p, _ in placed], max(r for _, r in placed)
     # In turn, not vmapped: XLA:CPU runs the vmapped backward pass's weight gradients as batched matmuls
     # behind strided transposes, 1.5x the time of the models one after another (2 experts, one core).
+    # A model whose steps are done (or that diverged) stays in the stack, skipped by a cond: one program for
+    # the whole build (each smaller stack cost a compile of about 10 s on a 2-core AVX2 host).
     update_one = make_update(model, (num_rows, ROW_PAIRS * t))
-    update = jax.jit(lambda *stacked: jax.lax.map(lambda args: update_one(*args), stacked), donate_argnums=0)
-    active, losses, done, failures = list(range(len(configs))), [[] for _ in configs], 0, []
+
+    def update_or_skip(args):
+        state, placement, running, *rest = args
+        return jax.lax.cond(running, lambda: update_one(state, placement, *rest),
+                            lambda: (state, jnp.zeros(placement.pairs.shape[0], jnp.float32)))
+
+    update = jax.jit(lambda *stacked: jax.lax.map(update_or_skip, stacked), donate_argnums=0)
+    running, losses, done, failures = np.ones(len(configs), bool), [[] for _ in configs], 0, []
     stacked = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), Schedule(*map(jnp.asarray, schedule)))
-    while active:
-        count = min(STEPS_PER_CALL, min(configs[i].steps for i in active) - done)
-        planned = Placement(*(np.stack([field[done:done + count] for field in fields])
-                              for fields in zip(*(placements[i] for i in active))))
-        state, chunk = update(state, planned, *stacked)
+    while running.any():
+        ran = np.flatnonzero(running)
+        count = min(STEPS_PER_CALL, min(configs[i].steps for i in ran) - done)
+        idle = np.zeros((count, config.batch_size), np.int32)
+        planned = Placement(*(np.stack([field[done:done + count] if running[i] else idle
+                                        for i, field in enumerate(fields)]) for fields in zip(*placements)))
+        state, chunk = update(state, planned, running, *stacked)
         chunk, done = np.asarray(chunk), done + count
-        keep = []
-        for position, i in enumerate(active):
-            losses[i].append(chunk[position])
-            if not np.all(np.isfinite(chunk[position])):
-                bad = int(np.argmin(np.isfinite(chunk[position])))
+        for i in ran:
+            losses[i].append(chunk[i])
+            if not np.all(np.isfinite(chunk[i])):
+                bad = int(np.argmin(np.isfinite(chunk[i])))
                 failures.append(TrainingDivergedError(
-                    f"The SFT loss of {labels[i]} became {chunk[position, bad]} at step {done - count + bad}: lower "
+                    f"The SFT loss of {labels[i]} became {chunk[i, bad]} at step {done - count + bad}: lower "
                     f"learning_rate (now {configs[i].learning_rate}) or raise warmup_steps (now "
                     f"{configs[i].warmup_steps})."))
+                running[i] = False
             elif done == configs[i].steps:
-                yield i, jax.tree_util.tree_map(lambda x: x[position], jax.device_get(state[0])), \
-                    np.concatenate(losses[i])
-            else:
-                keep.append(position)
+                running[i] = False
+                yield i, jax.tree_util.tree_map(lambda x: x[i], jax.device_get(state[0])), np.concatenate(losses[i])
         if on_progress is not None:
-            on_progress(sum(min(done, c.steps) for c in configs), float(chunk[:, -1].mean()))
-        if len(keep) < len(active):
-            state, stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)[keep]), (state, stacked))
-            active = [active[p] for p in keep]
+            on_progress(sum(min(done, c.steps) for c in configs), float(chunk[ran, -1].mean()))
     if failures:
         raise failures[0]
 
