@@ -21,17 +21,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
 
 from hrjax.errors import HrjaxError, TrainingDivergedError
 from hrjax.fsutil import atomic_file
 from hrjax.pool import ModelSpec
-from hrjax.specialists.sft import SFTConfig
+from hrjax.specialists.sft import ROW_PAIRS, SFTConfig, place_in_rows
 from hrjax.tasks.specialist_world import (
     ALPHABET, ECHO, HOP_TEMPLATE, SKILLS, TASK_TYPES, echo_pair, first_hop_pair, specialist_examples)
 
-FORMAT_VERSION = 5  # 2: members of one shape trained together; 3: init compiled unoptimised; 4: lax.map, not vmap;
-# 5: packed rows
+FORMAT_VERSION = 6  # 2: members of one shape trained together; 3: init compiled unoptimised; 4: lax.map, not vmap;
+# 5: packed rows; 6: each member packed into its stack's rows
 METADATA_KEY = "hrjax_specialist"  # in each member's config.json: recipe hash, member, final loss
 
 
@@ -128,23 +130,91 @@ def is_built(path: Path, digest: str) -> bool:
     return config.is_file() and json.loads(config.read_text()).get(METADATA_KEY, {}).get("recipe") == digest
 
 
-def member_cost(member: Member) -> int:
-    """A member's relative training time: steps x hidden size (measured on 2-core hosts, a step of the
-    128-wide generalist takes about 2.2x one of a 64-wide expert; models of one shape trained
-    together cost about the sum of their times alone)."""
-    return member.sft.steps * member.sft.hidden_size
+# Seconds of a training step per token of its packed rows [R, L] on one core of a 2-core AVX2 host (Zen 3), the
+# other core training too: a fixed part plus a part per matmul FLOP of the token's forward pass, fit to a 64-wide
+# expert (24.6 ms a step of 22 x 38 tokens) and the 128-wide generalist (72.5 ms, 20 x 48).
+STEP_SECONDS_PER_TOKEN = (1.40e-5, 9.4e-11)
+STACK_COMPILE_SECONDS = 11.0  # the init and update programs of one stack of members (`train_together`)
 
 
-def partition_members(members: list, groups: int) -> list[list]:
-    """`members` split into at most `groups` lists of about equal total `member_cost` (the costliest
-    first, each onto the least loaded list), each in the given order; no empty lists. Deterministic."""
-    loads, assigned = [0] * max(groups, 1), [[] for _ in range(max(groups, 1))]
-    for member in sorted(members, key=member_cost, reverse=True):
-        least = loads.index(min(loads))
-        loads[least] += member_cost(member)
-        assigned[least].append(member)
+def pair_lengths(recipe: Recipe, member: Member) -> np.ndarray:
+    """Tokens of each of the member's training pairs [N]: <s> prompt response </s>, a token a character."""
+    return np.array([len(prompt) + len(response) + 2 for prompt, response in training_pairs(recipe, member)])
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_needed(lengths: tuple, steps: int, batch_size: int, seed: int, row_length: int) -> int:
+    """The most rows of `row_length` tokens a step needs for pairs of these lengths, drawn like the real ones."""
+    draws = np.random.default_rng(seed).integers(0, len(lengths), (steps, batch_size))
+    return place_in_rows(np.array(lengths), draws, row_length)[1]
+
+
+def stack_seconds(stack: Sequence[Member], lengths: Mapping[str, np.ndarray]) -> float:
+    """Estimated seconds to train `stack` (members of one shape) in one program, as `train_together` does:
+    its compile, then every member's steps on the stack's rows [R, L] (L = `ROW_PAIRS` x the longest pair of
+    any member, R the most rows a step of any member needs)."""
+    length = ROW_PAIRS * max(int(lengths[m.name].max()) for m in stack)
+    rows = max(_rows_needed(tuple(lengths[m.name].tolist()), m.sft.steps, m.sft.batch_size, m.sft.seed, length)
+               for m in stack)
+    config = stack[0].sft
+    fixed, per_flop = STEP_SECONDS_PER_TOKEN
+    flops = 2 * config.num_layers * (4 * config.hidden_size ** 2 + 3 * config.hidden_size * config.intermediate_size)
+    return STACK_COMPILE_SECONDS + sum(m.sft.steps for m in stack) * rows * length * (fixed + per_flop * flops)
+
+
+def partition_members(members: Sequence[Member], groups: int, lengths: Mapping[str, np.ndarray]) -> list[list]:
+    """`members` split into at most `groups` shares, one per process, each trained as stacks of one shape
+    (`train_members`), so that the largest estimated share time (the sum of its `stack_seconds`) is small:
+    each member, costliest first, onto the share it adds the least time to; then single moves and swaps
+    between shares while one lowers (largest, total). No empty shares, each in recipe order; deterministic.
+    One group needs no `lengths`."""
+    if groups <= 1:
+        return [list(members)]
+    memo = {}
+
+    def seconds(share) -> float:
+        stacks = {}
+        for member in share:
+            stacks.setdefault(member.sft.shape, []).append(member)
+        for stack in stacks.values():
+            key = tuple(sorted(m.name for m in stack))
+            if key not in memo:
+                memo[key] = stack_seconds(stack, lengths)
+        return sum(memo[tuple(sorted(m.name for m in stack))] for stack in stacks.values())
+
+    def score(shares) -> tuple[float, float]:
+        times = [seconds(share) for share in shares]
+        return max(times), sum(times)
+
+    shares = [[] for _ in range(groups)]
+    for member in sorted(members, key=lambda m: seconds([m]), reverse=True):
+        shares[min(range(len(shares)), key=lambda g: seconds(shares[g] + [member]) - seconds(shares[g]))].append(member)
+    while True:
+        neighbours = [_moved(shares, a, i, b) for a in range(len(shares)) for i in range(len(shares[a]))
+                      for b in range(len(shares)) if b != a]
+        neighbours += [_swapped(shares, a, i, b, j) for a in range(len(shares)) for b in range(a + 1, len(shares))
+                       for i in range(len(shares[a])) for j in range(len(shares[b]))]
+        best = min(neighbours, key=score, default=None)
+        if best is None or score(best) >= score(shares):
+            break
+        shares = best
     order = {m.name: i for i, m in enumerate(members)}
-    return [sorted(group, key=lambda m: order[m.name]) for group in assigned if group]
+    shares = [sorted(share, key=lambda m: order[m.name]) for share in shares if share]
+    return sorted(shares, key=lambda share: order[share[0].name])
+
+
+def _moved(shares: list[list], a: int, i: int, b: int) -> list[list]:
+    """`shares` with member i of share a moved to share b."""
+    moved = [list(share) for share in shares]
+    moved[b].append(moved[a].pop(i))
+    return moved
+
+
+def _swapped(shares: list[list], a: int, i: int, b: int, j: int) -> list[list]:
+    """`shares` with member i of share a and member j of share b swapped."""
+    swapped = [list(share) for share in shares]
+    swapped[a][i], swapped[b][j] = shares[b][j], shares[a][i]
+    return swapped
 
 
 def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.PathLike] = None,
@@ -169,7 +239,9 @@ def build_pool(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Optional[str | os.Pat
             if todo:
                 with atomic_file(root / "recipe.json", "w") as f:
                     json.dump({"hash": digest, "recipe": dataclasses.asdict(recipe)}, f, indent=2)
-                groups = partition_members(todo, default_processes(processes))
+                processes = default_processes(processes)
+                lengths = {m.name: pair_lengths(recipe, m) for m in todo} if processes > 1 else {}
+                groups = partition_members(todo, processes, lengths)
                 _build_groups(recipe, groups, root, digest, progress)
     return [ModelSpec(m.name, str(paths[m.name]), m.base_rate, use_chat_template=False) for m in recipe.members]
 
