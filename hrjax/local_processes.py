@@ -65,7 +65,7 @@ def run_pinned(target: str, payloads: Sequence[Any],
     Children still running are killed if this process is interrupted."""
     cores, children, lines = usable_cores(), [], queue.Queue()
     env = dict(os.environ)
-    cache_dir = _compilation_cache_dir()
+    cache_dir = compilation_cache_dir()
     if cache_dir and not env.get("JAX_COMPILATION_CACHE_DIR"):
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     try:
@@ -114,7 +114,7 @@ def run_pinned(target: str, payloads: Sequence[Any],
             stderr.close()
 
 
-def _compilation_cache_dir() -> Optional[str]:
+def compilation_cache_dir() -> Optional[str]:
     """The JAX compilation cache directory this process uses, if JAX is loaded and one is set."""
     jax = sys.modules.get("jax")
     return getattr(jax.config, "jax_compilation_cache_dir", None) if jax is not None else None

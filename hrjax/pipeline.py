@@ -27,7 +27,7 @@ from hrjax.config import RunConfig
 from hrjax.pool import resolve_pool
 from hrjax.rundir import RunPath, as_path, open_for_writing
 from hrjax.train import (ComputedRun, computable_ahead, load_data, load_or_build_scored_tree, sharing_tree_runs,
-                         train)
+                         train, tree_meta, tree_path)
 
 SWEEP_FILE = "sweep_routers.npz"
 
@@ -100,30 +100,92 @@ def fixed_lambda_runs(config: RunConfig, tree, train_rows: np.ndarray, runs: Seq
     CPU host the runs are further split over child processes pinned to a share of the cores each
     (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each compiling the program for its
     runs: one run's small matmuls gain little from a second core."""
-    from hrjax.local_processes import default_processes, run_pinned
+    from hrjax.local_processes import run_pinned
 
     keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed, _ in runs])
     run_lambdas = np.array([lam for _, lam in runs], np.float32)
-    processes = min(default_processes(config.train.local_processes), len(keys))
     payloads = [(config, tree, train_rows, keys[share], run_lambdas[share], iterations_per_step)
-                for share in np.array_split(np.arange(len(keys)), max(processes, 1))]
+                for share in run_shares(config, len(keys))]
     if len(payloads) == 1:
         return train_fixed_lambda_runs(payloads[0])
     parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs", payloads)
     return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
 
 
+def run_shares(config: RunConfig, runs: int) -> list[np.ndarray]:
+    """The indices of `fixed_lambda_runs`' runs each of its processes trains (one process per core on a CPU)."""
+    from hrjax.local_processes import default_processes
+
+    processes = min(default_processes(config.train.local_processes), runs)
+    return np.array_split(np.arange(runs), max(processes, 1))
+
+
+def _runs_per_call() -> Optional[int]:
+    from hrjax.agent.tree_mode import CPU_RUNS_PER_CALL
+
+    return CPU_RUNS_PER_CALL if jax.default_backend() == "cpu" else None
+
+
+class CompilingAhead:
+    """`fixed_lambda_runs`' programs for `runs` runs compiled into JAX's persistent compilation cache by a
+    child process (`compile_fixed_lambda_runs`), from the tree's shapes alone, while this process builds the
+    tree: the tree build keeps about 1.35 of 2 cores busy (AVX2 host), and the program takes 14 s to compile
+    in each process that trains runs. `wait()` before the runs; a failed compile is only warned about (the
+    runs then compile their own). Nothing happens without a compilation cache (`use_compilation_cache`)."""
+
+    def __init__(self, config: RunConfig, examples: list, train_rows: np.ndarray, runs: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from hrjax.local_processes import compilation_cache_dir, run_pinned
+
+        self._future, self._pool = None, None
+        if runs and compilation_cache_dir():
+            self._pool = ThreadPoolExecutor(1)
+            shares = sorted({len(share) for share in run_shares(config, runs)})
+            self._future = self._pool.submit(run_pinned, "hrjax.pipeline:compile_fixed_lambda_runs",
+                                             [(config, len(examples), train_rows, shares)])
+
+    def wait(self) -> None:
+        if self._future is None:
+            return
+        try:
+            self._future.result()
+        except Exception as error:  # noqa: BLE001 (a speed-up only: the runs compile their own programs)
+            import warnings
+
+            warnings.warn(f"Compiling the routers' programs ahead failed; they compile with the runs: {error}")
+        finally:
+            self._pool.shutdown()
+            self._future = None
+
+
+def compile_fixed_lambda_runs(payload: tuple, report=None) -> None:
+    """payload = (config, number of tree rows, train rows, runs per process): compiles the programs
+    `train_fixed_lambda_runs` calls for each of those run counts, over a stand-in tree of zeros of the real
+    tree's shapes (`hrjax.agent.tree_mode.compile_runs`), into the persistent compilation cache."""
+    from hrjax.agent.tree_mode import compile_runs, make_train
+    from hrjax.env.mdp import observation_width
+    from hrjax.env.tree import stand_in_tree
+    from hrjax.models.encoder import load_encoder
+
+    config, rows, train_rows, shares = payload
+    width = observation_width(load_encoder(config.encoder or None).dim, config.env.view)
+    tree = stand_in_tree(rows, len(config.pool), config.env.num_hops, width)
+    trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
+    for runs in shares:
+        compile_runs(trainer, runs, config.train.iterations_per_step, max_runs_per_call=_runs_per_call())
+
+
 def train_fixed_lambda_runs(payload: tuple, report=None):
     """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R], iterations per step) -> the R runs'
     `RunSteps` as numpy arrays (`hrjax.agent.tree_mode.train_runs`): `fixed_lambda_runs`' runs, or a child
     process's share of them (`report` unused)."""
-    from hrjax.agent.tree_mode import CPU_RUNS_PER_CALL, make_train, train_runs
+    from hrjax.agent.tree_mode import make_train, train_runs
 
     config, tree, train_rows, keys, run_lambdas, iterations_per_step = payload
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    per_call = CPU_RUNS_PER_CALL if jax.default_backend() == "cpu" else None
     return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas, iterations_per_step,
-                                     max_runs_per_call=per_call))
+                                     max_runs_per_call=_runs_per_call()))
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:
@@ -185,21 +247,29 @@ def evaluate_run(config: RunConfig, workdir: str | os.PathLike, progress: bool =
         return _evaluate_in(config, workdir, progress)
 
 
-def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: np.ndarray, seeds: list[int],
-                         lambdas: list[float], clock: PhaseClock, progress: bool, sweep: Optional[dict]):
-    """Tree mode on one device (`hrjax.train.computable_ahead`): the seed runs not yet finished in `workdir`
-    (at `config.env.cost_lambda`) and the sweep's runs at each of `lambdas` (every seed) as one program
-    (`fixed_lambda_runs`, in the seed runs' steps: phase 'routers'); then each seed run's metrics,
-    evaluations and checkpoints written by `train` from the computed steps, as it would have computed them
-    (phase 'seed runs'). -> (each seed's final params, {lambda: params [seeds, ...]} of `lambdas`, or
-    `sweep` when there are none)."""
+def _runs_to_train(config: RunConfig, workdir: RunPath, seeds: list[int], lambdas: list[float]) -> list[tuple]:
+    """(seed, cost lambda) of the runs `_seed_runs_and_sweep` computes: the seed runs not yet finished in
+    `workdir` (at `config.env.cost_lambda`), then the sweep's runs at each of `lambdas` (every seed)."""
     from hrjax.checkpoint import latest_saved_step
 
     pending = [s for s in seeds if latest_saved_step(workdir / f"seed_{s}") != config.train.num_iterations]
-    runs = [(s, config.env.cost_lambda) for s in pending] + [(s, lam) for lam in lambdas for s in seeds]
+    return [(s, config.env.cost_lambda) for s in pending] + [(s, lam) for lam in lambdas for s in seeds]
+
+
+def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: np.ndarray, seeds: list[int],
+                         lambdas: list[float], clock: PhaseClock, progress: bool, sweep: Optional[dict],
+                         ahead: CompilingAhead):
+    """Tree mode on one device (`hrjax.train.computable_ahead`): the `_runs_to_train` as one program
+    (`fixed_lambda_runs`, in the seed runs' steps, its programs compiled `ahead`: phase 'routers'); then each
+    seed run's metrics, evaluations and checkpoints written by `train` from the computed steps, as it would
+    have computed them (phase 'seed runs'). -> (each seed's final params, {lambda: params [seeds, ...]} of
+    `lambdas`, or `sweep` when there are none)."""
+    runs = _runs_to_train(config, workdir, seeds, lambdas)
+    pending = [s for s, _ in runs[:len(runs) - len(lambdas) * len(seeds)]]
     computed = {}
     if runs:
         with clock.phase("routers"):
+            ahead.wait()
             steps = fixed_lambda_runs(config, tree, train_rows, runs, config.train.iterations_per_step)
         seconds = clock.seconds["routers"]
         computed = {s: ComputedRun(jax.tree_util.tree_map(lambda x, i=i: x[i], steps), seconds, len(runs))
@@ -222,17 +292,22 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
     clock = PhaseClock()
     with clock.phase("pool"):
         config = resolve_pool(config, progress)
-    with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
-        data = load_data(config)
-        tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
-    seeds, train_rows = [config.seed + s for s in range(config.evaluate.seeds)], data.rows("train")
+    seeds = [config.seed + s for s in range(config.evaluate.seeds)]
     lambdas = sweep_lambdas(config)
     key = sweep_key(config, seeds)  # a rerun reuses the saved sweep of the same config, as it does the seed runs
     sweep = load_sweep(workdir / SWEEP_FILE)[1] if lambdas and saved_sweep_key(workdir / SWEEP_FILE) == key else None
     trained_sweep = bool(lambdas) and sweep is None
+    with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
+        data = load_data(config)
+        train_rows = data.rows("train")
+        runs = 0  # the routers' programs compile while a tree is built
+        if computable_ahead(config) and not tree_path(config, tree_meta(config, data.examples)).exists():
+            runs = len(_runs_to_train(config, workdir, seeds, lambdas if trained_sweep else []))
+        ahead = CompilingAhead(config, data.examples, train_rows, runs)
+        tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
     if computable_ahead(config):
         params, sweep = _seed_runs_and_sweep(config, workdir, tree, train_rows, seeds, lambdas if trained_sweep else [],
-                                             clock, progress, sweep)
+                                             clock, progress, sweep, ahead)
     else:  # online mode, a training mesh or several processes: the seed runs one by one, then the sweep
         with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once, for every seed
             params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]

@@ -83,6 +83,23 @@ def test_runs_split_over_host_devices_train_as_they_would_alone():
         assert result["difference"] <= TOLERANCE and result["seeds_apart"] > 10 * TOLERANCE, result
 
 
+def test_programs_compiled_ahead_from_a_stand_in_tree_are_the_ones_the_runs_load(tmp_path):
+    """`compile_runs` over a tree of zeros fills the persistent compilation cache with the very programs
+    `train_runs` then calls on a real tree of those shapes (init and the 4- and 2-iteration steps: 3 hits, in
+    a fresh process), and the runs come out as when they compile their own (tests/compile_ahead_run.py)."""
+    def run(cache, mode):
+        done = subprocess.run([sys.executable, "compile_ahead_run.py", str(tmp_path / cache), mode],
+                              cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    hits = "/jax/compilation_cache/cache_hits"
+    ahead, cold = run("ahead", "ahead"), run("cold", "cold")
+    assert ahead["ahead"][hits] == 0 and ahead["after"][hits] == 3
+    assert cold["after"][hits] == 0
+    assert ahead["params"] == cold["params"]
+
+
 def test_main_job_prints_its_phase_seconds_and_a_rerun_reuses_the_sweep(reduced_quickstart, capsys):
     root, run = reduced_quickstart
     phases = ["pool", "tree", "routers", "seed runs", "evaluation", "report"]  # routers: seed runs + sweep

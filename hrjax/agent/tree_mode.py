@@ -145,6 +145,7 @@ class TreeTrainer(NamedTuple):
     run: callable  # (carry, n, cost_lambda=None) -> (carry, metrics with leading axis n); n static
     train: callable  # (rng, cost_lambda=None) -> (params, metrics [num_iterations])
     num_iterations: int  # of a whole run
+    on: callable  # (TreeArrays) -> this trainer reading those arrays (traced ones: the tree as a program argument)
 
 
 def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tree: PathTree,
@@ -159,7 +160,14 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
     (`ppo.lambda_range`) draws its own and ignores it."""
     env = TreeEnv.create(tree, env_config)
     learner = Learner(ppo, network, env.num_actions, env.num_hops, num_iterations, mesh)
-    prompts = jnp.asarray(prompts)
+    return _trainer_on(env, learner, jnp.asarray(prompts), tree.root_embedding.shape[-1], num_iterations, mesh,
+                       env_config.cost_lambda)
+
+
+def _trainer_on(env: TreeEnv, learner: Learner, prompts: chex.Array, embedding_width: int, num_iterations: int,
+                mesh: Optional[Mesh], default_lambda: float) -> TreeTrainer:
+    """`make_train`'s trainer over `env`, whose arrays may be traced; `default_lambda` when a run gets none."""
+    ppo = learner.config
     b = ppo.num_envs
 
     def rollout(params, key, fixed_lambda):
@@ -193,23 +201,78 @@ def make_train(ppo: PPOConfig, network: NetworkConfig, env_config: EnvConfig, tr
 
     def init(rng) -> TrainCarry:
         rng, init_key = jax.random.split(rng)
-        params, opt_state = learner.init(init_key, tree.root_embedding.shape[-1])
+        params, opt_state = learner.init(init_key, embedding_width)
         return TrainCarry(params, opt_state, rng, jnp.zeros((), jnp.int32))
 
     def run(carry: TrainCarry, n: int, cost_lambda=None):
-        fixed_lambda = env_config.cost_lambda if cost_lambda is None else cost_lambda
+        fixed_lambda = default_lambda if cost_lambda is None else cost_lambda
         return jax.lax.scan(lambda c, _: iteration(c, fixed_lambda), carry, None, n)
 
     def train(rng, cost_lambda=None):
         carry, metrics = run(init(rng), num_iterations, cost_lambda)
         return carry.params, metrics
 
-    return TreeTrainer(learner, env, init, run, train, num_iterations)
+    def on(arrays: TreeArrays) -> TreeTrainer:
+        return _trainer_on(env._replace(arrays=arrays), learner, prompts, embedding_width, num_iterations, mesh,
+                           default_lambda)
+
+    return TreeTrainer(learner, env, init, run, train, num_iterations, on)
 
 
 # On XLA:CPU a program over many runs is slower per run once their working set outgrows the caches: on a
 # 2-core AVX2 host (32 MiB L3), one core each, 2.1-2.4 s a run over 1-6 runs against 3.0 s over 12.
 CPU_RUNS_PER_CALL = 4
+
+
+class _RunPlan(NamedTuple):
+    """How `train_runs` lays R runs out: `calls` calls of `chunk` runs (over all the devices, `split` along the
+    runs), each in steps of `sizes` iterations; the tree's arrays `whole` on every device."""
+
+    chunk: int
+    calls: int
+    sizes: tuple
+    split: NamedSharding
+    whole: NamedSharding
+
+    @classmethod
+    def of(cls, trainer: TreeTrainer, runs: int, iterations_per_step: Optional[int],
+           devices: Optional[Sequence[jax.Device]], max_runs_per_call: Optional[int]) -> "_RunPlan":
+        devices = list(jax.local_devices() if devices is None else devices)
+        per_device = -(-runs // len(devices))
+        calls = 1 if max_runs_per_call is None else -(-per_device // max_runs_per_call)
+        mesh = Mesh(np.asarray(devices), ("runs",))
+        total = trainer.num_iterations
+        per_step = total if iterations_per_step is None else min(iterations_per_step, total)
+        sizes = (per_step,) * (total // per_step) + (total % per_step,) * bool(total % per_step)
+        return cls(-(-per_device // calls) * len(devices), calls, sizes, NamedSharding(mesh, PartitionSpec("runs")),
+                   NamedSharding(mesh, PartitionSpec()))
+
+    def programs(self, trainer: TreeTrainer) -> tuple:
+        """(init: keys [chunk, 2] -> carries, {n: (carries, lambdas [chunk], tree arrays) -> (carries, metrics
+        [chunk, n, ...])}): jitted, vmapped over the runs; the tree an argument, so a program depends only on
+        the tree's shapes."""
+        init = jax.jit(jax.vmap(trainer.init), out_shardings=self.split, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+        programs = {n: jax.jit(jax.vmap(lambda carry, lam, arrays, n=n: trainer.on(arrays).run(carry, n, lam),
+                                        in_axes=(0, 0, None)), out_shardings=self.split) for n in set(self.sizes)}
+        return init, programs
+
+
+def compile_runs(trainer: TreeTrainer, runs: int, iterations_per_step: Optional[int] = None,
+                 devices: Optional[Sequence[jax.Device]] = None, max_runs_per_call: Optional[int] = None) -> None:
+    """Compiles the programs `train_runs` calls for `runs` runs (same arguments), from the shapes of
+    `trainer`'s tree only (its values may be a stand-in of zeros), running nothing: with JAX's persistent
+    compilation cache on, `train_runs` in any process of this host then loads them instead of compiling."""
+    plan = _RunPlan.of(trainer, runs, iterations_per_step, devices, max_runs_per_call)
+    init, programs = plan.programs(trainer)
+    keys = jax.ShapeDtypeStruct((plan.chunk, 2), jnp.uint32, sharding=plan.split)
+    init.lower(keys).compile()
+    carries = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.split),
+                                     jax.eval_shape(init, keys))
+    lambdas = jax.ShapeDtypeStruct((plan.chunk,), jnp.float32, sharding=plan.split)
+    arrays = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.whole),
+                                    trainer.env.arrays)
+    for program in programs.values():
+        program.lower(carries, lambdas, arrays).compile()
 
 
 def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
@@ -225,27 +288,21 @@ def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
     side, which the small matmuls of one run cannot do. (The steps as a scan inside the program instead took
     1.14-1.40x the time per run on XLA:CPU.) -> `RunSteps` as numpy arrays, leaves [R, S + 1, ...] and
     [R, num_iterations, ...]; the final params are `carries.params[:, -1]`."""
-    devices = list(jax.local_devices() if devices is None else devices)
     runs = keys.shape[0]
-    per_device = -(-runs // len(devices))
-    calls = 1 if max_runs_per_call is None else -(-per_device // max_runs_per_call)
-    chunk = -(-per_device // calls) * len(devices)  # runs per call, over all the devices
+    plan = _RunPlan.of(trainer, runs, iterations_per_step, devices, max_runs_per_call)
+    chunk, calls = plan.chunk, plan.calls
     keys, cost_lambdas = (np.concatenate([x, np.repeat(x[-1:], chunk * calls - runs, axis=0)]) for x in
                           (np.asarray(keys), np.asarray(cost_lambdas, np.float32)))
-    split = NamedSharding(Mesh(np.asarray(devices), ("runs",)), PartitionSpec("runs"))
-    total = trainer.num_iterations
-    per_step = total if iterations_per_step is None else min(iterations_per_step, total)
-    sizes = [per_step] * (total // per_step) + [total % per_step] * bool(total % per_step)
-    init = jax.jit(jax.vmap(trainer.init), out_shardings=split, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
-    programs = {n: jax.jit(jax.vmap(lambda carry, lam, n=n: trainer.run(carry, n, lam)), out_shardings=split)
-                for n in set(sizes)}
+    split, sizes = plan.split, plan.sizes
+    init, programs = plan.programs(trainer)
+    arrays = jax.device_put(trainer.env.arrays, plan.whole)
     carries, metrics = [], []  # per call: [S + 1] carries, [S] steps' metrics
     for start in range(0, chunk * calls, chunk):
         lambdas = jax.device_put(cost_lambdas[start:start + chunk], split)
         carries.append([init(jax.device_put(keys[start:start + chunk], split))])
         metrics.append([])
         for n in sizes:
-            carry, step_metrics = programs[n](carries[-1][-1], lambdas)
+            carry, step_metrics = programs[n](carries[-1][-1], lambdas, arrays)
             carries[-1].append(carry)
             metrics[-1].append(step_metrics)
     # joined on the host: as a program, its hundreds of inputs took 7.3 s to compile (AVX2 host)

@@ -121,6 +121,16 @@ def tree_structure(num_models: int, num_hops: int) -> tuple[np.ndarray, np.ndarr
     return np.array(model, np.int32), np.array(parent, np.int32), np.array(depth, np.int32)
 
 
+def stand_in_tree(num_prompts: int, num_models: int, num_hops: int, width: int) -> PathTree:
+    """A tree of zeros with the shapes, dtypes and structure of a real one (embedding width `width`): what a
+    program over a tree compiles from."""
+    model, parent, depth = tree_structure(num_models, num_hops)
+    n, k, decided = num_prompts, len(model), decision_nodes(num_models, num_hops)
+    return PathTree(np.zeros((n, width), np.float32), np.zeros((n, decided, width), np.float32),
+                    np.zeros((n, k), np.int32), np.zeros((n, k), np.int32), np.zeros((n, k), np.float32),
+                    np.zeros((n, k), np.float32), model, parent, depth)
+
+
 def build_tree(env: RoutingEnv, examples: Sequence[Any], questions: Sequence[str], progress: bool = True,
                chunk_size: int = DEFAULT_CHUNK_SIZE) -> PathTree:
     """Enumerates every path of every prompt, depth by depth, each model answering its nodes in
