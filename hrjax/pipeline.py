@@ -131,7 +131,8 @@ class CompilingAhead:
     child process (`compile_fixed_lambda_runs`), from the tree's shapes alone, while this process builds the
     tree: the tree build keeps about 1.35 of 2 cores busy (AVX2 host), and the program takes 14 s to compile
     in each process that trains runs. `wait()` before the runs; a failed compile is only warned about (the
-    runs then compile their own). Nothing happens without a compilation cache (`use_compilation_cache`)."""
+    runs then compile their own). Nothing happens without a compilation cache (`use_compilation_cache`) or
+    off a CPU backend (a second process would claim the accelerator's memory)."""
 
     def __init__(self, config: RunConfig, examples: list, train_rows: np.ndarray, runs: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +140,7 @@ class CompilingAhead:
         from hrjax.local_processes import compilation_cache_dir, run_pinned
 
         self._future, self._pool = None, None
-        if runs and compilation_cache_dir():
+        if runs and compilation_cache_dir() and jax.default_backend() == "cpu":
             self._pool = ThreadPoolExecutor(1)
             shares = sorted({len(share) for share in run_shares(config, runs)})
             self._future = self._pool.submit(run_pinned, "hrjax.pipeline:compile_fixed_lambda_runs",
