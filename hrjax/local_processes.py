@@ -74,9 +74,10 @@ def run_pinned(target: str, payloads: Sequence[Any],
             children.append((subprocess.Popen([sys.executable, "-m", "hrjax.local_processes"], stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE, stderr=stderr, env=env), stderr))
             child = children[-1][0]
-            pickle.dump(set(cores[index::len(payloads)]) or None, child.stdin)  # alone: read before JAX loads
-            pickle.dump((target, payload), child.stdin)
-            child.stdin.close()
+            # each child's input written by a thread of its own: a child reads its payload while it imports the
+            # modules the payload names (JAX: seconds), so one writer would start each child after the last one
+            data = pickle.dumps(set(cores[index::len(payloads)]) or None) + pickle.dumps((target, payload))
+            threading.Thread(target=_send, args=(child.stdin, data), daemon=True).start()
             threading.Thread(target=_forward_lines, args=(index, child.stdout, lines), daemon=True).start()
         done, outcomes, open_streams = [0] * len(payloads), [None] * len(payloads), len(payloads)
         while open_streams:
@@ -118,6 +119,16 @@ def compilation_cache_dir() -> Optional[str]:
     """The JAX compilation cache directory this process uses, if JAX is loaded and one is set."""
     jax = sys.modules.get("jax")
     return getattr(jax.config, "jax_compilation_cache_dir", None) if jax is not None else None
+
+
+def _send(stdin, data: bytes) -> None:
+    """Writes a child's input (its cores, read before it imports JAX, then its pickled target and payload). A
+    child that died meanwhile is reported by `run_pinned` (no outcome, its error output quoted)."""
+    try:
+        with stdin:
+            stdin.write(data)
+    except OSError:  # BrokenPipeError among them
+        pass
 
 
 def _forward_lines(index: int, stream, lines: queue.Queue) -> None:

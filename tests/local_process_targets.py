@@ -17,3 +17,10 @@ def diverge(payload: str, report) -> None:
 
 def die(payload: int, report) -> None:
     os._exit(payload)
+
+
+def started_at(payload, report) -> float:
+    """The time.time() at which this child got to run its payload."""
+    import time
+
+    return time.time()

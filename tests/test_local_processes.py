@@ -21,6 +21,17 @@ def test_children_run_pinned_and_report_in_order():
     assert sorted(reports)[-1] == 8 and len(reports) == 2
 
 
+def test_children_read_their_payloads_side_by_side():
+    """A child reads its payload while it imports the modules the payload names (JAX, in the real payloads),
+    so a payload larger than a pipe's buffer, written by one writer, would start each child only once the
+    last had imported them."""
+    from slow_to_import import IMPORT_SECONDS, Named
+
+    payload = (Named(), b"x" * (4 << 20))  # past any pipe buffer, after the slow import
+    starts = run_pinned("local_process_targets:started_at", [payload, payload])
+    assert abs(starts[1] - starts[0]) < IMPORT_SECONDS / 2, starts
+
+
 def test_a_childs_exception_is_raised_as_its_own_type():
     with pytest.raises(TrainingDivergedError, match="loss became nan"):
         run_pinned("local_process_targets:diverge", ["loss became nan"])

@@ -4,7 +4,8 @@ the seed runs' logs and checkpoints, evaluation, report), as the command runs it
 the cache directory). Figures: total and per-phase wall seconds, and `speedup_vs_sequential_sweep`: the seed
 runs and the sweep as one program vmapped over lambda x seed (the job's 'routers' phase) against one program
 per lambda vmapped over the seeds (as the job's sweep ran before), timed afterwards in the same process on the
-same path tree, compilation included in both.
+same path tree, compilation included in both. `paren_quality`: the router's and each single model's quality
+on the held-out paren prompts (the task no single model solves; recipe 'default' only).
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def run(recipe: str = "default") -> dict:
         job = evaluate_run(config, Path(root) / "run", progress=False)
         sequential = sequential_sweep_seconds(config, [config.seed + s for s in range(config.evaluate.seeds)])
     seconds = {name: round(value, 1) for name, value in job.seconds.items()}
+    methods = job.summary["methods"]
+    paren = {name: round(groups["paren"]["quality"]["mean"], 3) for name, groups in methods.items()
+             if name == "router" or name.startswith("single:")} if "paren" in job.summary["num_prompts"] else {}
     return {**host_info(), "recipe": recipe, "total_seconds": seconds.pop("total"),
             "phase_seconds": seconds, "sequential_sweep_seconds": round(sequential, 1),
             "speedup_vs_sequential_sweep": round(sequential / job.seconds["routers"], 2),
             "router_quality": round(job.summary["router_quality"], 3),
-            "best_single_quality": round(job.summary["best_single_quality"], 3)}
+            "best_single_quality": round(job.summary["best_single_quality"], 3), "paren_quality": paren}
