@@ -5,10 +5,11 @@ On a CPU backend our programs (small models, short sequences) gain little from X
 pinned to one, while two processes pinned to one core each did about 1.6x the work of one process.
 `run_pinned("module:function", payloads, report)` starts `python -m hrjax.local_processes` once per
 payload and sends it, pickled on stdin, first the cores it may run on (it pins itself before it
-imports JAX, so XLA sizes its threads to them), then the target and its payload, plus
-`JAX_COMPILATION_CACHE_DIR` when this process compiles into a cache. The child calls
+imports JAX, so XLA sizes its threads to them) and the file for its result, then the target and its
+payload, plus `JAX_COMPILATION_CACHE_DIR` when this process compiles into a cache. The child calls
 `function(payload, report)`, where `report(done, postfix)` prints a `PROGRESS` line; it ends with a
-`RESULT` or `ERROR` line (the return value, or the exception, pickled). The parent sums `done` over
+`RESULT` line (the return value pickled into its result file: tens of MB, as a line of text, took the
+parent a second to read) or an `ERROR` line (the exception, pickled). The parent sums `done` over
 the children into its own `report`, returns the results in payload order and, once every child has
 ended, raises the first child's exception as its own type (any other death of a child becomes an
 `HrjaxError` quoting its stderr).
@@ -68,6 +69,7 @@ def run_pinned(target: str, payloads: Sequence[Any],
     cache_dir = compilation_cache_dir()
     if cache_dir and not env.get("JAX_COMPILATION_CACHE_DIR"):
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    results = tempfile.TemporaryDirectory(prefix="hrjax-children-")
     try:
         for index, payload in enumerate(payloads):
             stderr = tempfile.TemporaryFile()
@@ -76,7 +78,8 @@ def run_pinned(target: str, payloads: Sequence[Any],
             child = children[-1][0]
             # each child's input written by a thread of its own: a child reads its payload while it imports the
             # modules the payload names (JAX: seconds), so one writer would start each child after the last one
-            data = pickle.dumps(set(cores[index::len(payloads)]) or None) + pickle.dumps((target, payload))
+            start = (set(cores[index::len(payloads)]) or None, _result_file(results.name, index))
+            data = pickle.dumps(start) + pickle.dumps((target, payload))
             threading.Thread(target=_send, args=(child.stdin, data), daemon=True).start()
             threading.Thread(target=_forward_lines, args=(index, child.stdout, lines), daemon=True).start()
         done, outcomes, open_streams = [0] * len(payloads), [None] * len(payloads), len(payloads)
@@ -90,9 +93,12 @@ def run_pinned(target: str, payloads: Sequence[Any],
                 if report is not None:
                     report(sum(done), update["postfix"])
             elif line.startswith((RESULT, ERROR)):
-                kind, data = line.split(" ", 1)
                 try:
-                    outcomes[index] = (kind + " ", pickle.loads(base64.b64decode(data)))
+                    if line.startswith(RESULT):
+                        with open(_result_file(results.name, index), "rb") as f:
+                            outcomes[index] = (RESULT, pickle.load(f))
+                    else:
+                        outcomes[index] = (ERROR, pickle.loads(base64.b64decode(line[len(ERROR):])))
                 except Exception as error:  # noqa: BLE001 (e.g. a class this process cannot import)
                     outcomes[index] = (ERROR, HrjaxError(f"{target} on payload {index}: its outcome could not be "
                                                          f"read here ({type(error).__name__}: {error})."))
@@ -113,12 +119,17 @@ def run_pinned(target: str, payloads: Sequence[Any],
                 child.kill()
                 child.wait()
             stderr.close()
+        results.cleanup()
 
 
 def compilation_cache_dir() -> Optional[str]:
     """The JAX compilation cache directory this process uses, if JAX is loaded and one is set."""
     jax = sys.modules.get("jax")
     return getattr(jax.config, "jax_compilation_cache_dir", None) if jax is not None else None
+
+
+def _result_file(directory: str, index: int) -> str:
+    return os.path.join(directory, f"{index}.pickle")
 
 
 def _send(stdin, data: bytes) -> None:
@@ -138,13 +149,13 @@ def _forward_lines(index: int, stream, lines: queue.Queue) -> None:
     lines.put((index, None))
 
 
-def _emit(kind: str, value: Any) -> None:
-    print(kind + base64.b64encode(pickle.dumps(value)).decode(), flush=True)
+def _emit_error(error: Exception) -> None:
+    print(ERROR + base64.b64encode(pickle.dumps(error)).decode(), flush=True)
 
 
 def main() -> None:
     """The child: pins itself, runs its target, prints its progress and its outcome."""
-    cores = pickle.load(sys.stdin.buffer)
+    cores, result_file = pickle.load(sys.stdin.buffer)
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     target, payload = pickle.load(sys.stdin.buffer)
@@ -158,11 +169,13 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 (sent to the parent, which raises it)
         traceback.print_exc()
         try:
-            _emit(ERROR, error)
+            _emit_error(error)
         except Exception:  # noqa: BLE001 (an exception that does not pickle: its text)
-            _emit(ERROR, HrjaxError(f"{type(error).__name__}: {error}"))
+            _emit_error(HrjaxError(f"{type(error).__name__}: {error}"))
         return
-    _emit(RESULT, result)
+    with open(result_file, "wb") as f:
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+    print(RESULT, flush=True)  # the parent reads the file once it sees this line
 
 
 if __name__ == "__main__":
