@@ -92,23 +92,27 @@ def routers_by_lambda(steps, lambdas: Sequence[float], num_seeds: int) -> dict:
 
 
 def fixed_lambda_runs(config: RunConfig, tree, train_rows: np.ndarray, runs: Sequence[tuple[int, float]],
-                      iterations_per_step: Optional[int] = None):
+                      iterations_per_step: Optional[int] = None, children=None):
     """The tree-mode runs `runs` ((seed, cost_lambda) each: the key of `hrjax train`'s run of that seed) as
     one jitted program vmapped over the runs (in chunks on a CPU), compiled once and split over this process's
     devices (`hrjax.agent.tree_mode.train_runs`) -> their `RunSteps` as numpy arrays, leaves [R, S + 1, ...], in steps
     of `iterations_per_step` (None: one step). Each run equals its own program's up to float32 rounding. On a
     CPU host the runs are further split over child processes pinned to a share of the cores each
     (`config.train.local_processes`, `hrjax.local_processes.run_pinned`), each compiling the program for its
-    runs: one run's small matmuls gain little from a second core."""
+    runs: one run's small matmuls gain little from a second core. `children`: `RunnersAhead.children()`, one
+    per share of the runs, their programs ready."""
     from hrjax.local_processes import run_pinned
 
     keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed, _ in runs])
     run_lambdas = np.array([lam for _, lam in runs], np.float32)
     payloads = [(config, tree, train_rows, keys[share], run_lambdas[share], iterations_per_step)
                 for share in run_shares(config, len(keys))]
-    if len(payloads) == 1:
+    if children is not None:
+        parts = children.run("hrjax.pipeline:train_fixed_lambda_runs", payloads)
+    elif len(payloads) == 1:
         return train_fixed_lambda_runs(payloads[0])
-    parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs", payloads)
+    else:
+        parts = run_pinned("hrjax.pipeline:train_fixed_lambda_runs", payloads)
     return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
 
 
@@ -126,67 +130,98 @@ def _runs_per_call() -> Optional[int]:
     return CPU_RUNS_PER_CALL if jax.default_backend() == "cpu" else None
 
 
-class CompilingAhead:
-    """`fixed_lambda_runs`' programs for `runs` runs compiled into JAX's persistent compilation cache by a
-    child process (`compile_fixed_lambda_runs`), from the tree's shapes alone, while this process builds the
-    tree: the tree build keeps about 1.35 of 2 cores busy (AVX2 host), and the program takes 14 s to compile
-    in each process that trains runs. `wait()` before the runs; a failed compile is only warned about (the
-    runs then compile their own). Nothing happens without a compilation cache (`use_compilation_cache`) or
-    off a CPU backend (a second process would claim the accelerator's memory)."""
+class RunnersAhead:
+    """The child processes that train `fixed_lambda_runs`' runs (one per share, `run_shares`), started while
+    this process builds the tree: each imports JAX and compiles the programs for its share from the tree's
+    shapes alone (`compile_fixed_lambda_runs`; the first child compiles, into JAX's persistent compilation
+    cache, then the others load them from it), then waits for the tree. The tree build keeps about 1.35 of 2
+    cores busy (AVX2 host); the programs take 14 s to compile, and a child 4 s to start and get them ready.
+    `start` in the tree phase, `children()` for the runs; a use as a context manager ends them. A failed
+    start is only warned about (the runs then start their own). Nothing starts without a compilation cache
+    (`use_compilation_cache`) or off a CPU backend (a second process would claim the accelerator's memory)."""
 
-    def __init__(self, config: RunConfig, examples: list, train_rows: np.ndarray, runs: int):
+    def __init__(self):
+        self._children, self._future = None, None
+
+    def __enter__(self) -> "RunnersAhead":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._future is not None:
+            self._future.cancel()
+        if self._children is not None:
+            self._children.close()
+            self._children = None
+
+    def start(self, config: RunConfig, examples: list, train_rows: np.ndarray, runs: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from hrjax.local_processes import compilation_cache_dir, run_pinned
+        from hrjax.local_processes import PinnedChildren, compilation_cache_dir
 
-        self._future, self._pool = None, None
-        if runs and compilation_cache_dir() and jax.default_backend() == "cpu":
-            self._pool = ThreadPoolExecutor(1)
-            shares = sorted({len(share) for share in run_shares(config, runs)})
-            self._future = self._pool.submit(run_pinned, "hrjax.pipeline:compile_fixed_lambda_runs",
-                                             [(config, len(examples), train_rows, shares)])
-
-    def wait(self) -> None:
-        if self._future is None:
+        if not (runs and compilation_cache_dir() and jax.default_backend() == "cpu"):
             return
+        payloads = [(config, len(examples), train_rows, len(share)) for share in run_shares(config, runs)]
+        self._children = PinnedChildren(len(payloads))
+
+        def prepare():  # the first child compiles; the others then load its programs from the cache
+            self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[:1])
+            self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[1:],
+                               children=range(1, len(payloads)))
+
+        pool = ThreadPoolExecutor(1)
+        self._future = pool.submit(prepare)
+        pool.shutdown(wait=False)  # its thread ends with `prepare`
+
+    def children(self):
+        """The children, their programs ready (`PinnedChildren`), or None (none started, or they failed)."""
+        if self._future is None:
+            return None
         try:
             self._future.result()
-        except Exception as error:  # noqa: BLE001 (a speed-up only: the runs compile their own programs)
+        except Exception as error:  # noqa: BLE001 (a speed-up only: the runs start their own children)
             import warnings
 
-            warnings.warn(f"Compiling the routers' programs ahead failed; they compile with the runs: {error}")
+            warnings.warn(f"Starting the routers' runs ahead failed; they start with the runs: {error}")
+            self.__exit__(None, None, None)
         finally:
-            self._pool.shutdown()
             self._future = None
+        return self._children
+
+
+# `compile_fixed_lambda_runs`' programs in a child of `RunnersAhead`, by (runs, iterations per step), for the
+# child's `train_fixed_lambda_runs`
+_COMPILED: dict = {}
 
 
 def compile_fixed_lambda_runs(payload: tuple, report=None) -> None:
-    """payload = (config, number of tree rows, train rows, runs per process): compiles the programs
-    `train_fixed_lambda_runs` calls for each of those run counts, over a stand-in tree of zeros of the real
-    tree's shapes (`hrjax.agent.tree_mode.compile_runs`), into the persistent compilation cache."""
+    """payload = (config, number of tree rows, train rows, runs): compiles the programs `train_fixed_lambda_runs`
+    calls for that many runs, over a stand-in tree of zeros of the real tree's shapes
+    (`hrjax.agent.tree_mode.compile_runs`), into the persistent compilation cache, and keeps them for this
+    process's `train_fixed_lambda_runs` of the same config."""
     from hrjax.agent.tree_mode import compile_runs, make_train
     from hrjax.env.mdp import observation_width
     from hrjax.env.tree import stand_in_tree
     from hrjax.models.encoder import load_encoder
 
-    config, rows, train_rows, shares = payload
+    config, rows, train_rows, runs = payload
     width = observation_width(load_encoder(config.encoder or None).dim, config.env.view)
     tree = stand_in_tree(rows, len(config.pool), config.env.num_hops, width)
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    for runs in shares:
-        compile_runs(trainer, runs, config.train.iterations_per_step, max_runs_per_call=_runs_per_call())
+    _COMPILED[runs, config.train.iterations_per_step] = compile_runs(
+        trainer, runs, config.train.iterations_per_step, max_runs_per_call=_runs_per_call())
 
 
 def train_fixed_lambda_runs(payload: tuple, report=None):
     """payload = (config, tree, train rows, keys [R, 2], cost lambdas [R], iterations per step) -> the R runs'
-    `RunSteps` as numpy arrays (`hrjax.agent.tree_mode.train_runs`): `fixed_lambda_runs`' runs, or a child
-    process's share of them (`report` unused)."""
+    `RunSteps` as numpy arrays (`hrjax.agent.tree_mode.train_runs`, with the programs this process compiled
+    for them, if any): `fixed_lambda_runs`' runs, or a child process's share of them (`report` unused)."""
     from hrjax.agent.tree_mode import make_train, train_runs
 
     config, tree, train_rows, keys, run_lambdas, iterations_per_step = payload
     trainer = make_train(config.ppo, config.network, config.env, tree, train_rows, config.train.num_iterations)
-    return jax.device_get(train_runs(trainer, jax.numpy.asarray(keys), run_lambdas, iterations_per_step,
-                                     max_runs_per_call=_runs_per_call()))
+    return jax.device_get(train_runs(trainer, keys, run_lambdas, iterations_per_step,
+                                     max_runs_per_call=_runs_per_call(),
+                                     compiled=_COMPILED.pop((len(keys), iterations_per_step), None)))
 
 
 def sweep_key(config: RunConfig, seeds: list[int]) -> str:
@@ -259,9 +294,9 @@ def _runs_to_train(config: RunConfig, workdir: RunPath, seeds: list[int], lambda
 
 def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: np.ndarray, seeds: list[int],
                          lambdas: list[float], clock: PhaseClock, progress: bool, sweep: Optional[dict],
-                         ahead: CompilingAhead):
+                         ahead: RunnersAhead):
     """Tree mode on one device (`hrjax.train.computable_ahead`): the `_runs_to_train` as one program
-    (`fixed_lambda_runs`, in the seed runs' steps, its programs compiled `ahead`: phase 'routers'); then each
+    (`fixed_lambda_runs`, in the seed runs' steps, by the children started `ahead`: phase 'routers'); then each
     seed run's metrics, evaluations and checkpoints written by `train` from the computed steps, as it would
     have computed them (phase 'seed runs'). -> (each seed's final params, {lambda: params [seeds, ...]} of
     `lambdas`, or `sweep` when there are none)."""
@@ -270,8 +305,8 @@ def _seed_runs_and_sweep(config: RunConfig, workdir: RunPath, tree, train_rows: 
     computed = {}
     if runs:
         with clock.phase("routers"):
-            ahead.wait()
-            steps = fixed_lambda_runs(config, tree, train_rows, runs, config.train.iterations_per_step)
+            steps = fixed_lambda_runs(config, tree, train_rows, runs, config.train.iterations_per_step,
+                                      ahead.children())
         seconds = clock.seconds["routers"]
         computed = {s: ComputedRun(jax.tree_util.tree_map(lambda x, i=i: x[i], steps), seconds, len(runs))
                     for i, s in enumerate(pending)}
@@ -298,23 +333,25 @@ def _evaluate_in(config: RunConfig, workdir: RunPath, progress: bool) -> Evaluat
     key = sweep_key(config, seeds)  # a rerun reuses the saved sweep of the same config, as it does the seed runs
     sweep = load_sweep(workdir / SWEEP_FILE)[1] if lambdas and saved_sweep_key(workdir / SWEEP_FILE) == key else None
     trained_sweep = bool(lambdas) and sweep is None
-    with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
-        data = load_data(config)
-        train_rows = data.rows("train")
-        runs = 0  # the routers' programs compile while a tree is built
-        if computable_ahead(config) and not tree_path(config, tree_meta(config, data.examples)).exists():
-            runs = len(_runs_to_train(config, workdir, seeds, lambdas if trained_sweep else []))
-        ahead = CompilingAhead(config, data.examples, train_rows, runs)
-        tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
-    if computable_ahead(config):
-        params, sweep = _seed_runs_and_sweep(config, workdir, tree, train_rows, seeds, lambdas if trained_sweep else [],
-                                             clock, progress, sweep, ahead)
-    else:  # online mode, a training mesh or several processes: the seed runs one by one, then the sweep
-        with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once, for every seed
-            params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params for s in seeds]
-        if trained_sweep:
-            with clock.phase("sweep"):
-                sweep = sweep_routers(config, tree, train_rows, seeds, lambdas)
+    with RunnersAhead() as ahead:
+        with clock.phase("tree"):  # the seed runs' tree (train, select, eval), built here and cached for them
+            data = load_data(config)
+            train_rows = data.rows("train")
+            runs = 0  # the routers' runs get ready while a tree is built
+            if computable_ahead(config) and not tree_path(config, tree_meta(config, data.examples)).exists():
+                runs = len(_runs_to_train(config, workdir, seeds, lambdas if trained_sweep else []))
+            ahead.start(config, data.examples, train_rows, runs)
+            tree, official = load_or_build_scored_tree(config, data.examples, progress)  # official: for the report
+        if computable_ahead(config):
+            params, sweep = _seed_runs_and_sweep(config, workdir, tree, train_rows, seeds,
+                                                 lambdas if trained_sweep else [], clock, progress, sweep, ahead)
+        else:  # online mode, a training mesh or several processes: the seed runs one by one, then the sweep
+            with clock.phase("seed runs"), sharing_tree_runs():  # one tree run's programs, compiled once for all
+                params = [train(dataclasses.replace(config, seed=s), workdir / f"seed_{s}", progress).params
+                          for s in seeds]
+            if trained_sweep:
+                with clock.phase("sweep"):
+                    sweep = sweep_routers(config, tree, train_rows, seeds, lambdas)
     if trained_sweep and is_chief():
         save_sweep(workdir / SWEEP_FILE, sweep, seeds, key)
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *params)

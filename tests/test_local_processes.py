@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hrjax.errors import HrjaxError, TrainingDivergedError
-from hrjax.local_processes import default_processes, run_pinned, usable_cores
+from hrjax.local_processes import PinnedChildren, default_processes, run_pinned, usable_cores
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +30,25 @@ def test_children_read_their_payloads_side_by_side():
     payload = (Named(), b"x" * (4 << 20))  # past any pipe buffer, after the slow import
     starts = run_pinned("local_process_targets:started_at", [payload, payload])
     assert abs(starts[1] - starts[0]) < IMPORT_SECONDS / 2, starts
+
+
+def test_children_keep_what_they_hold_from_one_job_to_the_next():
+    with PinnedChildren(2) as children:
+        first = children.run("local_process_targets:remember", ["a", "b"])
+        second = children.run("local_process_targets:remember", ["c"], children=[1])  # child 0 idles
+        third = children.run("local_process_targets:remember", ["d", "e"])
+    (pid_0, _), (pid_1, _) = first
+    assert pid_0 != pid_1 and first == [(pid_0, ["a"]), (pid_1, ["b"])]
+    assert second == [(pid_1, ["b", "c"])]
+    assert third == [(pid_0, ["a", "d"]), (pid_1, ["b", "c", "e"])]
+
+
+def test_a_child_that_died_takes_no_further_job():
+    with PinnedChildren(1) as children:
+        with pytest.raises(HrjaxError, match=r"local_process_targets:die on payload 0 died \(exit status 3\)"):
+            children.run("local_process_targets:die", [3])
+        with pytest.raises(HrjaxError, match=r"Child processes \[0\] have ended"):
+            children.run("local_process_targets:remember", ["x"])
 
 
 def test_a_childs_exception_is_raised_as_its_own_type():

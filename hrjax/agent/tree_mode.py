@@ -13,7 +13,7 @@ B episodes per iteration, L hops, M models.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -257,27 +257,37 @@ class _RunPlan(NamedTuple):
         return init, programs
 
 
+class CompiledRuns(NamedTuple):
+    """`train_runs`' programs compiled for one `_RunPlan` (`compile_runs`): they run on any tree of the shapes
+    they were compiled for."""
+
+    plan: _RunPlan
+    init: Any  # jax.stages.Compiled: keys [chunk, 2] -> carries
+    programs: dict  # {n: jax.stages.Compiled}: (carries, lambdas [chunk], tree arrays) -> (carries, metrics)
+
+
 def compile_runs(trainer: TreeTrainer, runs: int, iterations_per_step: Optional[int] = None,
-                 devices: Optional[Sequence[jax.Device]] = None, max_runs_per_call: Optional[int] = None) -> None:
+                 devices: Optional[Sequence[jax.Device]] = None,
+                 max_runs_per_call: Optional[int] = None) -> CompiledRuns:
     """Compiles the programs `train_runs` calls for `runs` runs (same arguments), from the shapes of
-    `trainer`'s tree only (its values may be a stand-in of zeros), running nothing: with JAX's persistent
-    compilation cache on, `train_runs` in any process of this host then loads them instead of compiling."""
+    `trainer`'s tree only (its values may be a stand-in of zeros), running nothing -> them, for `train_runs`
+    in this process; with JAX's persistent compilation cache on, `train_runs` in any process of this host
+    also loads them instead of compiling."""
     plan = _RunPlan.of(trainer, runs, iterations_per_step, devices, max_runs_per_call)
     init, programs = plan.programs(trainer)
     keys = jax.ShapeDtypeStruct((plan.chunk, 2), jnp.uint32, sharding=plan.split)
-    init.lower(keys).compile()
     carries = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.split),
                                      jax.eval_shape(init, keys))
     lambdas = jax.ShapeDtypeStruct((plan.chunk,), jnp.float32, sharding=plan.split)
     arrays = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.whole),
                                     trainer.env.arrays)
-    for program in programs.values():
-        program.lower(carries, lambdas, arrays).compile()
+    return CompiledRuns(plan, init.lower(keys).compile(),
+                        {n: program.lower(carries, lambdas, arrays).compile() for n, program in programs.items()})
 
 
 def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
                iterations_per_step: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
-               max_runs_per_call: Optional[int] = None) -> RunSteps:
+               max_runs_per_call: Optional[int] = None, compiled: Optional[CompiledRuns] = None) -> RunSteps:
     """R independent fixed-lambda runs (run r from `keys[r]` at `cost_lambdas[r]`, [R] each) as one jitted
     program vmapped over the runs (`run`), called once per step of `iterations_per_step` iterations (None: one
     step; a shorter last step compiles a second program) and split over `devices` (default: this process's
@@ -286,15 +296,19 @@ def train_runs(trainer: TreeTrainer, keys: chex.Array, cost_lambdas: chex.Array,
     with copies of the last. A run's arithmetic never crosses devices, so each device trains its share alone:
     on a CPU split into host devices (`--xla_force_host_platform_device_count`) the cores train runs side by
     side, which the small matmuls of one run cannot do. (The steps as a scan inside the program instead took
-    1.14-1.40x the time per run on XLA:CPU.) -> `RunSteps` as numpy arrays, leaves [R, S + 1, ...] and
-    [R, num_iterations, ...]; the final params are `carries.params[:, -1]`."""
+    1.14-1.40x the time per run on XLA:CPU.) `compiled`: `compile_runs`' programs for the same arguments (else
+    they are traced and compiled, or loaded from the persistent cache, here). -> `RunSteps` as numpy arrays,
+    leaves [R, S + 1, ...] and [R, num_iterations, ...]; the final params are `carries.params[:, -1]`."""
     runs = keys.shape[0]
     plan = _RunPlan.of(trainer, runs, iterations_per_step, devices, max_runs_per_call)
+    if compiled is not None and compiled.plan != plan:
+        raise ValueError(f"The compiled runs were planned as {compiled.plan}, these runs as {plan}: compile them "
+                         "with the same runs, iterations per step, devices and runs per call.")
     chunk, calls = plan.chunk, plan.calls
     keys, cost_lambdas = (np.concatenate([x, np.repeat(x[-1:], chunk * calls - runs, axis=0)]) for x in
                           (np.asarray(keys), np.asarray(cost_lambdas, np.float32)))
     split, sizes = plan.split, plan.sizes
-    init, programs = plan.programs(trainer)
+    init, programs = plan.programs(trainer) if compiled is None else (compiled.init, compiled.programs)
     arrays = jax.device_put(trainer.env.arrays, plan.whole)
     carries, metrics = [], []  # per call: [S + 1] carries, [S] steps' metrics
     for start in range(0, chunk * calls, chunk):
