@@ -1,8 +1,8 @@
-"""One process of test_pipeline_speed's runners-ahead test (JAX's persistent compilation cache in argv[1]):
-`fixed_lambda_runs` on a random tree by the children `RunnersAhead` started and readied from the tree's shapes
-(argv[2] 'ahead'), or by children it starts itself ('cold'). Prints one JSON line: the programs the children
-held before and after the runs (`hrjax.pipeline._COMPILED`'s keys, per child; 'ahead' only) and the runs'
-final params digest."""
+"""test_pipeline_speed's runners-ahead test (JAX's persistent compilation cache in argv[1]): `fixed_lambda_runs`
+on a random tree by the children `RunnersAhead` started and readied from the tree's shapes, then by children
+started for the runs. Prints one JSON line: per readied child, the programs it held before and after the runs
+(`hrjax.pipeline._COMPILED`'s keys) and how many programs it compiled or loaded since the first look; the
+final params digest of each way."""
 
 import hashlib
 import json
@@ -28,15 +28,18 @@ config = config_of(POOL, iterations=6, **{"train.iterations_per_step": 4, "train
 rows, prompts = np.arange(12), 16
 tree = random_tree(prompts, observation_width(load_encoder(config.encoder or None).dim, config.env.view), 2, 2)
 runs = [(seed, lam) for lam in (0.0, 0.5) for seed in range(3)]
-held = {}
+
+
+def digest(steps) -> str:
+    params = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(steps.carries.params)])
+    return hashlib.sha256(params.tobytes()).hexdigest()
+
+
 with RunnersAhead() as ahead:
-    if sys.argv[2] == "ahead":
-        ahead.start(config, list(range(prompts)), rows, len(runs))
+    ahead.start(config, list(range(prompts)), rows, len(runs))
     children = ahead.children()
-    if children is not None:
-        held["before"] = children.run("local_process_targets:compiled_runs", [None] * len(children))
-    steps = fixed_lambda_runs(config, tree, rows, runs, 4, children)
-    if children is not None:
-        held["after"] = children.run("local_process_targets:compiled_runs", [None] * len(children))
-params = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(steps.carries.params)])
-print(json.dumps({**held, "params": hashlib.sha256(params.tobytes()).hexdigest()}))
+    before = children.run("local_process_targets:compiled_runs", [None] * len(children))
+    readied = fixed_lambda_runs(config, tree, rows, runs, 4, children)
+    after = children.run("local_process_targets:compiled_runs", [None] * len(children))
+fresh = fixed_lambda_runs(config, tree, rows, runs, 4)  # children started for the runs
+print(json.dumps({"before": before, "after": after, "readied": digest(readied), "fresh": digest(fresh)}))
