@@ -133,12 +133,12 @@ def _runs_per_call() -> Optional[int]:
 class RunnersAhead:
     """The child processes that train `fixed_lambda_runs`' runs (one per share, `run_shares`), started while
     this process builds the tree: each imports JAX and compiles the programs for its share from the tree's
-    shapes alone (`compile_fixed_lambda_runs`; the first child compiles, into JAX's persistent compilation
-    cache, then the others load them from it), then waits for the tree. The tree build keeps about 1.35 of 2
-    cores busy (AVX2 host); the programs take 14 s to compile, and a child 4 s to start and get them ready.
-    `start` in the tree phase, `children()` for the runs; a use as a context manager ends them. A failed
-    start is only warned about (the runs then start their own). Nothing starts without a compilation cache
-    (`use_compilation_cache`) or off a CPU backend (a second process would claim the accelerator's memory)."""
+    shapes alone (`compile_fixed_lambda_runs`; with a persistent compilation cache (`use_compilation_cache`)
+    the first child compiles into it, then the others load from it), then waits for the tree. The tree build
+    keeps about 1.35 of 2 cores busy (AVX2 host); the programs take 14 s to compile, and a child 4 s to start
+    and get them ready. `start` in the tree phase, `children()` for the runs; a use as a context manager ends
+    them. A failed start is only warned about (the runs then start their own). Nothing starts off a CPU
+    backend (a second process would claim the accelerator's memory)."""
 
     def __init__(self):
         self._children, self._future = None, None
@@ -158,15 +158,18 @@ class RunnersAhead:
 
         from hrjax.local_processes import PinnedChildren, compilation_cache_dir
 
-        if not (runs and compilation_cache_dir() and jax.default_backend() == "cpu"):
+        if not (runs and jax.default_backend() == "cpu"):
             return
         payloads = [(config, len(examples), train_rows, len(share)) for share in run_shares(config, runs)]
         self._children = PinnedChildren(len(payloads))
 
-        def prepare():  # the first child compiles; the others then load its programs from the cache
-            self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[:1])
-            self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[1:],
-                               children=range(1, len(payloads)))
+        def prepare():
+            if compilation_cache_dir():  # the first child compiles into the cache, the others then load from it
+                self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[:1])
+                self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads[1:],
+                                   children=range(1, len(payloads)))
+            else:
+                self._children.run("hrjax.pipeline:compile_fixed_lambda_runs", payloads)
 
         pool = ThreadPoolExecutor(1)
         self._future = pool.submit(prepare)
