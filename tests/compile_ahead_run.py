@@ -1,7 +1,7 @@
 """One process of test_pipeline_speed's compile-ahead test: the programs `train_runs` calls, compiled by
 `compile_runs` from a stand-in tree of zeros (JAX's persistent compilation cache in argv[1]), then
-`train_runs` on a random tree of the same shapes (argv[2] 'cold': train_runs alone). Prints one JSON line: the cache's hits and misses after
-each part, and the runs' final params digest."""
+`train_runs` on a random tree of the same shapes (argv[2] 'cold': train_runs alone). Prints one JSON line:
+the cache's hits and misses after each part, and the runs' final params digest."""
 
 import hashlib
 import json
